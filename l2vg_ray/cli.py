@@ -1,0 +1,178 @@
+"""``l2vg``: the command line. Each subcommand = load config -> connect to Ray -> run a stage.
+
+    l2vg generate --config configs/quickstart.yaml generate.num_actors=2
+    l2vg train    --config configs/quickstart.yaml --resume
+    l2vg eval     --config configs/quickstart.yaml model=teacher suite=offline
+    l2vg serve    --config configs/quickstart.yaml model=outputs/quickstart/train/final
+    l2vg decode   --config configs/quickstart.yaml model=... "What is the capital of France?"
+    l2vg run      --config configs/quickstart.yaml [--serve] [--dry-run]
+    l2vg submit pipeline --address http://HEAD:8265 --config configs/quickstart.yaml
+
+Overrides are OmegaConf dotlists (``train.lr=1e-4``). A few short aliases exist per subcommand
+(``model=`` and ``suite=`` for eval, ``model=`` for serve and decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from l2vg_ray.config import ConfigError, load_config, to_yaml
+
+STAGES = ("generate", "train", "eval", "serve", "decode", "run")
+SUBMITTABLE = ("generate", "train", "eval", "serve", "pipeline")
+
+# Short keys accepted by some subcommands, mapped to full config keys.
+ALIASES: dict[str, dict[str, str]] = {
+    "eval": {"model": "eval.model", "suite": "eval.suite", "tasks": "eval.tasks"},
+    "serve": {"model": "serve.model", "port": "serve.port", "host": "serve.host"},
+    "decode": {"model": "eval.model"},
+}
+
+HELP = {
+    "generate": "queries -> LLM responses -> teacher embeddings -> Parquet (Ray Data)",
+    "train": "train the special tokens and heads (Ray Train)",
+    "eval": "evaluate an encoder or baseline on an MTEB task suite (parallel Ray tasks)",
+    "serve": "serve an encoder behind an OpenAI-style /v1/embeddings API (Ray Serve)",
+    "decode": "decode texts' embeddings back to text through the frozen LLM",
+    "run": "the whole pipeline: generate -> train -> eval (-> serve)",
+    "submit": "submit a stage or the pipeline to a Ray cluster as a Ray job",
+}
+
+
+def _expand_aliases(command: str, overrides: Sequence[str]) -> list[str]:
+    table = ALIASES.get(command, {})
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{table[key]}={value}" if sep and key in table else item)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2vg",
+        description="LLM2Vec-Gen on Ray: generate, train, evaluate and serve generative embeddings.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGES:
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--config", "-c", help="experiment YAML (e.g. configs/quickstart.yaml)")
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the fully merged config and exit"
+        )
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "run":
+            p.add_argument("--serve", action="store_true", help="serve the model and send one request")
+        if name == "decode":
+            p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument(
+            "args",
+            nargs="*",
+            metavar="key=value | TEXT",
+            help="config overrides as a dotlist (train.lr=1e-4); for decode also texts",
+        )
+    p = sub.add_parser("submit", help=HELP["submit"], description=HELP["submit"])
+    p.add_argument("stage", choices=SUBMITTABLE, help="what to run on the cluster")
+    p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--config", "-c", help="experiment YAML (sent with the working dir)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--working-dir", default=".", help="runtime_env working_dir (default: .)")
+    p.add_argument("args", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"l2vg: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        from l2vg_ray.submit import submit
+
+        return submit(
+            args.stage,
+            config_path=args.config,
+            overrides=list(args.args),
+            address=args.address,
+            wait=not args.no_wait,
+            working_dir=args.working_dir,
+        )
+
+    texts: list[str] = []
+    overrides: list[str] = []
+    for item in args.args:
+        (overrides if _is_override(item) else texts).append(item)
+    if texts and args.command != "decode":
+        raise ConfigError(f"Unexpected arguments {texts}: overrides must look like key=value.")
+    overrides = _expand_aliases(args.command, overrides)
+    if args.command == "train" and args.resume:
+        overrides.append("train.resume=true")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        print(to_yaml(cfg))
+        return 0
+
+    if args.command == "decode":
+        from l2vg_ray.encoders import load_encoder
+
+        if not texts:
+            raise ConfigError("decode needs at least one text: l2vg decode -c CFG model=DIR 'text'")
+        encoder = load_encoder(cfg.eval.model, cfg)
+        if not hasattr(encoder, "decode"):
+            raise ConfigError(f"{cfg.eval.model!r} cannot decode: only trained encoders can.")
+        for text, out in zip(texts, encoder.decode(texts, max_new_tokens=args.max_new_tokens)):
+            print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))
+        return 0
+
+    from l2vg_ray.ray_utils import init_ray
+
+    init_ray(cfg.cluster)
+    if args.command == "generate":
+        from l2vg_ray.generate.pipeline import run_generate
+
+        result = run_generate(cfg)
+    elif args.command == "train":
+        from l2vg_ray.train.trainer import run_train
+
+        result = run_train(cfg)
+    elif args.command == "eval":
+        from l2vg_ray.eval.runner import run_eval
+
+        result = run_eval(cfg)
+    elif args.command == "serve":
+        from l2vg_ray.serve.app import run_serve
+
+        result = run_serve(cfg, blocking=True)
+    elif args.command == "run":
+        from l2vg_ray.pipeline import run_pipeline
+
+        result = run_pipeline(cfg, serve=args.serve)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise AssertionError(args.command)
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _is_override(item: str) -> bool:
+    key = item.partition("=")[0]
+    return "=" in item and key.replace(".", "").replace("_", "").isalnum() and " " not in key
+
+
+if __name__ == "__main__":
+    sys.exit(main())

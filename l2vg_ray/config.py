@@ -1,0 +1,275 @@
+"""Typed configuration: one dataclass per stage, merged defaults <- YAML <- CLI dotlist.
+
+OmegaConf struct mode makes a misspelt key an error that names the key. Defaults live here and
+only here: code reads ``cfg.train.lr``, never ``cfg.get("lr", 3e-4)``.
+
+Paths are strings that may be local paths or URIs (``s3://``, ``gs://``); stage output folders
+default to sub-folders of the top-level ``output_dir`` through OmegaConf interpolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+@dataclass
+class ModelConfig:
+    """The frozen LLM, the teacher it distils from, and the trainable special tokens."""
+
+    # Model specs: a registered packaged name (offline), a hub id ("Qwen/Qwen3-4B") or a path.
+    llm: str = "smollm2-135m-instruct"
+    teacher: str = "all-minilm-l6-v2"
+    # Teacher embedding size; null = read it from the teacher / the generated data.
+    teacher_dim: Optional[int] = None
+    n_thought: int = 10
+    n_compression: int = 10
+    # Maximum tokens of a query (special tokens included) and of a response in training.
+    max_length: int = 512
+    max_response_length: int = 512
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class QueryConfig:
+    """Where the unlabeled queries come from (a registry: see l2vg_ray.generate.queries)."""
+
+    source: str = "file"  # file | sharegpt | pyserini | huggingface | bundled
+    path: Optional[str] = None  # file source: JSONL / Parquet / CSV; pyserini: topic file name
+    name: Optional[str] = None  # huggingface: dataset id, e.g. McGill-NLP/llm2vec-gen-tulu
+    split: str = "train"
+    column: str = "query"  # column / field holding the query text
+    limit: Optional[int] = None  # keep at most this many queries (after cleaning)
+    max_query_tokens: int = 256  # drop queries longer than this (LLM tokens)
+    min_chars: int = 1
+    seed: int = 0  # for sampling when limit < available
+
+
+@dataclass
+class GenerateConfig:
+    """Queries -> the LLM's own responses (Ray Data, actor pool of generation engines)."""
+
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    output_dir: str = "${output_dir}/data"
+    backend: str = "auto"  # auto | vllm | transformers
+    system_prompt: Optional[str] = None
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 16  # rows per map_batches call
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    rows_per_shard: int = 1024  # rows per written Parquet shard
+
+
+@dataclass
+class TeacherConfig:
+    """Responses -> teacher embeddings (a registry of teacher kinds)."""
+
+    kind: str = "sentence-transformers"  # sentence-transformers | mean-pooled-llm
+    # Model spec of the teacher; null = model.teacher (sentence-transformers) / model.llm.
+    model: Optional[str] = None
+    batch_size: int = 32
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    max_length: int = 512
+
+
+@dataclass
+class TrainConfig:
+    """Data-parallel optimisation of the special tokens and the two heads (Ray Train)."""
+
+    data_dir: str = "${generate.output_dir}"
+    output_dir: str = "${output_dir}/train"
+    lr: float = 3e-4
+    scheduler: str = "linear"  # linear | constant | cosine
+    warmup_steps: int = 100
+    batch_size: int = 32  # global batch (all workers, all accumulation steps)
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    epochs: Optional[int] = None  # if set, caps the steps at this many passes over the data
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    recon_weight: float = 1.0
+    align_weight: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 100
+    num_to_keep: int = 2
+    max_failures: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    resume: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """MTEB tasks fanned out as Ray tasks."""
+
+    # Encoder to evaluate: a trained encoder folder, or a baseline name
+    # (teacher | mean-pool | last-token | generate-then-encode).
+    model: str = "${train.output_dir}/final"
+    suite: str = "offline"  # offline | mteb-lite | mteb-eng-v2 | bright | list
+    tasks: list[str] = field(default_factory=list)  # with suite=list: explicit mteb task names
+    output_dir: str = "${output_dir}/eval"
+    cache_dir: str = "${cache_dir}/embeddings"
+    batch_size: int = 32
+    max_concurrency: int = 2
+    num_cpus_per_task: float = 1.0
+    num_gpus_per_task: float = 0.0
+    max_retries: int = 1
+    overwrite: bool = False  # False = only-missing: tasks with results are skipped
+    max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
+    seed: int = 0
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve deployment behind an OpenAI-style HTTP API."""
+
+    model: str = "${eval.model}"  # encoder folder or baseline name
+    model_name: str = "l2vg"  # the name clients pass as `model`
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    max_items_per_request: int = 256
+    max_request_bytes: int = 1_000_000
+    max_tokens_per_text: int = 512
+    truncate: bool = True  # True: cut long texts to max_tokens_per_text; False: 413
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    """How to reach Ray and what a job's runtime environment holds."""
+
+    # null: RAY_ADDRESS when set (inside `ray job submit`), else a local in-process cluster.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # only for a local cluster started in-process
+    dashboard_address: str = "http://127.0.0.1:8265"  # for `l2vg submit`
+    # Shared storage for Ray Train (s3://..., gs://..., an NFS path); null = train.output_dir.
+    storage_path: Optional[str] = None
+    pip: list[str] = field(default_factory=list)  # runtime_env pip requirements for submit
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class L2VGConfig:
+    """The whole pipeline's configuration; one YAML per experiment overrides parts of it."""
+
+    name: str = "quickstart"
+    output_dir: str = "outputs/${name}"
+    cache_dir: str = "${oc.env:L2VG_CACHE,'~/.cache/l2vg_ray'}"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Merge ``L2VGConfig`` defaults <- YAML at ``path`` <- dotlist ``overrides`` (struct mode).
+
+    A key that does not exist in the dataclasses raises ConfigError naming the key.
+    """
+    cfg = OmegaConf.structured(L2VGConfig)
+    OmegaConf.set_struct(cfg, True)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist. Pass an existing YAML.")
+        layers.append((str(path), OmegaConf.load(path)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(
+                f"Overrides must look like key=value (e.g. train.lr=1e-4); got {bad}."
+            )
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            key = getattr(e, "full_key", None) or str(e)
+            raise ConfigError(
+                f"Unknown config key {key!r} in {source}. Check its spelling; valid keys are "
+                f"the fields of l2vg_ray.config.L2VGConfig (see `l2vg run --dry-run`)."
+            ) from None
+        except ValidationError as e:
+            raise ConfigError(f"Invalid value in {source}: {e.msg} (key {e.full_key!r}).") from None
+    if str(cfg.cache_dir).startswith("~"):
+        cfg.cache_dir = str(Path(cfg.cache_dir).expanduser())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that need no model, data or Ray."""
+    m = cfg.model
+    if m.n_compression < 1:
+        raise ConfigError(f"model.n_compression must be >= 1, got {m.n_compression}.")
+    if m.n_thought < 0:
+        raise ConfigError(f"model.n_thought must be >= 0, got {m.n_thought}.")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}; use float32, bfloat16 or float16.")
+    if m.max_length <= m.n_thought + m.n_compression:
+        raise ConfigError(
+            f"model.max_length={m.max_length} leaves no room for a query after "
+            f"{m.n_thought + m.n_compression} special tokens; raise it."
+        )
+    t = cfg.train
+    per_step = t.num_workers * t.grad_accum_steps
+    if t.batch_size % per_step != 0:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.num_workers x "
+            f"train.grad_accum_steps = {t.num_workers} x {t.grad_accum_steps} = {per_step}. "
+            f"Use a batch size that is a multiple of {per_step}."
+        )
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1, got {t.max_steps}.")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+
+
+def to_dict(cfg: DictConfig | Any) -> dict:
+    """Resolved plain-dict form of a config (for manifests, checkpoints, logging)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = OmegaConf.structured(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def stage_config(cfg: DictConfig, cls: type):
+    """Turn a sub-config (e.g. ``cfg.train``) into its dataclass instance, resolved."""
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cls(**cfg)

@@ -1,0 +1,130 @@
+"""The text-encoder protocol shared by evaluation and serving, and ``load_encoder``.
+
+Everything that turns texts into vectors - the trained LLM2Vec-Gen encoder and every baseline -
+implements ``TextEncoder``. ``load_encoder(spec)`` builds one from a trained-encoder folder or a
+baseline name looked up in ``BASELINES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from l2vg_ray.registry import Registry
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# The file that marks a folder as a trained LLM2Vec-Gen encoder (written by L2VGEncoder.save).
+ENCODER_CONFIG_FILE = "l2vg_config.json"
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Texts -> float32 array of shape (len(texts), dim)."""
+
+    name: str  # human-readable name used in results tables
+    dim: int
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...
+
+    def fingerprint(self) -> str:
+        """Changes whenever the embeddings could change (weights, pooling, model): cache key."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+
+# A baseline factory takes (full config, cache_dir) and returns a TextEncoder.
+BaselineFactory = Callable[["DictConfig", str | None], TextEncoder]
+BASELINES: Registry[BaselineFactory] = Registry(
+    "baseline encoder",
+    hint="Or pass the folder of a trained encoder (it holds l2vg_config.json).",
+)
+
+
+def _register_builtin_baselines() -> None:
+    # Imported lazily: baselines pull torch/transformers, and this module must stay light.
+    import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
+
+
+def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> TextEncoder:
+    """A trained encoder folder (with ``l2vg_config.json``) or a baseline name -> TextEncoder."""
+    path = Path(str(spec)).expanduser()
+    if (path / ENCODER_CONFIG_FILE).is_file():
+        from l2vg_ray.encoder import L2VGEncoder
+
+        return L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
+    if path.exists():
+        raise ValueError(
+            f"{str(path)!r} exists but holds no {ENCODER_CONFIG_FILE}: it is not a trained "
+            f"encoder folder. Pass the `final` folder written by `l2vg train`."
+        )
+    if not len(BASELINES):
+        _register_builtin_baselines()
+    return BASELINES.get(str(spec))(cfg, cfg.cache_dir)
+
+
+def hash_parts(*parts: object) -> str:
+    """A short stable hash of the given parts (for fingerprints)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model as a TextEncoder (the teacher baseline)."""
+
+    def __init__(self, spec: str, *, cache_dir: str | None = None, device: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        from l2vg_ray.models import resolve_model
+
+        self.spec = spec
+        self.name = spec
+        self.model = SentenceTransformer(resolve_model(spec, cache_dir=cache_dir), device=device)
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        texts = list(texts)
+        if instruction:
+            texts = [f"{instruction} {t}" for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(
+            texts,
+            batch_size=batch_size,
+            normalize_embeddings=normalize,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+    def fingerprint(self) -> str:
+        return hash_parts("sentence-transformers", self.spec, self.dim)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        tok = self.model.tokenizer
+        return [len(ids) for ids in tok(list(texts), add_special_tokens=True)["input_ids"]]
