@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from l2vg_ray.config import ConfigError, L2VGConfig, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+ALL_YAMLS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "serve.yaml")
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.warmup_steps == 100
+    assert cfg.train.batch_size == 32
+    assert cfg.train.scheduler == "linear"
+    assert cfg.model.max_length == 512
+    assert (cfg.model.n_thought, cfg.model.n_compression) == (10, 10)
+    assert (cfg.train.recon_weight, cfg.train.align_weight) == (1.0, 1.0)
+
+
+def test_merge_order_defaults_yaml_cli(tmp_path):
+    y = tmp_path / "exp.yaml"
+    y.write_text("train:\n  lr: 1.0e-3\n  max_steps: 7\n")
+    cfg = load_config(y, ["train.lr=5e-5"])
+    assert cfg.train.lr == 5e-5  # CLI beats YAML
+    assert cfg.train.max_steps == 7  # YAML beats defaults
+    assert cfg.train.warmup_steps == 100  # default kept
+
+
+def test_interpolated_paths_follow_output_dir():
+    cfg = load_config(None, ["output_dir=/tmp/x"])
+    assert cfg.generate.output_dir == "/tmp/x/data"
+    assert cfg.train.data_dir == "/tmp/x/data"
+    assert cfg.eval.model == "/tmp/x/train/final"
+    assert to_dict(cfg)["train"]["output_dir"] == "/tmp/x/train"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.lrr=1", "train.lrr"), ("modle.llm=x", "modle"), ("generate.queries.sorce=x", "sorce")],
+)
+def test_misspelt_cli_key_is_an_error_naming_it(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_misspelt_yaml_key_is_an_error_naming_file_and_key(tmp_path):
+    y = tmp_path / "typo.yaml"
+    y.write_text("train:\n  warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.warmup_step.*typo\.yaml|typo\.yaml.*warmup_step"):
+        load_config(y)
+
+
+def test_wrong_type_and_malformed_override():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope/missing.yaml")
+
+
+def test_cross_field_validation_names_value_and_fix():
+    with pytest.raises(ConfigError, match=r"batch_size=30 .* 4 x 2 = 8"):
+        load_config(None, ["train.batch_size=30", "train.num_workers=4", "train.grad_accum_steps=2"])
+    with pytest.raises(ConfigError, match="n_compression"):
+        load_config(None, ["model.n_compression=0"])
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(None, ["model.dtype=fp8"])
+
+
+def test_zero_thought_tokens_allowed():
+    assert load_config(None, ["model.n_thought=0"]).model.n_thought == 0
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_under_configs_is_valid(path):
+    cfg = load_config(path)
+    assert isinstance(cfg.name, str) and cfg.name
+    # Every stage's section resolves (interpolations included).
+    d = to_dict(cfg)
+    assert set(d) >= {"model", "generate", "teacher", "train", "eval", "serve", "cluster"}
+
+
+def test_paper_configs_use_paper_settings():
+    papers = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+    assert len(papers) >= 3
+    for p in papers:
+        cfg = load_config(p)
+        assert "/" in cfg.model.llm, f"{p.name}: the paper configs use hub ids"
+        assert cfg.train.lr == 3e-4 and cfg.train.warmup_steps == 100
+        assert cfg.train.batch_size == 32 and cfg.model.max_length == 512
+        assert (cfg.model.n_thought, cfg.model.n_compression) == (10, 10)
+
+
+def test_dataclass_is_the_single_source_of_defaults():
+    assert L2VGConfig().train.lr == load_config().train.lr
