@@ -114,6 +114,10 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     resume: bool = False
+    # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
+    precision: str = "auto"
+    # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = file order.
+    shuffle_buffer: int = 1024
 
 
 @dataclass
@@ -142,21 +146,32 @@ class ServeConfig:
     """Ray Serve deployment behind an OpenAI-style HTTP API."""
 
     model: str = "${eval.model}"  # encoder folder or baseline name
+    # How `model` is loaded (registry l2vg_ray.serve.app.ENCODER_LOADERS): "encoder" =
+    # load_encoder(model) (trained folder or baseline name); "sentence-transformers" = model is a
+    # sentence-transformers folder or packaged name (e.g. all-minilm-l6-v2).
+    loader: str = "encoder"
     model_name: str = "l2vg"  # the name clients pass as `model`
+    app_name: str = "l2vg"  # Ray Serve application name
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # 0 = pick a free port
     route_prefix: str = "/"
-    max_batch_size: int = 32
+    batching: bool = True  # False: one model call per request (for benchmarks)
+    max_batch_size: int = 32  # texts per model call (@serve.batch)
     batch_wait_timeout_s: float = 0.01
     max_items_per_request: int = 256
     max_request_bytes: int = 1_000_000
     max_tokens_per_text: int = 512
     truncate: bool = True  # True: cut long texts to max_tokens_per_text; False: 413
+    normalize: bool = False  # L2-normalise returned embeddings
+    max_new_tokens: int = 128  # upper bound for /v1/decode's max_new_tokens (default 64)
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 8.0
+    # HTTP requests one replica holds at once; >= max_batch_size so batches can fill.
+    max_ongoing_requests: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    ready_timeout_s: float = 600.0  # run_serve waits this long for /healthz
 
 
 @dataclass
@@ -201,6 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     cfg = OmegaConf.structured(L2VGConfig)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.cluster.env_vars, False)  # a free-form mapping: any variable name
     layers: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)

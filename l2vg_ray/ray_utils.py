@@ -15,7 +15,12 @@ def init_ray(cluster_cfg, **kwargs) -> None:
     if ray.is_initialized():
         return
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
-    env_vars = dict(cluster_cfg.env_vars) if cluster_cfg.env_vars else {}
+    # Variables already in this process's environment are left out: inside a Ray job the job's
+    # runtime_env set them (`l2vg submit` passes cluster.env_vars there), and ray.init rejects a
+    # runtime_env that repeats a key of the job's.
+    env_vars = {
+        str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items() if os.environ.get(k) != str(v)
+    }
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
         log.info("Connecting to the Ray cluster at %s", address)

@@ -58,8 +58,19 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def build_tiny_llm(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny random Llama-architecture causal LM with its tokenizer to ``out_dir``."""
+def build_tiny_llm(
+    out_dir: str | Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+) -> Path:
+    """Save a tiny random Llama-architecture causal LM with its tokenizer to ``out_dir``.
+
+    With the default ``initializer_range`` greedy decoding repeats one token; a large one (0.5)
+    gives varied greedy texts with clear logit margins (for comparing generation engines).
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -78,6 +89,7 @@ def build_tiny_llm(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, se
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
@@ -148,3 +160,43 @@ TINY_QUERIES = [
     "Name a fruit that is yellow.",
     "How many legs does a spider have?",
 ]
+
+
+def write_fixture_dataset(
+    out_dir: str | Path, *, n_rows: int = 24, teacher_dim: int = 32, seed: int = 0
+) -> Path:
+    """A generated-dataset stand-in (``schema.dataset_schema``): TINY_QUERIES cycled to ``n_rows``
+    rows, short responses, seeded random unit teacher vectors; one Parquet shard in ``out_dir``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from l2vg_ray import schema
+
+    answers = {line.split("? ")[0] + "?": line.split("? ", 1)[1] for line in _CORPUS if "? " in line}
+    rng = np.random.default_rng(seed)
+    queries, responses = [], []
+    for i in range(n_rows):
+        q = TINY_QUERIES[i % len(TINY_QUERIES)]
+        k = i // len(TINY_QUERIES)
+        queries.append(q if k == 0 else f"{q} (variant {k})")
+        responses.append(answers.get(q, f"Here is a short answer about: {q.lower()}"))
+    teacher = rng.standard_normal((n_rows, teacher_dim)).astype(np.float32)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    table = pa.table(
+        {
+            schema.ID: [schema.query_id(q) for q in queries],
+            schema.QUERY: queries,
+            schema.RESPONSE: responses,
+            schema.TEACHER_EMBEDDING: list(teacher),
+            schema.GENERATOR_MODEL: ["fixture"] * n_rows,
+            schema.TEACHER_MODEL: ["random"] * n_rows,
+            schema.SAMPLING_PARAMS: ["{}"] * n_rows,
+            schema.RESPONSE_TOKENS: [len(r.split()) for r in responses],
+        },
+        schema=schema.dataset_schema(teacher_dim),
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_dir / "part-00000-00000000.parquet")
+    return out_dir

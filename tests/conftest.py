@@ -1,6 +1,7 @@
 """Fixtures, defined once for every test tier.
 
 - ``tiny_llm_dir``: a tiny random Llama-architecture causal LM + BPE tokenizer with a chat template.
+- ``tiny_generator_llm_dir``: the same architecture with varied greedy texts (generation tests).
 - ``tiny_teacher_dir``: a tiny random sentence-transformers model (BERT + mean pooling, 32 dims).
 - ``tiny_config``: the full L2VGConfig pointing at both, with small sizes, output in a tmp dir.
 - ``ray_session``: one local Ray (num_cpus=2) shared by every test under tests/ray and tests/e2e.
@@ -41,6 +42,16 @@ def tiny_llm_dir(tmp_path_factory):
     from l2vg_ray.testing import build_tiny_llm
 
     return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_llm_dir(tmp_path_factory):
+    """A tiny LLM whose greedy texts vary with clear logit margins (``tiny_llm_dir`` repeats one
+    token); head_dim 32, the smallest that vLLM-CPU's attention supports."""
+    from l2vg_ray.testing import build_tiny_llm
+
+    out = tmp_path_factory.mktemp("models") / "tiny-generator-llm"
+    return build_tiny_llm(out, hidden=128, initializer_range=0.5)
 
 
 @pytest.fixture(scope="session")

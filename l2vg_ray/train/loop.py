@@ -1,0 +1,223 @@
+"""``train_loop_per_worker``: one code path for 1 worker, N workers and N nodes.
+
+Gradient synchronisation: only the trainable tensors (special-token rows, two heads) enter the
+all-reduce. They are gathered in a small ``nn.Module`` (``TrainableParams``) that DDP wraps; the
+encoder - and with it the frozen LLM - is held as a plain attribute, so DDP neither broadcasts
+nor buckets the backbone. DDP (rather than a manual all-reduce after backward) is used because it
+overlaps the bucketed all-reduce with the rest of the backward pass and gives ``no_sync`` for
+accumulation steps; with one worker there is nothing to synchronise and the module is not wrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2vg_ray.train import data as train_data
+from l2vg_ray.train import state as ckpt
+from l2vg_ray.train.batching import BatchPlan
+from l2vg_ray.train.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection (see trainer.FAULT_ENV): kill this worker process for real.
+FAULT_KEY = "fault"
+
+
+class TrainableParams(torch.nn.Module):
+    """Holds exactly the trainable tensors; ``forward`` runs the whole encoder.
+
+    The encoder is stored outside ``_modules`` so the frozen LLM is invisible to DDP.
+    """
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.params = torch.nn.ParameterList(encoder.trainable_parameters())
+        object.__setattr__(self, "encoder", encoder)
+
+    def forward(self, batch: dict[str, torch.Tensor], **weights: float) -> Any:
+        return self.encoder(batch, **weights)
+
+
+def _device(cfg) -> torch.device:  # noqa: ANN001
+    if cfg.train.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _autocast(cfg, device: torch.device):  # noqa: ANN001, ANN202
+    """bf16 autocast on GPU (``train.precision=auto|bf16``), plain fp32 on CPU."""
+    precision = cfg.train.precision
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _maybe_fault(fault: dict | None, *, step: int, rank: int) -> None:
+    if not fault or fault["step"] != step or fault["rank"] != rank:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():  # already failed once: the restarted run goes on
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    log.warning("Fault injection: SIGKILL to worker rank %d at step %d", rank, step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _float(x: torch.Tensor | None) -> float:
+    return math.nan if x is None else float(x.detach().float())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    from omegaconf import OmegaConf
+
+    from l2vg_ray.encoder import L2VGEncoder
+
+    cfg = OmegaConf.create(config["cfg"])
+    t = cfg.train
+    plan = BatchPlan(*config["plan"])
+    total_steps: int = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    device = _device(cfg)
+
+    # Same seed on every rank: identical initial trainable tensors (DDP also broadcasts rank 0's).
+    # model.gradient_checkpointing is applied by the encoder itself.
+    ckpt.seed_everything(t.seed)
+    encoder = L2VGEncoder.from_config(
+        cfg.model, cache_dir=cfg.cache_dir, device=str(device), teacher_dim=config["teacher_dim"]
+    )
+    params = encoder.trainable_parameters()
+    optimizer = build_optimizer(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, kind=t.scheduler, warmup_steps=t.warmup_steps, total_steps=total_steps
+    )
+    state = ckpt.TrainState()
+    ckpt.seed_everything(t.seed + 1000 + rank)  # per-worker streams from here on
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            ckpt.load_trainable(d, encoder)
+            payload = ckpt.read_train_state(d)
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            state = payload["state"]
+            mine = ckpt.read_rank_state(d, rank)
+            if mine is not None and payload["world_size"] == world:
+                ckpt.restore_rng(mine["rng"])
+            else:
+                log.warning(
+                    "Checkpoint from %d workers resumed on %d: RNG states and data order differ "
+                    "from an uninterrupted run.", payload["world_size"], world
+                )
+        log.info("Rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.index)
+
+    model: torch.nn.Module = TrainableParams(encoder)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # A zero-weighted loss leaves its head unused; DDP must then not wait for its grads.
+            find_unused_parameters=t.recon_weight == 0 or t.align_weight == 0,
+        )
+
+    batches = train_data.micro_batch_stream(
+        ray.train.get_dataset_shard("train"),
+        micro_batch=plan.micro_batch,
+        seed=t.seed,
+        rank=rank,
+        shuffle_buffer=t.shuffle_buffer,
+        start=(state.epoch, state.index),
+    )
+    encoder.train()
+    weights = {"recon_weight": float(t.recon_weight), "align_weight": float(t.align_weight)}
+    while state.step < total_steps:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, recon, align, examples, tokens
+        lr = scheduler.get_last_lr()[0]
+        for micro in range(plan.grad_accum_steps):
+            epoch, index, rows = next(batches)
+            queries, responses, teacher = train_data.batch_lists(rows)
+            batch = encoder.prepare_batch(queries, responses, torch.from_numpy(teacher))
+            batch = _to_device(batch, device)
+            last = micro == plan.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+            with sync:
+                with _autocast(cfg, device):
+                    out = model(batch, **weights)
+                (out.loss / plan.grad_accum_steps).backward()
+            sums += torch.tensor(
+                [_float(out.loss), _float(out.recon_loss), _float(out.align_loss),
+                 len(queries), float(out.n_response_tokens)],
+                dtype=torch.float64,
+            )
+            state.epoch, state.index = epoch, index + 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        if world > 1:  # the curves show the global batch, not rank 0's share
+            torch.distributed.all_reduce(sums)
+        elapsed = time.perf_counter() - start
+        state.examples += int(sums[3])
+        n_micro = plan.grad_accum_steps * world
+        metrics = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": float(sums[0]) / n_micro,
+            "recon_loss": float(sums[1]) / n_micro,
+            "align_loss": float(sums[2]) / n_micro,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "examples_per_s": float(sums[3]) / elapsed,
+            "tokens_per_s": float(sums[4]) / elapsed,
+            "step_time_s": elapsed,
+        }
+        state.history.append(metrics)
+        if rank == 0 and (state.step % t.log_every == 0 or state.step == 1):
+            log.info(
+                "step %d/%d loss %.4f (recon %.4f, align %.5f) lr %.2e %.1f ex/s",
+                state.step, total_steps, metrics["loss"], metrics["recon_loss"],
+                metrics["align_loss"], lr, metrics["examples_per_s"],
+            )
+        _maybe_fault(config.get(FAULT_KEY), step=state.step, rank=rank)
+        if state.step % t.checkpoint_every == 0 or state.step == total_steps:
+            with tempfile.TemporaryDirectory(prefix="l2vg-ckpt-") as tmp:
+                ckpt.write_checkpoint(
+                    tmp, rank=rank, state=state, world_size=world,
+                    **({"encoder": encoder, "optimizer": optimizer, "scheduler": scheduler}
+                       if rank == 0 else {}),
+                )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                )
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,213 @@
+"""``run_train(cfg)``: validate, then fit a Ray Train ``TorchTrainer`` and export the encoder.
+
+Everything that can be checked without a worker is checked first (batch arithmetic, scheduler
+name, the data folder, its teacher dimension), so a bad config fails in a second with a message
+naming the value and the fix instead of after the workers have loaded the LLM.
+
+Runs live under ``cluster.storage_path`` (default ``<train.output_dir>/ray_results``) as
+``train-<timestamp>-<id>``; ``train.resume=true`` (``l2vg train --resume``) reuses the latest run
+that holds a checkpoint, which Ray Train V2 restores (``ray.train.get_checkpoint()`` in the loop).
+Worker deaths within a run are retried ``train.max_failures`` times from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from l2vg_ray.config import ConfigError, to_dict, validate
+from l2vg_ray.train import data as train_data
+from l2vg_ray.train import state as ckpt
+from l2vg_ray.train.batching import plan_batches, total_steps
+from l2vg_ray.train.loop import FAULT_KEY, train_loop_per_worker
+from l2vg_ray.train.metrics import plot_curves, write_metrics_csv
+from l2vg_ray.train.schedule import SCHEDULERS
+
+log = logging.getLogger(__name__)
+
+# Test-only: JSON {"step": k, "rank": r, "marker": path}. Worker ``r`` SIGKILLs itself after
+# optimiser step ``k`` unless ``marker`` exists (it creates it first), i.e. once per marker.
+FAULT_ENV = "L2VG_TRAIN_FAULT"
+RUN_PREFIX = "train-"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 per run
+PRECISIONS = ("auto", "bf16", "fp32")
+FINAL_DIR = "final"
+METRICS_FILE = "metrics.csv"
+CURVES_FILE = "curves.png"
+SUMMARY_FILE = "train_summary.json"
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Config-only checks of the train section (no data, no Ray)."""
+    validate(cfg)
+    t = cfg.train
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler={t.scheduler!r} is unknown; use one of {list(SCHEDULERS)}.")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r} is unknown; use one of {list(PRECISIONS)}.")
+    for key in ("checkpoint_every", "log_every", "num_to_keep"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
+    if t.shuffle_buffer < 0 or t.max_failures < -1:
+        raise ConfigError(
+            f"train.shuffle_buffer={t.shuffle_buffer} must be >= 0 and train.max_failures="
+            f"{t.max_failures} >= -1 (-1 = retry forever)."
+        )
+    if t.epochs is not None and t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1 or null, got {t.epochs}.")
+    if t.use_gpu is False and t.gpus_per_worker > 0:
+        raise ConfigError(
+            f"train.gpus_per_worker={t.gpus_per_worker} with train.use_gpu=false: set "
+            f"train.use_gpu=true to train on GPUs, or gpus_per_worker=0."
+        )
+
+
+def storage_path(cfg: DictConfig) -> str:
+    """Where Ray Train keeps runs and checkpoints (a URI, or an absolute local path)."""
+    path = cfg.cluster.storage_path or os.path.join(str(cfg.train.output_dir), "ray_results")
+    return path if "://" in str(path) else str(Path(path).expanduser().resolve())
+
+
+def latest_run_name(storage: str) -> str | None:
+    """The newest ``train-*`` run under ``storage`` that holds a checkpoint snapshot."""
+    import pyarrow.fs as pafs
+
+    fs, root = train_data._filesystem(storage)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    runs = sorted(
+        (info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
+         if info.type == pafs.FileType.Directory and info.base_name.startswith(RUN_PREFIX)),
+        reverse=True,
+    )
+    for name in runs:
+        if fs.get_file_info(f"{root}/{name}/{SNAPSHOT_FILE}").type == pafs.FileType.File:
+            return name
+    return None
+
+
+def new_run_name() -> str:
+    # Sorts by time, so the newest run is the lexicographically largest name.
+    return f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def fault_from_env() -> dict[str, Any] | None:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    fault = json.loads(raw)
+    return {"step": int(fault["step"]), "rank": int(fault.get("rank", 0)), "marker": str(fault["marker"])}
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_train_config(cfg)
+    t = cfg.train
+    plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
+    info = train_data.inspect_dataset(str(t.data_dir))
+    teacher_dim = train_data.check_data_against_config(
+        info, teacher_dim=cfg.model.teacher_dim, plan=plan
+    )
+    steps = total_steps(t.max_steps, t.epochs, info.num_rows, plan)
+    storage = storage_path(cfg)
+    if t.resume:
+        name = latest_run_name(storage)
+        if name is None:
+            raise ConfigError(
+                f"train.resume=true but no run with a checkpoint exists under {storage!r}. "
+                f"Train without --resume first (or set cluster.storage_path to the old runs)."
+            )
+        log.info("Resuming run %s from its latest checkpoint", name)
+    else:
+        name = new_run_name()
+
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = float(t.gpus_per_worker or 1.0)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same rows reach the same worker on every (re)start
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "plan": (plan.global_batch, plan.num_workers, plan.grad_accum_steps),
+        "total_steps": steps,
+        "teacher_dim": teacher_dim,
+        FAULT_KEY: fault_from_env(),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=bool(t.use_gpu), resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": train_data.read_train_dataset(info)},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+    log.info(
+        "Training %d steps: global batch %d = %d rows x %d workers x %d accumulation; %d rows",
+        steps, plan.global_batch, plan.micro_batch, plan.num_workers, plan.grad_accum_steps,
+        info.num_rows,
+    )
+    start = time.perf_counter()
+    result: ray.train.Result = trainer.fit()
+    elapsed = time.perf_counter() - start
+    if result.checkpoint is None:
+        raise RuntimeError(f"Run {name!r} finished without a checkpoint under {storage!r}.")
+    return export_run(cfg, result.checkpoint, run_name=name, storage=storage, elapsed_s=elapsed,
+                      extra={"rows": info.num_rows, "teacher_dim": teacher_dim,
+                             "micro_batch": plan.micro_batch})
+
+
+def export_run(
+    cfg: DictConfig, checkpoint, *, run_name: str, storage: str, elapsed_s: float,  # noqa: ANN001
+    extra: dict[str, Any],
+) -> dict:
+    """Copy the latest checkpoint's encoder to ``<train.output_dir>/final``; write the curves."""
+    out = Path(str(cfg.train.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / FINAL_DIR
+    with checkpoint.as_directory() as d:
+        history = ckpt.read_train_state(d)["state"].history
+        staging = out / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(Path(d) / ckpt.ENCODER_DIR, staging)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    metrics_csv = write_metrics_csv(history, out / METRICS_FILE)
+    curves = plot_curves(history, out / CURVES_FILE, title=f"{cfg.name}: {run_name}")
+    t = cfg.train
+    summary = {
+        "run_name": run_name,
+        "storage_path": storage,
+        "checkpoint": checkpoint.path,
+        "final_dir": str(final),
+        "metrics_csv": str(metrics_csv),
+        "curves_png": str(curves),
+        "steps": int(history[-1]["step"]) if history else 0,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "num_workers": t.num_workers,
+        "global_batch": t.batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "fit_time_s": round(elapsed_s, 2),
+        **extra,
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

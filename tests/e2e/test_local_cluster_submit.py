@@ -1,0 +1,239 @@
+"""A real two-node Ray cluster on 127.0.0.1 takes `l2vg submit pipeline` and runs it to the end.
+
+The cluster is started the way a user starts one (`ray start --head`, then `ray start --address`
+for a worker), each `ray start --block` in its own process group with its own temp dir and free
+ports, so it never touches another Ray instance on this machine (`ray stop` would kill every Ray
+process of every user: it is not used). The jobs use this repository's .venv: `ray start` runs
+with .venv/bin first on PATH, so the job's `python` is the same environment (no runtime_env pip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 180
+JOB_TIMEOUT_S = 900
+
+pytestmark = pytest.mark.timeout(JOB_TIMEOUT_S + 2 * STARTUP_TIMEOUT_S)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _node_ports() -> list[str]:
+    manager, objects, agent_http, agent_grpc, metrics, runtime_env = _free_ports(6)
+    return [
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+    ]
+
+
+class LocalCluster:
+    """Head + one worker node, each a `ray start --block` process we own and stop by id."""
+
+    def __init__(self) -> None:
+        # Short: Ray puts unix sockets under it and their paths are limited to ~107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="l2vgc", dir="/tmp")
+        self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = Path(self.temp_dir) / f"{name}.log"
+        self.logs.append(log)
+        cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={self.temp_dir}",
+               "--node-ip-address=127.0.0.1", "--num-cpus=1",
+               "--object-store-memory=150000000", *_node_ports(), *args]
+        with log.open("w") as out:
+            self.procs.append(subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            ))
+
+    def start(self) -> None:
+        self._start("head", [
+            "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
+        ])
+        self._wait_for_nodes(1)
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}"])
+        self._wait_for_nodes(2)
+
+    def _wait_for_nodes(self, n: int) -> None:
+        from ray.util.state import list_nodes
+
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        alive = 0
+        while time.time() < deadline:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"`ray start` exited early:\n{self.tail()}")
+            try:
+                alive = sum(node.state == "ALIVE" for node in list_nodes(address=self.dashboard))
+            except Exception:  # the dashboard is not up yet
+                alive = 0
+            if alive >= n:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{alive}/{n} Ray nodes alive after {STARTUP_TIMEOUT_S}s:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in self.logs if p.exists())
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops the processes it started), then SIGKILL
+        what is left of its process group and any process still running from our temp dir."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        import psutil
+
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if self.temp_dir in cmdline and p.pid != os.getpid():
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def job_config(tmp_path, tiny_llm_dir, tiny_teacher_dir, tiny_queries_file):
+    """A tiny experiment YAML outside the repo: tiny models, transformers, a few steps, one small
+    offline eval task. cache_dir stays the default: the offline eval data is prepared there once
+    (from already-fetched package archives), the embedding cache goes to the test's tmp dir."""
+    out = tmp_path / "out"
+    text = f"""\
+name: cluster-e2e
+output_dir: {out}
+model:
+  llm: {tiny_llm_dir}
+  teacher: {tiny_teacher_dir}
+  n_thought: 2
+  n_compression: 2
+  max_length: 64
+  max_response_length: 16
+generate:
+  queries: {{source: file, path: {tiny_queries_file}}}
+  backend: transformers
+  max_tokens: 8
+  batch_size: 6
+  num_cpus_per_actor: 1
+teacher: {{batch_size: 12, num_cpus_per_actor: 1}}
+train:
+  batch_size: 4
+  max_steps: 2
+  warmup_steps: 1
+  log_every: 1
+  checkpoint_every: 2
+  cpus_per_worker: 1
+eval:
+  suite: list
+  tasks: [OfflineSTSBenchmark]
+  cache_dir: {tmp_path / "embedding-cache"}
+  batch_size: 16
+  max_docs: 20
+  max_concurrency: 1
+cluster:
+  env_vars: {{HF_HUB_OFFLINE: "1", TOKENIZERS_PARALLELISM: "false"}}
+"""
+    path = tmp_path / "cluster-e2e.yaml"
+    path.write_text(text)
+    return path, out
+
+
+def _submit(cluster: LocalCluster, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "l2vg_ray.cli", "submit", "pipeline", "--address",
+         cluster.dashboard, "--config", str(config), "--working-dir", str(REPO), *extra],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )
+
+
+def test_submit_pipeline_to_a_two_node_cluster(local_cluster, job_config):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    config, out = job_config
+    done = _submit(local_cluster, config)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, f"submit failed:\n{logs[-6000:]}\n{local_cluster.tail()}"
+    assert "SUCCEEDED" in logs
+
+    client = JobSubmissionClient(local_cluster.dashboard)
+    (job,) = [j for j in client.list_jobs() if j.entrypoint.startswith("python jobs/pipeline.py")]
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.runtime_env["working_dir"].startswith(("gcs://", "file://"))  # uploaded, not a path
+
+    markers = {s: json.loads((out / d / "_SUCCESS.json").read_text())
+               for s, d in [("generate", "data"), ("train", "train"), ("eval", "eval")]}
+    assert list((out / "data").glob("*.parquet")) or list((out / "data").rglob("*.parquet"))
+    assert (out / "train" / "final" / "l2vg_config.json").is_file()
+    assert markers["train"]["summary"]["steps"] == 2
+    assert any((out / "eval").rglob("*.json"))
+
+    # Resubmitted without waiting: every stage is found done and skipped.
+    again = _submit(local_cluster, config, "--no-wait")
+    assert again.returncode == 0, again.stderr[-3000:]
+    job_id = again.stdout.strip().splitlines()[-1]
+    deadline = time.time() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(job_id)) not in {
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED
+    } and time.time() < deadline:
+        time.sleep(2)
+    second_logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, second_logs[-4000:]
+    assert second_logs.count("skipped") >= 3, second_logs[-4000:]
+    for stage, d in [("generate", "data"), ("train", "train"), ("eval", "eval")]:
+        marker = json.loads((out / d / "_SUCCESS.json").read_text())
+        assert marker["started_at"] == markers[stage]["started_at"], f"{stage} ran again"

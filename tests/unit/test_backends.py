@@ -1,0 +1,164 @@
+"""Generation backends without Ray: chat prompts, greedy determinism, the stage and its plan."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from l2vg_ray import schema
+from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.generate import backends
+from l2vg_ray.generate.backends import (
+    GENERATION_BACKENDS,
+    GenerateStage,
+    Generation,
+    TransformersBackend,
+    build_chat_prompts,
+    decode_generation,
+    generate_stage_kwargs,
+    load_tokenizer,
+    resolve_backend,
+    stop_token_ids,
+)
+from l2vg_ray.testing import TINY_QUERIES
+
+
+@pytest.fixture(scope="module")
+def greedy_backend(tiny_generator_llm_dir):
+    return TransformersBackend(
+        str(tiny_generator_llm_dir), gen={"max_tokens": 10}, dtype="float32", device="cpu"
+    )
+
+
+@pytest.fixture
+def gen_config(tiny_config, tiny_generator_llm_dir):
+    tiny_config.model.llm = str(tiny_generator_llm_dir)
+    tiny_config.generate.max_tokens = 8
+    return tiny_config
+
+
+def test_chat_template_wraps_each_query_as_a_user_turn(tiny_llm_dir):
+    tok = load_tokenizer(str(tiny_llm_dir))
+    prompts = build_chat_prompts(tok, ["Hi there", "Why?"], None)
+    assert prompts == [
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    with_system = build_chat_prompts(tok, ["Hi there"], "Be brief.")
+    assert with_system[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_a_tokenizer_without_chat_template_is_refused(tiny_llm_dir):
+    tok = load_tokenizer(str(tiny_llm_dir))
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        build_chat_prompts(tok, ["Hi"], None)
+
+
+def test_decode_cuts_at_the_first_stop_token_and_strips(tiny_llm_dir):
+    tok = load_tokenizer(str(tiny_llm_dir))
+    stops = stop_token_ids(tok, str(tiny_llm_dir))
+    assert stops == [tok.eos_token_id]
+    ids = tok(" Paris is nice", add_special_tokens=False)["input_ids"]
+    g = decode_generation(tok, [*ids, tok.eos_token_id, *ids], stops)
+    assert g == Generation("Paris is nice", len(ids), tuple(ids))
+    assert decode_generation(tok, [tok.eos_token_id], stops) == Generation("", 0, ())
+
+
+def test_greedy_is_deterministic_and_batch_size_invariant(greedy_backend):
+    full = greedy_backend.generate(TINY_QUERIES)
+    assert len(full) == len(TINY_QUERIES)
+    assert len({g.text for g in full}) > len(TINY_QUERIES) // 2, "greedy texts should vary"
+    assert all(0 < g.n_tokens <= 10 and len(g.token_ids) == g.n_tokens for g in full)
+    assert greedy_backend.generate(TINY_QUERIES) == full
+    # Batches of 1 (no padding) and of 5 (different padding) give the same tokens.
+    for bs in (1, 5):
+        chunked = [
+            g
+            for i in range(0, len(TINY_QUERIES), bs)
+            for g in greedy_backend.generate(TINY_QUERIES[i : i + bs])
+        ]
+        assert chunked == full
+    assert greedy_backend.generate([]) == []
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(tiny_generator_llm_dir, greedy_backend):
+    gen = {"max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 3}
+    sampler = TransformersBackend(str(tiny_generator_llm_dir), gen=gen, device="cpu")
+    first = sampler.generate(TINY_QUERIES[:4])
+    assert sampler.generate(TINY_QUERIES[:4]) == first
+    assert first != greedy_backend.generate(TINY_QUERIES[:4])
+
+
+def test_generate_stage_adds_the_generation_columns(gen_config):
+    stage = GenerateStage(to_dict(gen_config))
+    queries = TINY_QUERIES[:3]
+    ids = [schema.query_id(q) for q in queries]
+    out = stage(
+        {schema.ID: np.array(ids, dtype=object), schema.QUERY: np.array(queries, dtype=object)}
+    )
+    assert list(out[schema.ID]) == ids and list(out[schema.QUERY]) == queries
+    assert out[schema.RESPONSE].shape == (3,) and all(
+        isinstance(r, str) for r in out[schema.RESPONSE]
+    )
+    assert out[schema.RESPONSE_TOKENS].dtype == np.int32
+    assert set(out[schema.GENERATOR_MODEL]) == {gen_config.model.llm}
+    params = json.loads(out[schema.SAMPLING_PARAMS][0])
+    assert params == {
+        "max_tokens": 8,
+        "seed": 0,
+        "system_prompt": None,
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
+    with pytest.raises(
+        ValueError, match=r"GenerateStage needs columns \['query'\].*lacks \['query'\]"
+    ):
+        stage({schema.ID: np.array(ids, dtype=object), "text": np.array(queries, dtype=object)})
+
+
+def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
+    import ray.data
+
+    tiny_config.generate.num_actors = 3
+    tiny_config.generate.num_cpus_per_actor = 2.0
+    tiny_config.generate.num_gpus_per_actor = 1.0
+    kw = generate_stage_kwargs(tiny_config)
+    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size"}
+    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (3, 3)
+    assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2.0, 1.0, 4)
+    cfg = kw["fn_constructor_kwargs"]["cfg"]
+    assert type(cfg) is dict and cfg["generate"]["output_dir"].endswith("out/data")  # resolved
+
+    tiny_config.generate.tensor_parallel_size = 2
+    with pytest.raises(ConfigError, match="num_gpus_per_actor=2"):
+        generate_stage_kwargs(tiny_config)
+
+
+def test_backend_names_resolve_and_unknown_ones_list_the_known(monkeypatch):
+    assert GENERATION_BACKENDS.names() == ["transformers", "vllm"]
+    assert resolve_backend("transformers") == "transformers"
+    with pytest.raises(
+        ValueError, match="Unknown generation backend 'vlm'. Known: transformers, vllm"
+    ):
+        resolve_backend("vlm")
+    monkeypatch.setattr(backends, "vllm_platform", lambda: None)
+    assert resolve_backend("auto") == "transformers"
+    monkeypatch.setattr(backends, "vllm_platform", lambda: "cpu")
+    assert resolve_backend("auto") == "vllm"
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_llm_dir, monkeypatch):
+    monkeypatch.setattr(backends, "vllm_platform", lambda: None)
+    with pytest.raises(ConfigError, match="make vllm-env"):
+        backends.VLLMBackend(str(tiny_llm_dir), gen={})
+
+
+def test_bad_sampling_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="top_p"):
+        backends.GenerationSettings.from_config({"top_p": 0})
+    with pytest.raises(ConfigError, match="temperature"):
+        backends.GenerationSettings.from_config({"temperature": -1})

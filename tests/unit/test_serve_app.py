@@ -1,0 +1,142 @@
+"""Error plumbing on a plain FastAPI app, deployment options and the app builder (no Ray cluster)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from l2vg_ray.config import ConfigError, load_config
+from l2vg_ray.serve.http import INTERNAL_ERROR, install_error_handlers, read_body
+from l2vg_ray.serve.protocol import APIError
+
+
+class Item(BaseModel):
+    n: int
+
+
+def _client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/api-error")
+    async def api_error():
+        raise APIError(418, "short and stout", param="pot", code="teapot")
+
+    @app.post("/boom")
+    async def boom():
+        raise RuntimeError("secret internal detail")
+
+    @app.post("/typed")
+    async def typed(item: Item):
+        return {"n": item.n}
+
+    @app.post("/body")
+    async def body(request: Request):
+        return {"size": len(await read_body(request, max_bytes=10))}
+
+    @app.get("/loading")
+    async def loading():
+        raise APIError(503, "loading", code="model_loading")
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_api_error_body():
+    err = _error(_client().post("/api-error"), 418)
+    assert err == {"message": "short and stout", "type": "invalid_request_error", "param": "pot",
+                   "code": "teapot"}
+
+
+def test_unexpected_exception_is_a_500_without_details():
+    r = _client().post("/boom")
+    err = _error(r, 500)
+    assert err["message"] == INTERNAL_ERROR and err["type"] == "server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_fastapi_validation_errors_are_400():
+    c = _client()
+    err = _error(c.post("/typed", json={"n": "not a number"}), 400)
+    assert err["param"] == "n" and err["code"] == "invalid_request"
+    err = _error(c.post("/typed", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_unknown_route_method_and_503():
+    c = _client()
+    assert "No route" in _error(c.get("/nowhere"), 404)["message"]
+    assert "not allowed" in _error(c.get("/boom"), 405)["message"]
+    r = c.get("/loading")
+    assert _error(r, 503)["type"] == "server_error" and r.headers["retry-after"] == "1"
+
+
+def test_read_body_limit():
+    c = _client()
+    assert c.post("/body", content=b"0123456789").json() == {"size": 10}
+    err = _error(c.post("/body", content=b"0123456789x"), 413)
+    assert err["code"] == "request_too_large"
+
+    def chunks():  # no content-length: counted while streaming
+        yield b"01234"
+        yield b"567890"
+
+    assert _error(c.post("/body", content=chunks()), 413)["code"] == "request_too_large"
+
+
+def test_deployment_options_from_config():
+    from l2vg_ray.serve.app import deployment_options
+
+    cfg = load_config(None, ["serve.min_replicas=1", "serve.max_replicas=4",
+                             "serve.target_ongoing_requests=16", "serve.num_cpus=2",
+                             "serve.num_gpus=0.5", "serve.max_ongoing_requests=48"])
+    assert deployment_options(cfg.serve) == {
+        "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+                               "target_ongoing_requests": 16.0},
+        "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
+        "max_ongoing_requests": 48,
+    }
+    for bad in (["serve.min_replicas=3", "serve.max_replicas=2"], ["serve.max_batch_size=0"],
+                ["serve.target_ongoing_requests=100"]):
+        with pytest.raises(ConfigError):
+            deployment_options(load_config(None, bad).serve)
+
+
+def test_build_app_reads_args_and_rejects_typos(tiny_teacher_dir, tmp_path):
+    from ray.serve import Application
+
+    from l2vg_ray.serve.app import build_app
+
+    args = {"model": str(tiny_teacher_dir), "loader": "sentence-transformers", "port": 0,
+            "batching": False, "cache_dir": str(tmp_path)}
+    assert isinstance(build_app(args), Application)
+    with pytest.raises(ConfigError, match="modle"):
+        build_app({"modle": "x"})
+    with pytest.raises(ValueError, match="Unknown serve loader 'st'"):
+        build_app({"model": "x", "loader": "st"})
+
+
+def test_serve_config_file_is_a_valid_serve_config():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from l2vg_ray.serve.app import build_app
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = ServeDeploySchema.model_validate(yaml.safe_load((repo / "configs/serve.yaml").read_text()))
+    (app,) = spec.applications
+    assert app.import_path == "l2vg_ray.serve.app:build_app"
+    assert spec.http_options.host == "127.0.0.1"
+    args = dict(app.args, config=str(repo / app.args["config"]))
+    assert isinstance(build_app(args), Application)  # the model itself loads in the replicas

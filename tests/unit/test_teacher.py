@@ -1,0 +1,100 @@
+"""Teachers without Ray: sentence-transformers and mean-pooled-LLM embeddings, the stage, dims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from l2vg_ray import schema
+from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.generate.teacher import (
+    TEACHERS,
+    TeacherStage,
+    build_teacher,
+    mean_pool,
+    teacher_dim,
+    teacher_spec,
+    teacher_stage_kwargs,
+)
+from l2vg_ray.testing import TINY_QUERIES
+
+TEXTS = ["Paris is the capital of France.", "Two plus two is four.", "", "The sea is wide."]
+
+
+def test_mean_pool_averages_only_masked_positions():
+    hidden = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    out = mean_pool(hidden, mask)
+    assert torch.equal(out, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
+
+
+def test_teacher_stage_gives_float32_rows(tiny_config):
+    stage = TeacherStage(to_dict(tiny_config))
+    batch = {
+        schema.ID: np.array(["a", "b", "c", "d"], dtype=object),
+        schema.RESPONSE: np.array(TEXTS, dtype=object),
+    }
+    out = stage(batch)
+    emb = out[schema.TEACHER_EMBEDDING]
+    assert emb.dtype == np.float32 and emb.shape == (4, 32) == (4, teacher_dim(tiny_config))
+    assert np.isfinite(emb).all() and not np.allclose(emb[0], emb[1])
+    assert set(out[schema.TEACHER_MODEL]) == {tiny_config.model.teacher}
+    assert list(out[schema.ID]) == ["a", "b", "c", "d"]
+    # A row's embedding does not depend on the batch it came in.
+    np.testing.assert_allclose(stage.teacher.embed([TEXTS[1]])[0], emb[1], atol=1e-5)
+    with pytest.raises(ValueError, match=r"TeacherStage needs columns \['response'\]"):
+        stage({schema.QUERY: np.array(TINY_QUERIES[:2], dtype=object)})
+
+
+def test_mean_pooled_llm_teacher_pools_response_tokens(tiny_config, tiny_llm_dir):
+    tiny_config.teacher.kind = "mean-pooled-llm"
+    tiny_config.teacher.batch_size = 2
+    assert teacher_spec(tiny_config) == str(tiny_llm_dir)
+    teacher = build_teacher(tiny_config)
+    assert teacher.name == f"mean-pooled-llm:{tiny_llm_dir}"
+    emb = teacher.embed(TEXTS)
+    assert emb.dtype == np.float32 and emb.shape == (4, 64) == (4, teacher_dim(tiny_config))
+    np.testing.assert_array_equal(emb[2], 0)  # an empty response has no token to pool
+    # Padding and batch composition do not change a row (length-sorted chunks of 2).
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(teacher.embed([TEXTS[i]])[0], emb[i], atol=1e-5)
+    # It is the mean of the LLM's last hidden states over the text's tokens.
+    ids = teacher.tokenizer(TEXTS[1], return_tensors="pt")
+    with torch.inference_mode():
+        hidden = teacher.model(**ids).last_hidden_state[0]
+    np.testing.assert_allclose(emb[1], hidden.mean(0).numpy(), atol=1e-5)
+
+
+def test_teacher_model_overrides_the_default_spec(tiny_config, tiny_generator_llm_dir):
+    tiny_config.teacher.kind = "mean-pooled-llm"
+    tiny_config.teacher.model = str(tiny_generator_llm_dir)
+    assert teacher_spec(tiny_config) == str(tiny_generator_llm_dir)
+    assert teacher_dim(tiny_config) == 128
+    tiny_config.model.teacher_dim = 7
+    assert teacher_dim(tiny_config) == 7
+
+
+def test_unknown_teacher_kind_lists_the_known_ones(tiny_config):
+    assert TEACHERS.names() == ["mean-pooled-llm", "sentence-transformers"]
+    tiny_config.teacher.kind = "bge"
+    with pytest.raises(
+        ValueError,
+        match="Unknown teacher kind 'bge'. Known: mean-pooled-llm, sentence-transformers",
+    ):
+        teacher_stage_kwargs(tiny_config)
+
+
+def test_teacher_stage_kwargs_describe_the_actor_pool(tiny_config):
+    import ray.data
+
+    tiny_config.teacher.num_actors = 2
+    tiny_config.teacher.num_gpus_per_actor = 0.5
+    kw = teacher_stage_kwargs(tiny_config)
+    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (2, 2)
+    assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (1.0, 0.5, 4)
+    assert type(kw["fn_constructor_kwargs"]["cfg"]) is dict
+    tiny_config.teacher.batch_size = 0
+    with pytest.raises(ConfigError, match="teacher.batch_size=0"):
+        teacher_stage_kwargs(tiny_config)
