@@ -110,18 +110,31 @@ async def _load(url: str, *, concurrency: int, n_requests: int, time_limit_s: fl
     }
 
 
+def _stats(health_url: str) -> dict | None:
+    """The l2vg app's counters (requests, texts, model_calls); None for the peer."""
+    import httpx
+
+    return httpx.get(health_url, timeout=30).json().get("stats")
+
+
 def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list[dict]:
+    health = url.rsplit("/v1/", 1)[0] + "/healthz"
     rows = []
     for c in args.concurrency:
         # Warm-up (not counted): connections, first-batch effects, allocator.
         asyncio.run(_load(url, concurrency=c, n_requests=c * 2, time_limit_s=30, model=model))
+        before = _stats(health)
         row = asyncio.run(_load(url, concurrency=c, n_requests=args.requests,
                                 time_limit_s=args.time_limit, model=model))
+        after = _stats(health)
         row["server"] = server
+        if before and after and after["model_calls"] > before["model_calls"]:
+            row["mean_texts_per_model_call"] = round(
+                (after["texts"] - before["texts"]) / (after["model_calls"] - before["model_calls"]), 2)
         rows.append(row)
         print(f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
-              f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}",
-              flush=True)
+              f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}  "
+              f"batch {row.get('mean_texts_per_model_call', '-')}", flush=True)
     return rows
 
 

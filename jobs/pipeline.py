@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from l2vg_ray.config import load_config
 from l2vg_ray.pipeline import run_pipeline
@@ -33,6 +34,8 @@ def main() -> None:
     result = run_pipeline(cfg, serve=args.serve)
 
     print(json.dumps(result, indent=2, default=str))
+    if not result["ok"]:  # a stage reported failures: fail the job, a resubmission retries them
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # the guard matters: vLLM engines spawn processes

@@ -179,6 +179,12 @@ def run_stage(
         stage_cfg.train.resume = True
     summary = fn(stage_cfg)
     seconds = round(time.time() - started_at, 2)
+    record = {**record, "seconds": seconds, "summary": summary}
+    if isinstance(summary, Mapping) and summary.get("failed"):
+        # e.g. evaluation tasks that failed: no success marker, so the next run retries them
+        # (evaluation then skips the tasks that already have results).
+        log.warning("[%s] finished with failures after %.1f s: %s", stage, seconds, summary["failed"])
+        return {**record, "status": "incomplete"}
     storage.write_json(
         storage.join(out, SUCCESS),
         {
@@ -191,8 +197,7 @@ def run_stage(
         },
     )
     log.info("[%s] finished in %.1f s -> %s", stage, seconds, out)
-    return {**record, "status": "resumed" if status == "partial" else "ran", "seconds": seconds,
-            "summary": summary}
+    return {**record, "status": "resumed" if status == "partial" else "ran"}
 
 
 def run_pipeline(
@@ -203,6 +208,8 @@ def run_pipeline(
 ) -> dict:
     """generate -> train -> eval (-> serve + one request), skipping stages already done.
 
+    ``result["ok"]`` is False when a stage reported failures (``summary["failed"]``, e.g. eval
+    tasks); such a stage gets no success marker, so the next run retries it.
     Assumes Ray is initialised (``init_ray``). ``runners`` replaces stage functions by name
     (tests); by default they are ``run_generate``, ``run_train`` and ``run_eval``.
     """
@@ -215,7 +222,12 @@ def run_pipeline(
     for stage in STAGES:
         records[stage] = run_stage(cfg, stage, runners[stage], upstream_hash=upstream)
         upstream = records[stage]["config_hash"]
-    result: dict[str, Any] = {"stages": records, "artifacts": artifacts(cfg, records)}
+    complete = all(r["status"] != "incomplete" for r in records.values())
+    result: dict[str, Any] = {
+        "ok": complete,
+        "stages": records,
+        "artifacts": artifacts(cfg, records),
+    }
     if serve:
         result["serve"] = serve_and_query(cfg)
     result["seconds"] = round(time.time() - started, 2)
@@ -276,6 +288,8 @@ def format_summary(result: Mapping[str, Any]) -> str:
     for stage, rec in result["stages"].items():
         took = f" in {rec['seconds']:.1f} s" if "seconds" in rec else ""
         lines.append(f"  {stage:<9} {rec['status']}{took} -> {rec['output']}")
+    scores = (result["stages"].get("eval", {}).get("summary") or {}).get("scores") or {}
+    lines += [f"  score     {task}: {score}" for task, score in scores.items()]
     lines.append("  artifacts:")
     lines += [f"    {k}: {v}" for k, v in result["artifacts"].items() if v is not None]
     if "serve" in result:

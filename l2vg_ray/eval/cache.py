@@ -157,7 +157,7 @@ class CachedEncoder:
         for k, t in zip(keys, texts, strict=True):
             if k not in found and k not in missing:
                 missing[k] = t
-        self.hits += len(texts) - sum(1 for k in keys if k in missing)
+        self.hits += len(texts) - len(missing)  # in-batch duplicates count as hits
         self.misses += len(missing)
         if missing:
             new = self.encoder.encode(

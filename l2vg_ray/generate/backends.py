@@ -316,6 +316,11 @@ class VLLMBackend:
             # of a 135M model. Set in the actor's own process, before the engine starts.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             kwargs["enforce_eager"] = True  # compiled mode starts ~3x slower and is not faster
+            if s.tensor_parallel_size == 1:
+                # The engine core in this process instead of a spawned one (which imports vllm
+                # again): start-up ~10 s instead of ~100 s here, and no spawn of the caller's
+                # __main__ (a Ray actor is already a process of its own).
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         self.llm = LLM(

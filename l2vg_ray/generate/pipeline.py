@@ -286,8 +286,7 @@ class ShardWriter:
             self._flush(self.rows_per_shard)
 
     def close(self) -> None:
-        if self.buffered:
-            self._flush(self.buffered)
+        pass
 
     def _flush(self, n: int) -> None:
         table = pa.concat_tables(self.buffer).combine_chunks()

@@ -42,11 +42,12 @@ from l2vg_ray.registry import Registry
 from l2vg_ray.serve.http import install_error_handlers, read_body
 from l2vg_ray.serve.protocol import (
     APIError,
+    EmbedItem,
     Limits,
     apply_token_limit,
     decode_response,
+    embed_items,
     embedding_response,
-    encode_grouped,
     parse_decode_request,
     parse_embedding_request,
     parse_json_body,
@@ -100,7 +101,8 @@ class EmbeddingServer:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="l2vg-model")
         self._encoder: TextEncoder | None = None
         self._load_error: str | None = None
-        self._loaded = threading.Event()
+        # Served requests, texts and model calls (texts / model_calls = the mean batch size).
+        self._stats = {"requests": 0, "texts": 0, "model_calls": 0}
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
@@ -123,8 +125,6 @@ class EmbeddingServer:
                 self._encoder.dim,
                 time.perf_counter() - started,
             )
-        finally:
-            self._loaded.set()
 
     def _ready_encoder(self) -> TextEncoder:
         if self._encoder is not None:
@@ -147,37 +147,39 @@ class EmbeddingServer:
         body = await read_body(request, max_bytes=self._limits.max_request_bytes)
         return parse_json_body(body, max_bytes=self._limits.max_request_bytes)
 
-    def _limit_tokens(self, encoder: TextEncoder, texts: list[str]) -> tuple[list[str], list[int]]:
-        return apply_token_limit(
+    def _decode(
+        self,
+        encoder: TextEncoder,
+        decode_fn: Callable[..., list[str]],
+        texts: list[str],
+        instruction: str | None,
+        max_new_tokens: int,
+    ) -> tuple[list[str], list[int], list[str]]:
+        texts, counts = apply_token_limit(
             texts,
             encoder.count_tokens,
             max_tokens=self._limits.max_tokens_per_text,
             truncate=self._limits.truncate,
         )
+        decoded = decode_fn(texts, instruction=instruction, max_new_tokens=max_new_tokens)
+        return texts, counts, decoded
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, items: list[tuple[str, str | None]]) -> list[np.ndarray]:
-        return await self._in_model_thread(
-            encode_grouped,
+    def _embed_items(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
+        # Runs on the model thread: token limits and encoding in one hop.
+        self._stats["model_calls"] += 1
+        self._stats["texts"] += len(items)
+        return embed_items(
             self._encoder,
             items,
+            max_tokens=self._limits.max_tokens_per_text,
+            truncate=self._limits.truncate,
             batch_size=self._batch_size,
             normalize=self._normalize,
         )
 
-    async def _embed(
-        self, encoder: TextEncoder, texts: list[str], instruction: str | None
-    ) -> np.ndarray:
-        if self._batching:
-            rows = await asyncio.gather(*(self._embed_batch((t, instruction)) for t in texts))
-            return np.stack(rows)
-        return await self._in_model_thread(
-            encoder.encode,
-            texts,
-            instruction=instruction,
-            batch_size=self._batch_size,
-            normalize=self._normalize,
-        )
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
+        return await self._in_model_thread(self._embed_items, items)
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -186,11 +188,21 @@ class EmbeddingServer:
         req = parse_embedding_request(
             obj, limits=self._limits, served_model=self._model_name, dim=encoder.dim
         )
-        texts, counts = await self._in_model_thread(self._limit_tokens, encoder, req.texts)
-        vectors = await self._embed(encoder, texts, req.instruction)
+        self._stats["requests"] += 1
+        items = [(i, text, req.instruction) for i, text in enumerate(req.texts)]
+        if self._batching:  # each text joins a model batch shared with concurrent requests
+            results = await asyncio.gather(*(self._embed_batch(item) for item in items))
+        else:
+            results = await self._in_model_thread(self._embed_items, items)
+        errors = [r for r in results if isinstance(r, APIError)]
+        if errors:
+            raise errors[0]
         return JSONResponse(
             embedding_response(
-                vectors, model=req.model, encoding_format=req.encoding_format, token_counts=counts
+                np.stack([v for v, _ in results]),
+                model=req.model,
+                encoding_format=req.encoding_format,
+                token_counts=[n for _, n in results],
             )
         )
 
@@ -207,9 +219,8 @@ class EmbeddingServer:
                 f"LLM2Vec-Gen encoder folder can. Use /v1/embeddings.",
                 code="decode_not_supported",
             )
-        texts, counts = await self._in_model_thread(self._limit_tokens, encoder, req.texts)
-        decoded = await self._in_model_thread(
-            decode_fn, texts, instruction=req.instruction, max_new_tokens=req.max_new_tokens
+        texts, counts, decoded = await self._in_model_thread(
+            self._decode, encoder, decode_fn, req.texts, req.instruction, req.max_new_tokens
         )
         return JSONResponse(decode_response(decoded, model=req.model, token_counts=counts))
 
@@ -232,7 +243,9 @@ class EmbeddingServer:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         encoder = self._ready_encoder()
-        return JSONResponse({"status": "ok", "model": self._model_name, "dim": encoder.dim})
+        return JSONResponse(
+            {"status": "ok", "model": self._model_name, "dim": encoder.dim, "stats": self._stats}
+        )
 
 
 def deployment_options(serve_cfg: Any) -> dict[str, Any]:

@@ -300,6 +300,39 @@ def truncate_to_tokens(text: str, max_tokens: int, count_tokens: CountFn) -> str
     return text[:lo]
 
 
+def limit_text(
+    text: str,
+    n_tokens: int,
+    count_tokens: CountFn,
+    *,
+    max_tokens: int,
+    truncate: bool,
+    param: str,
+) -> tuple[str, int]:
+    """One text within ``max_tokens``: unchanged, truncated, or a 413. Returns (text, tokens)."""
+    if n_tokens <= max_tokens:
+        return text, n_tokens
+    if not truncate:
+        raise APIError(
+            413,
+            f"'{param}' has {n_tokens} tokens, over the limit of {max_tokens} tokens per text "
+            f"(serve.max_tokens_per_text). Shorten it, or run the server with "
+            f"serve.truncate=true.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    cut = truncate_to_tokens(text, max_tokens, count_tokens)
+    if not cut:
+        raise APIError(
+            413,
+            f"'{param}' cannot be cut to {max_tokens} tokens (serve.max_tokens_per_text is too "
+            f"small for this encoder).",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return cut, count_tokens([cut])[0]
+
+
 def apply_token_limit(
     texts: list[str],
     count_tokens: CountFn,
@@ -309,32 +342,13 @@ def apply_token_limit(
     param: str = "input",
 ) -> tuple[list[str], list[int]]:
     """Enforce ``max_tokens`` per text: truncate or raise 413. Returns (texts, token counts)."""
-    counts = list(count_tokens(texts))
-    out = list(texts)
-    for i, n in enumerate(counts):
-        if n <= max_tokens:
-            continue
-        if not truncate:
-            raise APIError(
-                413,
-                f"'{param}[{i}]' has {n} tokens, over the limit of {max_tokens} "
-                f"tokens per text (serve.max_tokens_per_text). Shorten it, or run the "
-                f"server with serve.truncate=true.",
-                param=f"{param}[{i}]",
-                code="context_length_exceeded",
-            )
-        cut = truncate_to_tokens(out[i], max_tokens, count_tokens)
-        if not cut:
-            raise APIError(
-                413,
-                f"'{param}[{i}]' cannot be cut to {max_tokens} tokens "
-                f"(serve.max_tokens_per_text is too small for this encoder).",
-                param=f"{param}[{i}]",
-                code="context_length_exceeded",
-            )
-        out[i] = cut
-        counts[i] = count_tokens([cut])[0]
-    return out, counts
+    out = [
+        limit_text(
+            t, n, count_tokens, max_tokens=max_tokens, truncate=truncate, param=f"{param}[{i}]"
+        )
+        for i, (t, n) in enumerate(zip(texts, count_tokens(texts), strict=True))
+    ]
+    return [t for t, _ in out], [n for _, n in out]
 
 
 def encode_base64(vector: np.ndarray) -> str:
@@ -403,3 +417,49 @@ def encode_grouped(
         for i, v in zip(idx, vectors, strict=True):
             rows[i] = v
     return rows  # type: ignore[return-value]
+
+
+# One text of a request inside a batch: (its index in the request's `input`, text, instruction).
+EmbedItem = tuple[int, str, "str | None"]
+
+
+def embed_items(
+    encoder: Any,
+    items: Sequence[EmbedItem],
+    *,
+    max_tokens: int,
+    truncate: bool,
+    batch_size: int,
+    normalize: bool,
+) -> list[tuple[np.ndarray, int] | APIError]:
+    """Token-limit and embed texts gathered from one or many requests, in one pass.
+
+    One ``count_tokens`` call for all texts, then one ``encode`` call per instruction. Returns per
+    item ``(vector, n_tokens)``, or the ``APIError`` of a text over the limit (so that one bad
+    request in a batch fails alone).
+    """
+    counts = encoder.count_tokens([text for _, text, _ in items])
+    results: list[tuple[np.ndarray, int] | APIError | None] = [None] * len(items)
+    ok: list[int] = []
+    kept: list[tuple[str, str | None]] = []
+    for j, ((index, text, instruction), n) in enumerate(zip(items, counts, strict=True)):
+        try:
+            text, n = limit_text(
+                text,
+                n,
+                encoder.count_tokens,
+                max_tokens=max_tokens,
+                truncate=truncate,
+                param=f"input[{index}]",
+            )
+        except APIError as e:
+            results[j] = e
+            continue
+        ok.append(j)
+        kept.append((text, instruction))
+        results[j] = (None, n)  # type: ignore[assignment]
+    if kept:
+        vectors = encode_grouped(encoder, kept, batch_size=batch_size, normalize=normalize)
+        for j, v in zip(ok, vectors, strict=True):
+            results[j] = (v, results[j][1])  # type: ignore[index]
+    return results  # type: ignore[return-value]

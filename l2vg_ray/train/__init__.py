@@ -11,10 +11,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 __all__ = ["run_train"]
 
 
-def run_train(cfg):  # noqa: ANN001, ANN201 - re-exported lazily (keeps `import l2vg_ray.train` light)
+def run_train(cfg: DictConfig) -> dict:
+    """See ``l2vg_ray.train.trainer.run_train`` (imported lazily: Ray and torch are heavy)."""
     from l2vg_ray.train.trainer import run_train as _run_train
 
     return _run_train(cfg)

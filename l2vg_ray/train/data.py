@@ -115,12 +115,14 @@ def read_train_dataset(info: DatasetInfo):
     import ray.data
 
     fs, _ = _filesystem(info.path)
-    # num_cpus=0: the training workers hold the node's cores (all of them on a small machine),
-    # and Ray Data excludes those from its budget; a 1-CPU read task would then wait forever.
-    # Reading Parquet columns is light next to a training step; tokenisation runs in the loop.
+    # Materialised in the driver, before the workers claim their CPUs: on a small node the
+    # workers hold every core and Ray Data excludes them from its budget, so a read task
+    # scheduled later would wait forever. Only the three training columns are kept (in the
+    # object store, shared by the workers of a node, spilled to disk when large); every epoch
+    # and every restart then splits the same blocks in the same order.
     return ray.data.read_parquet(
-        list(info.files), columns=list(TRAIN_COLUMNS), filesystem=fs, num_cpus=0
-    )
+        list(info.files), columns=list(TRAIN_COLUMNS), filesystem=fs
+    ).materialize()
 
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
@@ -48,7 +49,7 @@ class TrainableParams(torch.nn.Module):
         return self.encoder(batch, **weights)
 
 
-def _device(cfg) -> torch.device:  # noqa: ANN001
+def _device(cfg: DictConfig) -> torch.device:
     if cfg.train.use_gpu:
         import ray.train.torch
 
@@ -56,7 +57,7 @@ def _device(cfg) -> torch.device:  # noqa: ANN001
     return torch.device("cpu")
 
 
-def _autocast(cfg, device: torch.device):  # noqa: ANN001, ANN202
+def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU (``train.precision=auto|bf16``), plain fp32 on CPU."""
     precision = cfg.train.precision
     if device.type == "cuda" and precision in ("auto", "bf16"):
@@ -198,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "examples_per_s": float(sums[3]) / elapsed,
             "tokens_per_s": float(sums[4]) / elapsed,
             "step_time_s": elapsed,
+            "time": time.time(),  # wall clock: steady-state steps/s including reporting
         }
         state.history.append(metrics)
         if rank == 0 and (state.step % t.log_every == 0 or state.step == 1):

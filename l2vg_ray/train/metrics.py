@@ -18,6 +18,7 @@ CURVE_COLUMNS = (
     "examples_per_s",
     "tokens_per_s",
     "step_time_s",
+    "time",
 )
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from l2vg_ray.encoder import L2VGEncoder
 
 ENCODER_DIR = "encoder"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -71,7 +74,7 @@ def write_checkpoint(
     *,
     rank: int,
     state: TrainState,
-    encoder=None,  # noqa: ANN001 - L2VGEncoder; only rank 0 passes it
+    encoder: L2VGEncoder | None = None,  # only rank 0 passes it (and the optimiser, scheduler)
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     world_size: int = 1,
@@ -116,7 +119,7 @@ def read_rank_state(directory: str | Path, rank: int) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_trainable(directory: str | Path, encoder) -> None:  # noqa: ANN001
+def load_trainable(directory: str | Path, encoder: L2VGEncoder) -> None:
     """Load the trainable tensors saved under ``directory/encoder`` into ``encoder`` in place."""
     from safetensors.torch import load_file
 

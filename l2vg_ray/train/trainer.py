@@ -19,9 +19,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    import ray.train
 
 from l2vg_ray.config import ConfigError, to_dict, validate
 from l2vg_ray.train import data as train_data
@@ -109,7 +112,6 @@ def fault_from_env() -> dict[str, Any] | None:
 
 def run_train(cfg: DictConfig) -> dict:
     """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -176,7 +178,12 @@ def run_train(cfg: DictConfig) -> dict:
 
 
 def export_run(
-    cfg: DictConfig, checkpoint, *, run_name: str, storage: str, elapsed_s: float,  # noqa: ANN001
+    cfg: DictConfig,
+    checkpoint: ray.train.Checkpoint,
+    *,
+    run_name: str,
+    storage: str,
+    elapsed_s: float,
     extra: dict[str, Any],
 ) -> dict:
     """Copy the latest checkpoint's encoder to ``<train.output_dir>/final``; write the curves."""

@@ -89,7 +89,9 @@ def _embeddings(resp: httpx.Response) -> np.ndarray:
 def test_health_and_models(served, reference):
     r = httpx.get(f"{served['url']}/healthz", timeout=30)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": MODEL_NAME, "dim": reference.dim}
+    body = r.json()
+    assert (body["status"], body["model"], body["dim"]) == ("ok", MODEL_NAME, reference.dim)
+    assert set(body["stats"]) == {"requests", "texts", "model_calls"}
     models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
@@ -148,12 +150,19 @@ def test_concurrent_requests_and_large_lists(served, reference):
     def one(i: int) -> np.ndarray:
         return _embeddings(_post(served["url"], "/v1/embeddings", {"input": [texts[i]]}))[0]
 
+    before = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
     with ThreadPoolExecutor(8) as pool:  # concurrent requests share model batches
         got = np.stack(list(pool.map(one, range(len(texts)))))
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    after = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
+    assert after["requests"] - before["requests"] == len(texts)
+    assert after["texts"] - before["texts"] == len(texts)
+    assert 1 <= after["model_calls"] - before["model_calls"] <= len(texts)
     # 8 texts with max_batch_size=4: one request split over two model batches
     big = _embeddings(_post(served["url"], "/v1/embeddings", {"input": texts[:MAX_ITEMS]}))
     np.testing.assert_allclose(big, expected[:MAX_ITEMS], atol=1e-5)
+    final = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
+    assert final["model_calls"] - after["model_calls"] >= MAX_ITEMS // 4  # max_batch_size=4
 
 
 def test_long_text_is_truncated(served, reference):

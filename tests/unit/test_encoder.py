@@ -180,6 +180,9 @@ def test_forward_without_responses_or_teacher(tiny_llm_dir):
     out = enc(enc.prepare_batch(QUERIES[:2]))
     assert out.loss is None and out.recon_loss is None and out.align_loss is None
     assert out.embeddings.shape == (2, TEACHER_DIM) and int(out.n_response_tokens) == 0
+    no_thought = make_encoder(tiny_llm_dir, n_thought=0)
+    out = no_thought(no_thought.prepare_batch(QUERIES[:2], RESPONSES[:2], teacher(2)))
+    assert torch.isfinite(out.loss) and out.embeddings.shape == (2, TEACHER_DIM)
     with pytest.raises(ValueError, match="one response per query"):
         enc.prepare_batch(QUERIES[:2], ["a"])
     with pytest.raises(ValueError, match=r"\(2, 8\)"):

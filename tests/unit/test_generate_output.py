@@ -114,3 +114,15 @@ def test_provenance_is_in_the_footer_and_resume_refuses_other_settings(tmp_path)
     _check_resume_compatible(previous, {"generator_model": "llm-a"}, out.uri)
     with pytest.raises(ConfigError, match="generator_model='llm-a'.*'llm-b'.*fresh folder"):
         _check_resume_compatible(previous, {"generator_model": "llm-b"}, out.uri)
+
+
+def test_output_dir_may_be_a_uri(tmp_path):
+    uri = f"file://{tmp_path}/data"
+    out = OutputDir.from_path(uri)
+    out.fs.create_dir(out.root, recursive=True)
+    writer = ShardWriter(out, 3, {})
+    writer.add(batch_to_table(_batch(0, 5), DIM))
+    writer.close()
+    assert len(list((tmp_path / "data").glob("part-*.parquet"))) == 2
+    assert read_generated_table(uri).num_rows == 5
+    assert len(read_done_ids(OutputDir.from_path(uri))[0]) == 5

@@ -51,6 +51,7 @@ def test_first_run_runs_all_stages_and_writes_markers(tmp_path, capsys):
     result = run(make_cfg(tmp_path), fakes)
     assert fakes.ran() == ["generate", "train", "eval"]
     assert [r["status"] for r in result["stages"].values()] == ["ran", "ran", "ran"]
+    assert result["ok"] is True
     for stage in pipeline.STAGES:
         marker = json.loads((Path(result["stages"][stage]["output"]) / pipeline.SUCCESS).read_text())
         assert marker["config_hash"] == result["stages"][stage]["config_hash"]
@@ -149,6 +150,19 @@ def test_interrupted_stage_with_another_config_is_cleared(tmp_path):
     run(make_cfg(tmp_path, "generate.temperature=0.7"), fakes)
     assert fakes.calls[0] == ("generate", False)
     assert not leftover.exists()
+
+
+def test_stage_reporting_failures_gets_no_marker_and_is_retried(tmp_path):
+    fakes = FakeStages()
+    runners = fakes.runners()
+    runners["eval"] = lambda cfg: {"scores": {"A": 0.5, "B": None}, "failed": {"B": "boom"}}
+    result = pipeline.run_pipeline(make_cfg(tmp_path), runners=runners)
+    assert result["ok"] is False
+    assert result["stages"]["eval"]["status"] == "incomplete"
+    assert not (tmp_path / "out" / "eval" / pipeline.SUCCESS).exists()
+    again = FakeStages()
+    result = run(make_cfg(tmp_path), again)
+    assert again.ran() == ["eval"] and result["ok"] is True
 
 
 def test_refuses_to_delete_a_folder_holding_other_stages(tmp_path):

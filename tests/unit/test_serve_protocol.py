@@ -12,6 +12,7 @@ from l2vg_ray.serve.protocol import (
     Limits,
     apply_token_limit,
     decode_base64,
+    embed_items,
     embedding_response,
     encode_base64,
     encode_grouped,
@@ -206,3 +207,25 @@ def test_encode_grouped_one_call_per_instruction_rows_in_order():
     rows = encode_grouped(enc, items, batch_size=7, normalize=False)
     assert [r.tolist() for r in rows] == [[1, 0], [2, 1], [3, 0], [4, 1]]
     assert enc.calls == [(["a", "ccc"], None, 7), (["bb", "dddd"], "q:", 7)]
+
+
+class _WordEncoder(_RecordingEncoder):
+    def count_tokens(self, texts):
+        return words(texts)
+
+
+def test_embed_items_limits_each_text_and_fails_only_its_request():
+    enc = _WordEncoder()
+    items = [(0, "a b", None), (1, "one two three four five six", "q:"), (0, "x", None)]
+    out = embed_items(enc, items, max_tokens=4, truncate=True, batch_size=8, normalize=False)
+    assert [n for _, n in out] == [3, 4, 2]
+    cut = truncate_to_tokens("one two three four five six", 4, words)
+    assert cut.split() == ["one", "two", "three"]
+    assert out[1][0].tolist() == [len(cut), 1.0]  # embedded after truncation
+    assert enc.calls == [(["a b", "x"], None, 8), ([cut], "q:", 8)]
+
+    enc = _WordEncoder()
+    out = embed_items(enc, items, max_tokens=4, truncate=False, batch_size=8, normalize=False)
+    assert isinstance(out[1], APIError) and out[1].status == 413 and out[1].param == "input[1]"
+    assert [n for _, n in (out[0], out[2])] == [3, 2]
+    assert enc.calls == [(["a b", "x"], None, 8)]  # the rejected text is never encoded

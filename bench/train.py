@@ -1,0 +1,228 @@
+"""Training throughput: the Ray Train loop vs a plain single-process PyTorch loop, 1 vs 2 workers.
+
+Same model, same data (synthetic rows with realistic lengths, ``schema.dataset_schema``), same
+global batch, same optimiser/schedule/clipping. Measured side by side in one run:
+
+- ``plain``: one process, ``torch.set_num_threads(T)``, micro-batches in file order;
+- ``ray-1``: ``run_train`` with 1 worker x T CPUs (the whole Ray Train path: Ray Data shard,
+  per-step ``ray.train.report``, checkpoints, DDP skipped at world size 1);
+- ``ray-2``: ``run_train`` with 2 workers x T/2 CPUs, same global batch (DDP over the trainable
+  tensors, gloo all-reduce). On a 2-core machine this cannot be faster than 1 worker x 2 threads:
+  it measures the overhead of data parallelism, not a speed-up.
+
+Steady-state steps/s skip the first ``--warmup`` steps (model load, first-batch allocation); Ray
+steps are timed from the wall-clock stamp each step reports, so reporting and checkpointing count.
+The peak memory of a training step vs a two-LLM-copy design is ``bench/model_memory.py``'s job.
+
+    python bench/train.py --quick      # tiny random model (seconds)
+    python bench/train.py              # SmolLM2-135M-Instruct, quickstart lengths (minutes)
+
+Writes ``bench/results/train.json`` (``train_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORDS = (
+    "the a of to and in is it that for on with as was by at be this from or an are not have "
+    "which one you had but were all when there can we what their more if will about so time "
+    "model data train query answer light water river city energy network language method "
+    "result value system people history science music market health policy theory"
+).split()
+
+
+def make_data(out_dir: Path, *, rows: int, teacher_dim: int, query_words: int, response_words: int,
+              seed: int = 0) -> Path:
+    """Synthetic generated-dataset rows: fixed lengths so every batch costs the same."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from l2vg_ray import schema
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    queries = [" ".join(rng.choice(words, query_words)) + "?" for _ in range(rows)]
+    responses = [" ".join(rng.choice(words, response_words)) + "." for _ in range(rows)]
+    teacher = rng.standard_normal((rows, teacher_dim)).astype(np.float32)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    table = pa.table(
+        {
+            schema.ID: [schema.query_id(f"{i}:{q}") for i, q in enumerate(queries)],
+            schema.QUERY: queries,
+            schema.RESPONSE: responses,
+            schema.TEACHER_EMBEDDING: list(teacher),
+            schema.GENERATOR_MODEL: ["synthetic"] * rows,
+            schema.TEACHER_MODEL: ["random"] * rows,
+            schema.SAMPLING_PARAMS: ["{}"] * rows,
+            schema.RESPONSE_TOKENS: [response_words] * rows,
+        },
+        schema=schema.dataset_schema(teacher_dim),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_dir / "part-00000-00000000.parquet")
+    return out_dir
+
+
+def steady_steps_per_s(stamps: list[float], warmup: int) -> float:
+    """Steps per second between the end of step ``warmup`` and the end of the last step."""
+    stamps = stamps[warmup - 1 :] if warmup > 0 else stamps
+    if len(stamps) < 2:
+        raise ValueError("Need at least 2 timed steps after warmup; raise --steps.")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def plain_loop(cfg, *, threads: int, steps: int) -> dict:
+    """The reference: the same step as the Ray loop, in this process, no Ray anywhere."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.train.data import TRAIN_COLUMNS, batch_lists
+    from l2vg_ray.train.schedule import build_optimizer, build_scheduler
+    from l2vg_ray.train.state import seed_everything
+
+    t = cfg.train
+    torch.set_num_threads(threads)
+    seed_everything(t.seed)
+    table = pq.read_table(str(t.data_dir), columns=list(TRAIN_COLUMNS))
+    encoder = L2VGEncoder.from_config(cfg.model, cache_dir=cfg.cache_dir, device="cpu")
+    params = encoder.trainable_parameters()
+    opt = build_optimizer(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = build_scheduler(opt, kind=t.scheduler, warmup_steps=t.warmup_steps, total_steps=steps)
+    encoder.train()
+    stamps, losses = [], []
+    b = t.batch_size
+    for step in range(steps):
+        start = (step * b) % (table.num_rows - b + 1)
+        chunk = table.slice(start, b)
+        rows = {k: chunk.column(k).to_numpy(zero_copy_only=False) for k in chunk.column_names}
+        queries, responses, teacher = batch_lists(rows)
+        opt.zero_grad(set_to_none=True)
+        out = encoder(encoder.prepare_batch(queries, responses, torch.from_numpy(teacher)),
+                      recon_weight=t.recon_weight, align_weight=t.align_weight)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+        stamps.append(time.time())
+    return {"stamps": stamps, "losses": losses}
+
+
+def ray_loop(cfg, *, workers: int, cpus_per_worker: float, steps: int) -> dict:
+    from l2vg_ray.train.state import read_train_state
+    from l2vg_ray.train.trainer import run_train
+
+    cfg = cfg.copy()
+    cfg.train.num_workers = workers
+    cfg.train.cpus_per_worker = cpus_per_worker
+    cfg.train.max_steps = steps
+    cfg.train.checkpoint_every = steps  # one checkpoint (the final one), as in a real run's tail
+    cfg.train.output_dir = f"{cfg.train.output_dir}-w{workers}"
+    start = time.perf_counter()
+    summary = run_train(cfg)
+    history = read_train_state(summary["checkpoint"])["state"].history
+    return {
+        "stamps": [h["time"] for h in history],
+        "losses": [h["loss"] for h in history],
+        "fit_time_s": summary["fit_time_s"],
+        "run_train_s": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny random model, few steps")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of steps/s")
+    p.add_argument("--batch", type=int, default=8, help="global batch")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the 1-worker runs")
+    p.add_argument("--skip-two-workers", action="store_true")
+    args = p.parse_args()
+
+    import ray
+    import torch
+
+    from l2vg_ray.config import load_config
+
+    steps = args.steps or (12 if args.quick else 8)
+    work = Path(tempfile.mkdtemp(prefix="l2vg-bench-train-"))
+    if args.quick:
+        from l2vg_ray.testing import build_tiny_llm
+
+        llm = str(build_tiny_llm(work / "tiny-llm"))
+        model = ["model.n_thought=2", "model.n_compression=2", "model.max_length=64",
+                 "model.max_response_length=48"]
+        teacher_dim, qw, rw = 32, 12, 40
+    else:
+        llm = "smollm2-135m-instruct"
+        model = ["model.n_thought=10", "model.n_compression=10", "model.max_length=128",
+                 "model.max_response_length=96"]  # configs/quickstart.yaml
+        teacher_dim, qw, rw = 384, 20, 70  # ~25-query / ~90-response tokens: generate.max_tokens=96
+    data = make_data(work / "data", rows=max(64, args.batch * (steps + 2)), teacher_dim=teacher_dim,
+                     query_words=qw, response_words=rw)
+    cfg = load_config(None, [
+        f"output_dir={work / 'out'}", f"model.llm={llm}", *model, f"model.teacher_dim={teacher_dim}",
+        f"train.data_dir={data}", f"train.batch_size={args.batch}", "train.warmup_steps=2",
+        "train.shuffle_buffer=0", "train.log_every=1000",
+    ])
+
+    results: dict = {}
+    print(f"plain loop: {steps} steps, batch {args.batch}, {args.threads} threads", flush=True)
+    results["plain"] = plain_loop(cfg, threads=args.threads, steps=steps)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    try:
+        print("ray train, 1 worker", flush=True)
+        results["ray-1"] = ray_loop(cfg, workers=1, cpus_per_worker=args.threads, steps=steps)
+        if not args.skip_two_workers:
+            print("ray train, 2 workers", flush=True)
+            results["ray-2"] = ray_loop(cfg, workers=2, cpus_per_worker=args.threads / 2, steps=steps)
+    finally:
+        ray.shutdown()
+
+    rates = {k: steady_steps_per_s(v["stamps"], args.warmup) for k, v in results.items()}
+    out = {
+        "benchmark": "train",
+        "quick": args.quick,
+        "settings": {"llm": llm if not args.quick else "tiny-random-llama", "steps": steps,
+                     "warmup_steps_excluded": args.warmup, "global_batch": args.batch,
+                     "threads": args.threads, "teacher_dim": teacher_dim, "query_words": qw,
+                     "response_words": rw, "device": "cpu", "dtype": "float32"},
+        "steps_per_s": rates,
+        "step_time_s": {k: 1.0 / v for k, v in rates.items()},
+        "ratio_ray1_vs_plain": rates["ray-1"] / rates["plain"],
+        "ratio_ray2_vs_ray1": rates["ray-2"] / rates["ray-1"] if "ray-2" in rates else None,
+        "losses": {k: v["losses"] for k, v in results.items()},
+        "run_train_s": {k: v.get("run_train_s") for k, v in results.items()},
+        "memory": "see bench/results/model_memory.json (bench/model_memory.py): one-copy vs two-copy",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "ray": ray.__version__,
+                    "loadavg_1m_at_end": os.getloadavg()[0]},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / ("train_quick.json" if args.quick else "train.json")
+    path.write_text(json.dumps(out, indent=2))
+    for k, v in rates.items():
+        print(f"{k:6s} {v:7.3f} steps/s  ({1 / v:6.2f} s/step)")
+    print(f"ray-1 / plain = {out['ratio_ray1_vs_plain']:.3f}  (target >= 0.9)")
+    if out["ratio_ray2_vs_ray1"] is not None:
+        print(f"ray-2 / ray-1 = {out['ratio_ray2_vs_ray1']:.3f}  (2 cores in all: no speed-up possible)")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

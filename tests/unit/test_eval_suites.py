@@ -1,0 +1,83 @@
+"""Suite names resolve, mteb-lite names exist in mteb, instructions load from the data file."""
+
+from __future__ import annotations
+
+import pytest
+
+from l2vg_ray.config import ConfigError, load_config
+from l2vg_ray.eval.adapter import InstructionSet, mteb_model_name
+from l2vg_ray.eval.suites import SUITES, suite_lists, suite_task_names
+from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
+
+MTEB_LITE = [
+    "ArguAna", "ClimateFEVERHardNegatives", "AskUbuntuDupQuestions",
+    "ArXivHierarchicalClusteringP2P", "MedrxivClusteringP2P.v2", "SprintDuplicateQuestions",
+    "Banking77Classification", "ImdbClassification", "BIOSSES", "STS17",
+]
+
+
+def _cfg(**over):
+    return load_config(None, [f"eval.{k}={v}" for k, v in over.items()])
+
+
+def test_registered_suites():
+    assert SUITES.names() == ["bright", "list", "mteb-eng-v2", "mteb-lite", "offline"]
+    with pytest.raises(ValueError, match="Known: bright, list, mteb-eng-v2, mteb-lite, offline"):
+        suite_task_names(_cfg(suite="mteb-tiny"))
+
+
+def test_mteb_lite_names_exist_in_mteb():
+    import mteb
+
+    names = suite_task_names(_cfg(suite="mteb-lite"))
+    assert names == MTEB_LITE  # all ten, none dropped or merged
+    assert [t.metadata.name for t in mteb.get_tasks(tasks=names)] == MTEB_LITE
+
+
+def test_benchmark_suites_resolve_from_mteb():
+    eng = suite_task_names(_cfg(suite="mteb-eng-v2"))
+    assert len(eng) == 41 and "STSBenchmark" in eng
+    assert suite_task_names(_cfg(suite="bright"))
+
+
+def test_offline_suite_matches_task_registry():
+    names = suite_task_names(_cfg(suite="offline"))
+    assert sorted(names) == OFFLINE_TASKS.names()
+    assert len(names) == 11
+
+
+def test_list_suite():
+    cfg = load_config(None, ["eval.suite=list", "eval.tasks=[STSBenchmark,OfflineTRECClustering]"])
+    assert suite_task_names(cfg) == ["STSBenchmark", "OfflineTRECClustering"]
+    with pytest.raises(ConfigError, match="eval.tasks"):
+        suite_task_names(_cfg(suite="list"))
+    bad = load_config(None, ["eval.suite=list", "eval.tasks=[NoSuchTaskXYZ]"])
+    with pytest.raises((ConfigError, KeyError, ValueError)):
+        suite_task_names(bad)
+
+
+def test_suite_yaml_lists_are_lists():
+    for key in ("mteb-lite", "offline"):
+        assert all(isinstance(n, str) and " " not in n for n in suite_lists()[key])
+
+
+def test_instructions_from_data_file(tmp_path):
+    inst = InstructionSet.load()
+    for name in OFFLINE_TASKS.names() + MTEB_LITE:
+        assert inst.by_task.get(name), f"{name} has no instruction in instructions.yaml"
+    assert inst.for_task("OfflineSQuADRetrieval", "Retrieval", "query").startswith("Write")
+    assert inst.for_task("OfflineSQuADRetrieval", "Retrieval", "document") is None
+    assert inst.for_task("Unknown", "Retrieval", None) == inst.by_type["Retrieval"]
+    assert inst.for_task("Unknown", "Nothing", None) is None
+    custom = tmp_path / "i.yaml"
+    custom.write_text("default: hi\nby_type: {STS: null}\n")
+    c = InstructionSet.load(custom)
+    assert c.for_task("X", "STS") is None and c.for_task("X", "Other") == "hi"
+    custom.write_text("by_tasks: {}\n")
+    with pytest.raises(ValueError, match="by_tasks"):
+        InstructionSet.load(custom)
+
+
+def test_mteb_model_name_is_org_slash_name():
+    assert mteb_model_name("teacher") == "l2vg-ray/teacher"
+    assert mteb_model_name("/tmp/out/train/final") == "l2vg-ray/tmp_out_train_final"
