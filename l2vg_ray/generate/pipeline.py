@@ -286,7 +286,8 @@ class ShardWriter:
             self._flush(self.rows_per_shard)
 
     def close(self) -> None:
-        pass
+        if self.buffered:
+            self._flush(self.buffered)
 
     def _flush(self, n: int) -> None:
         table = pa.concat_tables(self.buffer).combine_chunks()
