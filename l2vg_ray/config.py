@@ -172,6 +172,7 @@ class ServeConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     ready_timeout_s: float = 600.0  # run_serve waits this long for /healthz
+    access_log: bool = True  # Serve's per-request log lines (proxy and replicas)
 
 
 @dataclass

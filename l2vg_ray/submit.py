@@ -54,13 +54,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def resolve_address(address: str | None, cfg: DictConfig) -> str:
-    """``--address``, else an explicitly configured ``cluster.dashboard_address``, else
-    ``RAY_ADDRESS``, else the default dashboard address."""
+    """``--address``, else an explicitly configured ``cluster.dashboard_address``, else an
+    ``http(s)://`` ``RAY_ADDRESS`` (as `ray job submit` reads it), else the default address."""
     if address:
         return address
     configured = cfg.cluster.dashboard_address
-    env = os.environ.get("RAY_ADDRESS")
-    if configured == ClusterConfig.dashboard_address and env:
+    env = os.environ.get("RAY_ADDRESS", "")
+    if configured == ClusterConfig.dashboard_address and env.startswith(("http://", "https://")):
         return env
     return configured
 

@@ -117,7 +117,7 @@ def build_tiny_sentence_encoder(out_dir: str | Path, *, hidden: int = 32, seed: 
     vocab += [chr(c) for c in range(ord("a"), ord("z") + 1) if chr(c) not in vocab]
     vocab += [f"##{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
     (hf_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(hf_dir / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(hf_dir / "vocab.txt"))  # transformers 5: `vocab`, not `vocab_file`
     torch.manual_seed(seed)
     bert = BertModel(
         BertConfig(

@@ -272,7 +272,8 @@ class TransformersBackend:
 def vllm_platform() -> str | None:
     """``cpu`` / ``cuda`` when an importable vLLM can run here, else None (vLLM not installed,
     or the CUDA build of vLLM on a machine without a GPU)."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # origin None: a stray `vllm/` folder on sys.path
         return None
     try:
         from vllm.platforms import current_platform

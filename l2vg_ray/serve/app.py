@@ -102,7 +102,7 @@ class EmbeddingServer:
         self._encoder: TextEncoder | None = None
         self._load_error: str | None = None
         # Served requests, texts and model calls (texts / model_calls = the mean batch size).
-        self._stats = {"requests": 0, "texts": 0, "model_calls": 0}
+        self._stats = {"requests": 0, "texts": 0, "model_calls": 0, "model_seconds": 0.0}
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
@@ -166,16 +166,20 @@ class EmbeddingServer:
 
     def _embed_items(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
         # Runs on the model thread: token limits and encoding in one hop.
-        self._stats["model_calls"] += 1
-        self._stats["texts"] += len(items)
-        return embed_items(
-            self._encoder,
-            items,
-            max_tokens=self._limits.max_tokens_per_text,
-            truncate=self._limits.truncate,
-            batch_size=self._batch_size,
-            normalize=self._normalize,
-        )
+        started = time.perf_counter()
+        try:
+            return embed_items(
+                self._encoder,
+                items,
+                max_tokens=self._limits.max_tokens_per_text,
+                truncate=self._limits.truncate,
+                batch_size=self._batch_size,
+                normalize=self._normalize,
+            )
+        finally:
+            self._stats["model_calls"] += 1
+            self._stats["texts"] += len(items)
+            self._stats["model_seconds"] += time.perf_counter() - started
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
@@ -274,6 +278,7 @@ def deployment_options(serve_cfg: Any) -> dict[str, Any]:
         },
         "ray_actor_options": {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus)},
         "max_ongoing_requests": int(s.max_ongoing_requests),
+        "logging_config": {"enable_access_log": bool(s.access_log)},
     }
 
 
@@ -315,7 +320,7 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_serve(host: str, port: int) -> tuple[str, int]:
+def _start_serve(host: str, port: int, *, access_log: bool = True) -> tuple[str, int]:
     """Start Serve's HTTP proxy on host:port, or reuse the running one (whose address wins)."""
     from ray.serve.context import _get_global_client
 
@@ -331,7 +336,10 @@ def _start_serve(host: str, port: int) -> tuple[str, int]:
             )
         return running
     port = port or _free_port(host)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(
+        http_options={"host": host, "port": port},
+        logging_config={"enable_access_log": access_log},
+    )
     return host, port
 
 
@@ -374,7 +382,7 @@ def run_serve(
     """
     s = cfg.serve
     app = build_application(cfg, encoder_factory=encoder_factory)
-    host, port = _start_serve(str(s.host), int(s.port))
+    host, port = _start_serve(str(s.host), int(s.port), access_log=bool(s.access_log))
     serve.run(app, name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False)
     url = f"http://{host}:{port}{str(s.route_prefix).rstrip('/')}"
     try:

@@ -67,16 +67,42 @@ def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-def _maybe_fault(fault: dict | None, *, step: int, rank: int) -> None:
+def _maybe_fault(fault: dict | None, *, step: int, rank: int, last_checkpoint: str | None) -> None:
+    """Kill this worker (SIGKILL, no cleanup) after ``fault["step"]``, once per marker file.
+
+    It first waits until Ray Train has recorded ``last_checkpoint`` in the run's snapshot, so the
+    test knows which checkpoint the restart must come from (a real crash right after a report
+    may also lose that report and restart from the checkpoint before).
+    """
     if not fault or fault["step"] != step or fault["rank"] != rank:
         return
     marker = Path(fault["marker"])
     if marker.exists():  # already failed once: the restarted run goes on
         return
+    if last_checkpoint is not None:
+        import ray.train
+
+        from l2vg_ray.train.trainer import SNAPSHOT_FILE
+
+        storage = ray.train.get_context().get_storage()
+        snapshot = f"{storage.experiment_fs_path}/{SNAPSHOT_FILE}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with storage.storage_filesystem.open_input_stream(snapshot) as f:
+                    if last_checkpoint in f.read().decode():
+                        break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {rank} at step {step}\n")
     log.warning("Fault injection: SIGKILL to worker rank %d at step %d", rank, step)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -126,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.load_state_dict(payload["optimizer"])
             scheduler.load_state_dict(payload["scheduler"])
             state = payload["state"]
+            state.resumes.append(state.step)
             mine = ckpt.read_rank_state(d, rank)
             if mine is not None and payload["world_size"] == world:
                 ckpt.restore_rng(mine["rng"])
@@ -208,7 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.step, total_steps, metrics["loss"], metrics["recon_loss"],
                 metrics["align_loss"], lr, metrics["examples_per_s"],
             )
-        _maybe_fault(config.get(FAULT_KEY), step=state.step, rank=rank)
+        last_ckpt = (state.step - 1) // t.checkpoint_every * t.checkpoint_every
+        _maybe_fault(
+            config.get(FAULT_KEY), step=state.step, rank=rank,
+            last_checkpoint=_checkpoint_name(last_ckpt) if last_ckpt > 0 else None,
+        )
         if state.step % t.checkpoint_every == 0 or state.step == total_steps:
             with tempfile.TemporaryDirectory(prefix="l2vg-ckpt-") as tmp:
                 ckpt.write_checkpoint(
@@ -219,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                    checkpoint_dir_name=_checkpoint_name(state.step),
                 )
         else:
             ray.train.report(metrics)

@@ -31,13 +31,15 @@ TRAINABLE_FILE = "trainable.safetensors"  # written by L2VGEncoder.save
 
 @dataclass
 class TrainState:
-    """Where the run is: optimiser steps done, next micro-batch (epoch, index), curves so far."""
+    """Where the run is: optimiser steps done, next micro-batch (epoch, index), curves so far,
+    and the steps it was resumed at (after a worker failure or ``--resume``)."""
 
     step: int = 0
     epoch: int = 0
     index: int = 0
     examples: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    resumes: list[int] = field(default_factory=list)  # the step of each restore from a checkpoint
 
 
 def seed_everything(seed: int) -> None:

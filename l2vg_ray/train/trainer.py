@@ -191,7 +191,8 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     final = out / FINAL_DIR
     with checkpoint.as_directory() as d:
-        history = ckpt.read_train_state(d)["state"].history
+        train_state = ckpt.read_train_state(d)["state"]
+        history = train_state.history
         staging = out / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:6]}"
         shutil.copytree(Path(d) / ckpt.ENCODER_DIR, staging)
     if final.exists():
@@ -210,6 +211,7 @@ def export_run(
         "steps": int(history[-1]["step"]) if history else 0,
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
+        "resumed_at_steps": train_state.resumes,
         "num_workers": t.num_workers,
         "global_batch": t.batch_size,
         "grad_accum_steps": t.grad_accum_steps,

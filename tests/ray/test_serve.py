@@ -91,7 +91,7 @@ def test_health_and_models(served, reference):
     assert r.status_code == 200
     body = r.json()
     assert (body["status"], body["model"], body["dim"]) == ("ok", MODEL_NAME, reference.dim)
-    assert set(body["stats"]) == {"requests", "texts", "model_calls"}
+    assert set(body["stats"]) == {"requests", "texts", "model_calls", "model_seconds"}
     models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]

@@ -74,6 +74,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 def test_two_workers_reduce_the_loss_and_write_curves(reference):
     cfg, summary = reference
     assert summary["steps"] == STEPS and summary["num_workers"] == 2
+    assert summary["resumed_at_steps"] == []
     history = ckpt.read_train_state(summary["checkpoint"])["state"].history
     losses = [h["loss"] for h in history]
     assert len(losses) == STEPS
@@ -91,7 +92,7 @@ def test_checkpoint_holds_only_the_trainable_state(reference, tiny_llm_dir):
 
     _, summary = reference
     run_dir = Path(summary["checkpoint"]).parent
-    kept = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000004", "checkpoint_00000006"]  # num_to_keep=2
     ckpt_dir = Path(summary["checkpoint"])
     files = {str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file()}
@@ -122,6 +123,7 @@ def test_worker_killed_mid_run_is_restarted_and_matches_the_uninterrupted_run(
     summary = trainer.run_train(cfg)
     assert marker.is_file(), "the fault hook never fired"
     assert summary["steps"] == STEPS
+    assert summary["resumed_at_steps"] == [2]  # restarted from checkpoint 2, not from scratch
     assert_same_state(trainable(Path(summary["final_dir"])), trainable(Path(ref["final_dir"])))
     ref_loss = [h["loss"] for h in ckpt.read_train_state(ref["checkpoint"])["state"].history]
     got_loss = [h["loss"] for h in ckpt.read_train_state(summary["checkpoint"])["state"].history]
@@ -143,4 +145,5 @@ def test_resume_flag_continues_a_failed_run(
     cfg.train.resume = True
     summary = trainer.run_train(cfg)
     assert summary["run_name"] == trainer.latest_run_name(trainer.storage_path(cfg))
+    assert summary["resumed_at_steps"] == [2]
     assert_same_state(trainable(Path(summary["final_dir"])), trainable(Path(ref["final_dir"])))

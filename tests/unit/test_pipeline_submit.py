@@ -62,6 +62,8 @@ def test_address_precedence(monkeypatch):
     configured = load_config(None, ["cluster.dashboard_address=http://head:8265"])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert submit.resolve_address(None, default) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address is not a dashboard
+    assert submit.resolve_address(None, default) == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://env-head:8265")
     assert submit.resolve_address(None, default) == "http://env-head:8265"
     assert submit.resolve_address(None, configured) == "http://head:8265"
@@ -86,3 +88,62 @@ def test_unreachable_dashboard_returns_an_error_code(capsys):
 def test_a_typo_fails_before_anything_is_submitted():
     with pytest.raises(ConfigError, match="trian"):
         submit.submit("train", config_path=None, overrides=["trian.lr=1"], address="http://x:1")
+
+
+class FakeClient:
+    """Stands in for ray.job_submission.JobSubmissionClient (records what submit sends)."""
+
+    statuses: list[str] = []
+
+    def __init__(self, address):
+        self.address = address
+        self.submitted: dict = {}
+        FakeClient.last = self
+
+    def submit_job(self, **kwargs):
+        self.submitted = kwargs
+        return "raysubmit_fake"
+
+    async def tail_job_logs(self, job_id):
+        for line in ("stage 1\n", "stage 2\n"):
+            yield line
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        return JobStatus(FakeClient.statuses.pop(0))
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(message="done")
+
+
+@pytest.mark.parametrize(
+    ("statuses", "code"), [(["RUNNING", "SUCCEEDED"], 0), (["FAILED"], 1), (["STOPPED"], 1)]
+)
+def test_wait_follows_logs_and_maps_the_final_status(monkeypatch, capsys, statuses, code):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    FakeClient.statuses = list(statuses)
+    rc = submit.submit("train", config_path=None, overrides=["train.lr=1e-4"],
+                       address="http://head:8265", working_dir=REPO)
+    assert rc == code
+    out = capsys.readouterr().out
+    assert "stage 1\nstage 2\n" in out and "raysubmit_fake" in out
+    sent = FakeClient.last.submitted
+    assert sent["entrypoint"] == "python jobs/train.py train.lr=1e-4"
+    assert sent["runtime_env"]["working_dir"] == str(REPO)
+
+
+def test_no_wait_prints_the_job_id_and_returns(monkeypatch, capsys):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    FakeClient.statuses = []  # any status query would fail: --no-wait must not ask
+    rc = submit.submit("pipeline", config_path=None, overrides=[], address="http://head:8265",
+                       wait=False, working_dir=REPO)
+    assert rc == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "raysubmit_fake"

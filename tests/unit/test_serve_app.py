@@ -103,6 +103,7 @@ def test_deployment_options_from_config():
                                "target_ongoing_requests": 16.0},
         "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
         "max_ongoing_requests": 48,
+        "logging_config": {"enable_access_log": True},
     }
     for bad in (["serve.min_replicas=3", "serve.max_replicas=2"], ["serve.max_batch_size=0"],
                 ["serve.target_ongoing_requests=100"]):

@@ -17,7 +17,7 @@ import importlib.util
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
+if getattr(importlib.util.find_spec("vllm"), "origin", None) is None:
     pytest.skip(
         "!!! vLLM IS NOT INSTALLED IN THIS INTERPRETER: the vLLM backend test did NOT run here. "
         "It runs in .venv-vllm: `make test-vllm` (built by `make vllm-env`). !!!",

@@ -1,0 +1,121 @@
+"""Benchmark: the offline suite with the teacher, sequential vs Ray fan-out vs warm embedding cache.
+
+    python bench/eval.py [--quick] [--config configs/quickstart.yaml] [--workers 2]
+
+1. sequential: one process, ``mteb.evaluate`` over all tasks in turn, no embedding cache,
+   torch using every core of the machine (the plain way to run mteb);
+2. fan-out (cold): ``run_eval`` with ``--workers`` Ray tasks at a time (1 CPU each) and an empty
+   embedding cache (worker start-up and encoder loading included);
+3. fan-out (warm): the same again (``eval.overwrite=true``), every embedding from the cache.
+Ratios are measured side by side in this one run and written to bench/results/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, float]]:
+    import mteb
+    import torch
+
+    from l2vg_ray.encoders import load_encoder
+    from l2vg_ray.eval import baselines  # noqa: F401
+    from l2vg_ray.eval.adapter import MTEBEncoder
+    from l2vg_ray.eval.suites import build_task
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    model = MTEBEncoder(load_encoder(str(cfg.eval.model), cfg), batch_size=int(cfg.eval.batch_size))
+    tasks = [build_task(n, data_dir=data_dir, max_docs=int(cfg.eval.max_docs), seed=int(cfg.eval.seed))
+             for n in names]
+    result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False, co2_tracker=False,
+                           encode_kwargs={"batch_size": int(cfg.eval.batch_size)})
+    scores = {r.task_name: float(r.get_score()) for r in result.task_results}
+    return time.perf_counter() - t0, scores
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    p.add_argument("--quick", action="store_true", help="small sizes (eval.max_docs=60)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
+    args = p.parse_args()
+
+    from l2vg_ray.config import load_config
+    from l2vg_ray.eval.runner import run_eval
+    from l2vg_ray.eval.suites import suite_task_names
+    from l2vg_ray.eval.tasks.data import prepare_offline_data
+    from l2vg_ray.ray_utils import init_ray
+
+    max_docs = args.max_docs or (60 if args.quick else None)
+    work = Path(tempfile.mkdtemp(prefix="l2vg-bench-eval-"))
+    overrides = [
+        "eval.model=teacher", "eval.suite=offline", f"output_dir={work}",
+        f"eval.cache_dir={work / 'embeddings'}", "eval.overwrite=true",
+        f"eval.max_concurrency={args.workers}", "eval.num_cpus_per_task=1",
+        f"cluster.num_cpus={max(args.workers, 1)}",
+    ] + ([f"eval.max_docs={max_docs}"] if max_docs else [])
+    cfg = load_config(args.config, overrides)
+    names = suite_task_names(cfg)
+    data_dir = str(prepare_offline_data(cfg.cache_dir))
+    print(f"offline suite: {len(names)} tasks, max_docs={cfg.eval.max_docs}, model={cfg.eval.model}")
+
+    seq_s, seq_scores = sequential(cfg, names, data_dir)
+    print(f"sequential mteb.evaluate: {seq_s:.1f}s")
+
+    init_ray(cfg.cluster, include_dashboard=False, log_to_driver=False)
+    t0 = time.perf_counter()
+    cold = run_eval(cfg)
+    cold_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = run_eval(cfg)
+    warm_s = time.perf_counter() - t0
+
+    agree = all(abs(cold["scores"][n] - seq_scores[n]) < 1e-3 for n in seq_scores if cold["scores"].get(n) is not None)
+    result = {
+        "benchmark": "eval offline suite, teacher",
+        "quick": bool(args.quick),
+        "max_docs": int(cfg.eval.max_docs),
+        "n_tasks": len(names),
+        "workers": args.workers,
+        "sequential_s": round(seq_s, 2),
+        "fanout_cold_s": round(cold_s, 2),
+        "fanout_warm_cache_s": round(warm_s, 2),
+        "speedup_fanout_vs_sequential": round(seq_s / cold_s, 2),
+        "speedup_warm_vs_cold": round(cold_s / warm_s, 2),
+        "targets": {"fanout_vs_sequential": 1.8, "warm_vs_cold": 10.0},
+        "scores_match_sequential": agree,
+        "n_failed": cold["n_failed"] + warm["n_failed"],
+        "scores": cold["scores"],
+        "host": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "python": platform.python_version()},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "scores"}, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

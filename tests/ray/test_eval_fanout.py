@@ -1,0 +1,72 @@
+"""run_eval on a local Ray: one task per mteb task, a failing task is reported, the cache serves reruns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from l2vg_ray.config import load_config
+
+
+@pytest.fixture
+def eval_cfg(tiny_config, tmp_path):
+    from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
+
+    data = write_synthetic_offline_data(tiny_config.cache_dir)
+    (data / "snips.parquet").write_bytes(b"not a parquet file")  # this task must fail, alone
+    tasks = "[OfflineSTSBenchmark,OfflineSNIPSIntentClassification,OfflineTRECClustering,OfflineSQuADRetrieval]"
+    overrides = [f"{k}={v}" for k, v in {
+        "output_dir": tiny_config.output_dir, "cache_dir": tiny_config.cache_dir,
+        "model.teacher": tiny_config.model.teacher, "model.llm": tiny_config.model.llm,
+        "eval.model": "teacher", "eval.suite": "list", "eval.tasks": tasks,
+        "eval.max_docs": 20, "eval.max_concurrency": 2, "eval.num_cpus_per_task": 1,
+    }.items()]
+    return load_config(None, overrides)
+
+
+def test_fan_out_reports_failure_and_reuses_cache(ray_session, eval_cfg, capsys):
+    from l2vg_ray.eval.runner import run_eval
+
+    first = run_eval(eval_cfg)
+    assert set(first["failed"]) == {"OfflineSNIPSIntentClassification"}
+    assert "parquet" in first["failed"]["OfflineSNIPSIntentClassification"].lower()
+    ok = {t: s for t, s in first["scores"].items() if s is not None}
+    assert set(ok) == {"OfflineSTSBenchmark", "OfflineTRECClustering", "OfflineSQuADRetrieval"}
+    assert all(math.isfinite(s) for s in ok.values())
+    printed = capsys.readouterr().out
+    assert "OfflineSQuADRetrieval" in printed and "failed" in printed
+    files = first["files"]
+    rows = json.loads(open(files["json"]).read())["results"]
+    assert {r["task"]: r["status"] for r in rows}["OfflineSNIPSIntentClassification"] == "failed"
+    assert sum(r["n_encoded"] for r in rows if r["status"] == "ok") > 0
+    assert open(files["csv"]).readline().startswith("task,type,status,main_score")
+    assert files["png"] and all(p.endswith(".png") for p in files["png"])
+
+    # Rerun everything (overwrite): every embedding comes from the cache, scores are identical.
+    eval_cfg.eval.overwrite = True
+    second = run_eval(eval_cfg)
+    rows2 = json.loads(open(second["files"]["json"]).read())["results"]
+    assert all(r["n_encoded"] == 0 and r["n_cached"] > 0 for r in rows2 if r["status"] == "ok")
+    assert {t: s for t, s in second["scores"].items() if s is not None} == pytest.approx(ok)
+
+    # Only-missing: the finished tasks are read back from mteb's result files.
+    eval_cfg.eval.overwrite = False
+    third = run_eval(eval_cfg)
+    rows3 = json.loads(open(third["files"]["json"]).read())["results"]
+    assert all(r["n_encoded"] == 0 and r["n_cached"] == 0 for r in rows3 if r["status"] == "ok")
+
+
+def test_fan_out_core(ray_session):
+    from l2vg_ray.eval.fanout import fan_out
+
+    def job(x):
+        if x == 3:
+            raise ValueError("three is not allowed")
+        return x * x
+
+    out = fan_out(job, [1, 2, 3, 4], keys=["a", "b", "c", "d"], num_cpus=0.5, max_concurrency=2, max_retries=0)
+    assert [o.key for o in out] == ["a", "b", "c", "d"]
+    assert [o.value for o in out if o.ok] == [1, 4, 16]
+    assert not out[2].ok and "ValueError: three is not allowed" in out[2].error
