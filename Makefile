@@ -11,6 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 PYTEST_ARGS ?=
+VLLM_PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-unit test-vllm vllm-env lint clean-venv
 
@@ -67,7 +68,7 @@ test-vllm:
 	  echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"; \
 	  exit 0; \
 	fi; \
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_cpu $(PYTEST_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_cpu $(VLLM_PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -82,7 +82,7 @@ def main() -> int:
     seq_s, seq_scores = sequential(cfg, names, data_dir)
     print(f"sequential mteb.evaluate: {seq_s:.1f}s")
 
-    init_ray(cfg.cluster, include_dashboard=False, log_to_driver=False)
+    init_ray(cfg.cluster, log_to_driver=False)
     t0 = time.perf_counter()
     cold = run_eval(cfg)
     cold_s = time.perf_counter() - t0

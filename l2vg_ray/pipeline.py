@@ -53,6 +53,13 @@ SPECS: dict[str, StageSpec] = {
     "eval": StageSpec("eval", "eval.output_dir", ("eval",), "train"),
 }
 
+# The model keys each stage's output depends on (None = all but NOT_HASHED["model"]): the
+# special-token settings do not change generated data, so changing them reruns training only.
+MODEL_KEYS: dict[str, tuple[str, ...] | None] = {
+    "generate": ("llm", "teacher", "teacher_dim", "dtype"),
+    "train": None,
+    "eval": None,
+}
 # Keys that change where or how fast a stage runs, not what it produces.
 NOT_HASHED = {
     "model": {"device", "gradient_checkpointing"},
@@ -107,7 +114,10 @@ def depends_on_upstream(cfg: DictConfig, stage: str) -> bool:
 def stage_fingerprint(cfg: DictConfig, stage: str, upstream_hash: str | None = None) -> dict:
     """The resolved config values that define ``stage``'s output (JSON-able)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    fp: dict[str, Any] = {"model": _drop(resolved["model"], NOT_HASHED["model"])}
+    model = _drop(resolved["model"], NOT_HASHED["model"])
+    if MODEL_KEYS[stage] is not None:
+        model = {k: model[k] for k in MODEL_KEYS[stage]}
+    fp: dict[str, Any] = {"model": model}
     for section in SPECS[stage].sections:
         fp[section] = _drop(resolved[section], NOT_HASHED.get(section, set()))
     if stage == "eval" and depends_on_upstream(cfg, stage):
@@ -270,16 +280,24 @@ def serve_and_query(cfg: DictConfig, text: str = "What is the capital of France?
 
 
 def artifacts(cfg: DictConfig, records: Mapping[str, dict]) -> dict[str, Any]:
-    """Where the results are: stage outputs plus the files the stages reported."""
+    """Where the results are: data, encoder, curves, eval tables, plus other files the stages
+    reported (their echoed configs left out)."""
+    summaries = {stage: rec.get("summary") or {} for stage, rec in records.items()}
+    train = summaries.get("train", {})
+    encoder = train.get("final_dir") or (
+        str(cfg.eval.model) if depends_on_upstream(cfg, "eval") else None
+    )
     found: dict[str, Any] = {
         "data": stage_output(cfg, "generate"),
-        "encoder": str(cfg.eval.model) if depends_on_upstream(cfg, "eval") else None,
-        "train": stage_output(cfg, "train"),
+        "encoder": encoder,
+        "curves": train.get("curves_png"),
+        "train_metrics": train.get("metrics_csv"),
         "eval": stage_output(cfg, "eval"),
     }
-    for stage, record in records.items():
-        for key, value in _paths_in(record.get("summary") or {}):
-            found.setdefault(f"{stage}.{key}", value)
+    for stage, summary in summaries.items():
+        for key, value in _paths_in(summary):
+            if value not in found.values():
+                found[f"{stage}.{key}"] = value
     return found
 
 
@@ -326,6 +344,8 @@ def _paths_in(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, s
     out = []
     for key, value in summary.items():
         name = f"{prefix}{key}"
+        if key == "config":  # a stage's copy of the config: paths, not artifacts
+            continue
         if isinstance(value, Mapping):
             out += _paths_in(value, prefix=f"{name}.")
         elif isinstance(value, str) and ("/" in value or "\\" in value) and "\n" not in value:

@@ -16,7 +16,7 @@ import pytest
 from l2vg_ray.serve.protocol import decode_base64, truncate_to_tokens
 
 MODEL_NAME = "tiny-teacher"
-MAX_TOKENS = 24
+MAX_TOKENS = 40
 MAX_ITEMS = 8
 MAX_BYTES = 4096
 
@@ -99,6 +99,7 @@ def test_health_and_models(served, reference):
 
 
 def test_embeddings_match_encode(served, reference):
+    assert max(reference.count_tokens(TEXTS)) <= MAX_TOKENS  # no truncation in this test
     r = _post(served["url"], "/v1/embeddings", {"input": TEXTS, "model": MODEL_NAME})
     got = _embeddings(r)
     body = r.json()
@@ -144,7 +145,8 @@ def test_openai_client(served, reference):
 
 
 def test_concurrent_requests_and_large_lists(served, reference):
-    texts = [f"{t} (variant {i})" for i, t in enumerate(TEXTS * 3)]
+    texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 3)]
+    assert max(reference.count_tokens(texts)) <= MAX_TOKENS  # no truncation in this test
     expected = reference.encode(texts)
 
     def one(i: int) -> np.ndarray:
@@ -285,7 +287,7 @@ def test_trained_encoder_embeddings_and_decode(served_l2vg):
 @pytest.mark.parametrize(
     "path,body,status,code,param",
     [
-        ("/v1/embeddings", {"input": ["bread " * 40]}, 413, "context_length_exceeded", "input[0]"),
+        ("/v1/embeddings", {"input": ["bread " * 80]}, 413, "context_length_exceeded", "input[0]"),
         ("/v1/decode", {"input": "a", "max_new_tokens": 9}, 400, "invalid_value", "max_new_tokens"),
         ("/v1/decode", {"input": "a", "max_new_tokens": "4"}, 400, "invalid_type", "max_new_tokens"),
         ("/v1/decode", {"input": "a", "model": "l2vg"}, 404, "model_not_found", "model"),

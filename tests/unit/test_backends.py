@@ -162,3 +162,16 @@ def test_bad_sampling_settings_are_config_errors():
         backends.GenerationSettings.from_config({"top_p": 0})
     with pytest.raises(ConfigError, match="temperature"):
         backends.GenerationSettings.from_config({"temperature": -1})
+
+
+def test_importing_the_stage_modules_pulls_no_engine():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, l2vg_ray.generate, l2vg_ray.generate.backends, l2vg_ray.generate.teacher; "
+        "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'ray', 'sentence_transformers') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

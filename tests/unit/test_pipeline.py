@@ -100,6 +100,13 @@ def test_changed_train_config_reruns_train_and_eval_from_a_clean_folder(tmp_path
     assert (tmp_path / "out" / "train" / "part.txt").read_text() == "train lr=0.001"
 
 
+def test_special_token_settings_rerun_training_but_keep_the_data(tmp_path):
+    run(make_cfg(tmp_path), FakeStages())
+    fakes = FakeStages()
+    run(make_cfg(tmp_path, "model.n_thought=4"), fakes)
+    assert fakes.ran() == ["train", "eval"]
+
+
 def test_changed_generate_config_reruns_everything(tmp_path):
     run(make_cfg(tmp_path), FakeStages())
     fakes = FakeStages()
