@@ -72,8 +72,7 @@ def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> Te
             f"{str(path)!r} exists but holds no {ENCODER_CONFIG_FILE}: it is not a trained "
             f"encoder folder. Pass the `final` folder written by `l2vg train`."
         )
-    if not len(BASELINES):
-        _register_builtin_baselines()
+    _register_builtin_baselines()  # idempotent: a module is imported once
     return BASELINES.get(str(spec))(cfg, cfg.cache_dir)
 
 

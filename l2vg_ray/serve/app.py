@@ -112,6 +112,7 @@ class EmbeddingServer:
         import torch
 
         torch.set_num_threads(self._num_threads)
+        import sys; sys.setswitchinterval(float(__import__("os").environ.get("L2VG_SWITCH", "0.005")))
         started = time.perf_counter()
         try:
             self._encoder = loader(self._cfg)
