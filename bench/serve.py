@@ -63,7 +63,9 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------- load generator
-async def _load(url: str, *, concurrency: int, n_requests: int, time_limit_s: float, model: str) -> dict:
+async def _load(
+    url: str, *, concurrency: int, n_requests: int, time_limit_s: float, model: str
+) -> dict:
     # aiohttp (a Ray Serve dependency) rather than httpx: the client shares the cores with the
     # servers, and aiohttp costs a fraction of httpx's CPU per request.
     import aiohttp
@@ -132,21 +134,38 @@ def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list
         # Warm-up (not counted): connections, first-batch effects, allocator.
         asyncio.run(_load(url, concurrency=c, n_requests=c * 2, time_limit_s=30, model=model))
         before = _stats(health)
-        row = asyncio.run(_load(url, concurrency=c, n_requests=args.requests,
-                                time_limit_s=args.time_limit, model=model))
+        row = asyncio.run(
+            _load(
+                url,
+                concurrency=c,
+                n_requests=args.requests,
+                time_limit_s=args.time_limit,
+                model=model,
+            )
+        )
         after = _stats(health)
         row["server"] = server
         if before and after and after["model_calls"] > before["model_calls"]:
             row["mean_texts_per_model_call"] = round(
-                (after["texts"] - before["texts"]) / (after["model_calls"] - before["model_calls"]), 2)
+                (after["texts"] - before["texts"]) / (after["model_calls"] - before["model_calls"]),
+                2,
+            )
+            n_req = after["requests"] - before["requests"]
+            row["replica_ms_per_request"] = round(
+                1000 * (after["request_seconds"] - before["request_seconds"]) / max(1, n_req), 2
+            )
             # Share of the wall time the replica's model thread was busy.
             row["model_busy"] = round(
-                (after["model_seconds"] - before["model_seconds"]) / row["elapsed_s"], 2)
+                (after["model_seconds"] - before["model_seconds"]) / row["elapsed_s"], 2
+            )
         rows.append(row)
-        print(f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
-              f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}  "
-              f"batch {row.get('mean_texts_per_model_call', '-')}  model busy "
-              f"{row.get('model_busy', '-')}", flush=True)
+        print(
+            f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
+            f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}  "
+            f"batch {row.get('mean_texts_per_model_call', '-')}  model busy "
+            f"{row.get('model_busy', '-')}  in replica {row.get('replica_ms_per_request', '-')} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -175,9 +194,14 @@ def peer_server(model: str, loader: str, port: int, threads: int, cache_dir: str
     def embeddings(body: dict) -> dict:
         texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
         vectors = encoder.encode(texts)
-        return {"object": "list", "model": body.get("model"),
-                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
-                         for i, v in enumerate(vectors)]}
+        return {
+            "object": "list",
+            "model": body.get("model"),
+            "data": [
+                {"object": "embedding", "index": i, "embedding": v.tolist()}
+                for i, v in enumerate(vectors)
+            ],
+        }
 
     uvicorn.run(app, host=HOST, port=port, log_level="warning")
 
@@ -186,8 +210,19 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, __file__, "--peer-server", "--port", str(port), "--model", args.model,
-           "--loader", args.loader, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--peer-server",
+        "--port",
+        str(port),
+        "--model",
+        args.model,
+        "--loader",
+        args.loader,
+        "--threads",
+        str(args.threads),
+    ]
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
     proc = subprocess.Popen(cmd)
@@ -227,9 +262,13 @@ def run_ray(args: argparse.Namespace) -> list[dict]:
         for batching in (True, False):
             name = "ray-batched" if batching else "ray-unbatched"
             overrides = [
-                f"serve.model={args.model}", f"serve.loader={args.loader}", "serve.port=0",
-                f"serve.batching={str(batching).lower()}", f"serve.app_name={name}",
-                f"serve.model_name={args.model}", f"serve.num_cpus={args.threads}",
+                f"serve.model={args.model}",
+                f"serve.loader={args.loader}",
+                "serve.port=0",
+                f"serve.batching={str(batching).lower()}",
+                f"serve.app_name={name}",
+                f"serve.model_name={args.model}",
+                f"serve.num_cpus={args.threads}",
                 f"serve.max_batch_size={args.max_batch_size}",
                 f"serve.batch_wait_timeout_s={args.batch_wait_timeout_s}",
                 f"serve.max_ongoing_requests={max(64, max(args.concurrency))}",
@@ -269,11 +308,18 @@ def model_only(args: argparse.Namespace, n: int) -> dict:
     t0 = time.perf_counter()
     encoder.encode(texts, batch_size=n)
     batched = time.perf_counter() - t0
-    out = {"texts": n, "tokens_per_text": encoder.count_tokens(texts[:1])[0],
-           "one_call_per_text_s": round(one_by_one, 3), "one_batch_s": round(batched, 3),
-           "speedup": round(one_by_one / batched, 2)}
-    print(f"  model only: {n} texts one by one {one_by_one * 1000:.0f} ms, as one batch "
-          f"{batched * 1000:.0f} ms -> {out['speedup']}x", flush=True)
+    out = {
+        "texts": n,
+        "tokens_per_text": encoder.count_tokens(texts[:1])[0],
+        "one_call_per_text_s": round(one_by_one, 3),
+        "one_batch_s": round(batched, 3),
+        "speedup": round(one_by_one / batched, 2),
+    }
+    print(
+        f"  model only: {n} texts one by one {one_by_one * 1000:.0f} ms, as one batch "
+        f"{batched * 1000:.0f} ms -> {out['speedup']}x",
+        flush=True,
+    )
     return out
 
 
@@ -285,11 +331,16 @@ def _ratio(rows: list[dict], a: str, b: str, c: int) -> float | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (~4-6 min on 2 busy cores)")
     p.add_argument("--model", default="all-minilm-l6-v2")
-    p.add_argument("--loader", default="sentence-transformers",
-                   help="serve.loader: sentence-transformers | encoder (trained folder, baseline)")
+    p.add_argument(
+        "--loader",
+        default="sentence-transformers",
+        help="serve.loader: sentence-transformers | encoder (trained folder, baseline)",
+    )
     p.add_argument("--requests", type=int, default=600, help="requests per level (upper bound)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level (upper bound)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -297,8 +348,12 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    p.add_argument("--sentences-per-text", type=int, default=1,
-                   help="text length: 1 = a short query (~15 tokens), 4 = ~60 tokens")
+    p.add_argument(
+        "--sentences-per-text",
+        type=int,
+        default=1,
+        help="text length: 1 = a short query (~15 tokens), 4 = ~60 tokens",
+    )
     p.add_argument("--servers", nargs="+", default=["peer", "ray"], choices=["peer", "ray"])
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output", default=str(RESULTS))
@@ -315,8 +370,11 @@ def main() -> None:
         args.time_limit = min(args.time_limit, 20.0)
 
     started = time.time()
-    print(f"Serving benchmark: {args.model}, {args.requests} requests / {args.time_limit:.0f} s "
-          f"per level, clients {args.concurrency}", flush=True)
+    print(
+        f"Serving benchmark: {args.model}, {args.requests} requests / {args.time_limit:.0f} s "
+        f"per level, clients {args.concurrency}",
+        flush=True,
+    )
     ceiling = model_only(args, args.max_batch_size)
     rows = run_peer(args) if "peer" in args.servers else []
     if "ray" in args.servers:
@@ -326,26 +384,44 @@ def main() -> None:
         f"batched_vs_unbatched_rps_c{c}": _ratio(rows, "ray-batched", "ray-unbatched", c)
         for c in args.concurrency
     }
-    ratios.update({
-        f"batched_vs_peer_rps_c{c}": _ratio(rows, "ray-batched", "fastapi-peer", c)
-        for c in args.concurrency
-    })
+    ratios.update(
+        {
+            f"batched_vs_peer_rps_c{c}": _ratio(rows, "ray-batched", "fastapi-peer", c)
+            for c in args.concurrency
+        }
+    )
     result = {
         "benchmark": "serve",
         "model": args.model,
         "loader": args.loader,
         "example_text": _text(0),
-        "settings": {k: getattr(args, k) for k in ("quick", "requests", "time_limit", "concurrency",
-                                                   "threads", "num_cpus", "max_batch_size",
-                                                   "batch_wait_timeout_s", "sentences_per_text")},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "quick",
+                "requests",
+                "time_limit",
+                "concurrency",
+                "threads",
+                "num_cpus",
+                "max_batch_size",
+                "batch_wait_timeout_s",
+                "sentences_per_text",
+            )
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
         "model_only_batching_speedup": ceiling,
         "results": rows,
         "ratios": ratios,
-        "target": {"batched_vs_unbatched_rps_at_max_clients": 3.0,
-                   "met": (ratios.get(f"batched_vs_unbatched_rps_c{top}") or 0) >= 3.0},
+        "target": {
+            "batched_vs_unbatched_rps_at_max_clients": 3.0,
+            "met": (ratios.get(f"batched_vs_unbatched_rps_c{top}") or 0) >= 3.0,
+        },
         "seconds": round(time.time() - started, 1),
     }
     out = Path(args.output)

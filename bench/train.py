@@ -11,7 +11,7 @@ global batch, same optimiser/schedule/clipping. Measured side by side in one run
   it measures the overhead of data parallelism, not a speed-up.
 
 Steady-state steps/s skip the first ``--warmup`` steps (model load, first-batch allocation); Ray
-steps are timed from the wall-clock stamp each step reports, so reporting and checkpointing count.
+steps are timed from the wall-clock stamp each step records, so blocking reports and checkpoints count.
 The peak memory of a training step vs a two-LLM-copy design is ``bench/model_memory.py``'s job.
 
     python bench/train.py --quick      # tiny random model (seconds)
@@ -151,6 +151,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of steps/s")
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the 1-worker runs")
+    p.add_argument("--log-every", type=int, default=5,
+                   help="steps between ray.train.report calls (quickstart: 5)")
     p.add_argument("--skip-two-workers", action="store_true")
     args = p.parse_args()
 
@@ -159,7 +161,7 @@ def main() -> None:
 
     from l2vg_ray.config import load_config
 
-    steps = args.steps or (12 if args.quick else 8)
+    steps = args.steps or (40 if args.quick else 8)
     work = Path(tempfile.mkdtemp(prefix="l2vg-bench-train-"))
     if args.quick:
         from l2vg_ray.testing import build_tiny_llm
@@ -178,7 +180,7 @@ def main() -> None:
     cfg = load_config(None, [
         f"output_dir={work / 'out'}", f"model.llm={llm}", *model, f"model.teacher_dim={teacher_dim}",
         f"train.data_dir={data}", f"train.batch_size={args.batch}", "train.warmup_steps=2",
-        "train.shuffle_buffer=0", "train.log_every=1000",
+        "train.shuffle_buffer=0", f"train.log_every={args.log_every}",
     ])
 
     results: dict = {}
@@ -199,6 +201,7 @@ def main() -> None:
         "benchmark": "train",
         "quick": args.quick,
         "settings": {"llm": llm if not args.quick else "tiny-random-llama", "steps": steps,
+                     "log_every": args.log_every,
                      "warmup_steps_excluded": args.warmup, "global_batch": args.batch,
                      "threads": args.threads, "teacher_dim": teacher_dim, "query_words": qw,
                      "response_words": rw, "device": "cpu", "dtype": "float32"},

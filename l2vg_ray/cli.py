@@ -135,7 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         encoder = load_encoder(cfg.eval.model, cfg)
         if not hasattr(encoder, "decode"):
             raise ConfigError(f"{cfg.eval.model!r} cannot decode: only trained encoders can.")
-        for text, out in zip(texts, encoder.decode(texts, max_new_tokens=args.max_new_tokens)):
+        decoded = encoder.decode(texts, max_new_tokens=args.max_new_tokens)
+        for text, out in zip(texts, decoded, strict=True):
             print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))
         return 0
 

@@ -105,6 +105,7 @@ class TrainConfig:
     recon_weight: float = 1.0
     align_weight: float = 1.0
     seed: int = 42
+    # Steps between log lines / ray.train.report calls (every step is in metrics.csv).
     log_every: int = 10
     checkpoint_every: int = 100
     num_to_keep: int = 2

@@ -8,10 +8,11 @@ Endpoints: ``POST /v1/embeddings`` (OpenAI-compatible, plus an optional ``instru
 ``POST /v1/decode`` (texts -> the text the frozen LLM decodes from their soft prompts; trained
 encoders only), ``GET /v1/models``, ``GET /healthz`` (503 until the model has loaded).
 
-Each replica loads the encoder once, in its single model thread, and answers 503 while loading.
+Each replica loads the encoder once, in a background thread, and answers 503 while loading.
 Texts of concurrent requests are gathered by ``@serve.batch`` into model calls of at most
 ``serve.max_batch_size`` texts (a long list in one request is split the same way);
-``serve.batching=false`` makes one model call per request instead. Validation lives in
+``serve.batching=false`` makes one model call per request instead. ``/healthz`` also reports
+counters (requests, texts, model calls, seconds) from which the mean batch size follows. Validation lives in
 ``l2vg_ray.serve.protocol`` (pure) and error plumbing in ``l2vg_ray.serve.http``.
 """
 
@@ -96,13 +97,21 @@ class EmbeddingServer:
         self._batch_size = int(s.max_batch_size)
         self._normalize = bool(s.normalize)
         self._num_threads = max(1, int(round(float(s.num_cpus))))
-        # Every model and tokenizer call runs on this one thread: fast tokenizers are not safe to
-        # share across threads, and the event loop stays free to gather the next batch.
+        # Loading and decoding run on this thread (the event loop stays responsive meanwhile);
+        # embedding runs on the event loop (see _embed_batch). The lock keeps model and tokenizer
+        # calls one at a time: fast tokenizers are not safe to share across threads.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="l2vg-model")
+        self._model_lock = asyncio.Lock()
         self._encoder: TextEncoder | None = None
         self._load_error: str | None = None
         # Served requests, texts and model calls (texts / model_calls = the mean batch size).
-        self._stats = {"requests": 0, "texts": 0, "model_calls": 0, "model_seconds": 0.0}
+        self._stats = {
+            "requests": 0,
+            "texts": 0,
+            "model_calls": 0,
+            "model_seconds": 0.0,
+            "request_seconds": 0.0,  # time embedding requests spent inside this replica
+        }
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
@@ -112,7 +121,6 @@ class EmbeddingServer:
         import torch
 
         torch.set_num_threads(self._num_threads)
-        import sys; sys.setswitchinterval(float(__import__("os").environ.get("L2VG_SWITCH", "0.005")))
         started = time.perf_counter()
         try:
             self._encoder = loader(self._cfg)
@@ -166,7 +174,7 @@ class EmbeddingServer:
         return texts, counts, decoded
 
     def _embed_items(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
-        # Runs on the model thread: token limits and encoding in one hop.
+        # Token limits and encoding in one pass (call with self._model_lock held).
         started = time.perf_counter()
         try:
             return embed_items(
@@ -184,7 +192,12 @@ class EmbeddingServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
-        return await self._in_model_thread(self._embed_items, items)
+        # The model runs right here on the event loop thread, not in the model thread: CPU-bound
+        # work in a second thread of this process fights the event loop for the GIL, which then
+        # admits requests so slowly that batches stay small (bench/serve.py, 32 clients: 3-4
+        # texts per model call that way, 12 this way). Requests keep queueing in Ray meanwhile.
+        async with self._model_lock:
+            return self._embed_items(items)
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -193,12 +206,17 @@ class EmbeddingServer:
         req = parse_embedding_request(
             obj, limits=self._limits, served_model=self._model_name, dim=encoder.dim
         )
-        self._stats["requests"] += 1
+        started = time.perf_counter()
         items = [(i, text, req.instruction) for i, text in enumerate(req.texts)]
-        if self._batching:  # each text joins a model batch shared with concurrent requests
-            results = await asyncio.gather(*(self._embed_batch(item) for item in items))
-        else:
-            results = await self._in_model_thread(self._embed_items, items)
+        try:
+            if self._batching:  # each text joins a model batch shared with concurrent requests
+                results = await asyncio.gather(*(self._embed_batch(item) for item in items))
+            else:
+                async with self._model_lock:
+                    results = self._embed_items(items)
+        finally:
+            self._stats["requests"] += 1
+            self._stats["request_seconds"] += time.perf_counter() - started
         errors = [r for r in results if isinstance(r, APIError)]
         if errors:
             raise errors[0]
@@ -224,9 +242,10 @@ class EmbeddingServer:
                 f"LLM2Vec-Gen encoder folder can. Use /v1/embeddings.",
                 code="decode_not_supported",
             )
-        texts, counts, decoded = await self._in_model_thread(
-            self._decode, encoder, decode_fn, req.texts, req.instruction, req.max_new_tokens
-        )
+        async with self._model_lock:  # generation is long: keep the event loop free meanwhile
+            texts, counts, decoded = await self._in_model_thread(
+                self._decode, encoder, decode_fn, req.texts, req.instruction, req.max_new_tokens
+            )
         return JSONResponse(decode_response(decoded, model=req.model, token_counts=counts))
 
     @api.get("/v1/models")

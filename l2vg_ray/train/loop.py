@@ -6,6 +6,12 @@ encoder - and with it the frozen LLM - is held as a plain attribute, so DDP neit
 nor buckets the backbone. DDP (rather than a manual all-reduce after backward) is used because it
 overlaps the bucketed all-reduce with the rest of the backward pass and gives ``no_sync`` for
 accumulation steps; with one worker there is nothing to synchronise and the module is not wrapped.
+
+Reporting: every step's metrics go into the run's history (``metrics.csv``, saved in each
+checkpoint); ``ray.train.report`` is called every ``train.log_every`` steps, on checkpoint steps
+and at the end. Ray Train V2 hands a worker's reports to the controller through a queue of size
+one that the controller drains on its 2 s health-check poll, so reporting faster than that
+throttles training to one step per poll (measured: 0.5 steps/s for a 0.04 s step).
 """
 
 from __future__ import annotations
@@ -229,7 +235,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "time": time.time(),  # wall clock: steady-state steps/s including reporting
         }
         state.history.append(metrics)
-        if rank == 0 and (state.step % t.log_every == 0 or state.step == 1):
+        report_now = state.step % t.log_every == 0 or state.step == total_steps
+        if rank == 0 and (report_now or state.step == 1):
             log.info(
                 "step %d/%d loss %.4f (recon %.4f, align %.5f) lr %.2e %.1f ex/s",
                 state.step, total_steps, metrics["loss"], metrics["recon_loss"],
@@ -252,5 +259,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=_checkpoint_name(state.step),
                 )
-        else:
+        elif report_now:
             ray.train.report(metrics)

@@ -29,7 +29,7 @@ TEXTS = [
 ]
 
 
-def _serve_config(tmp_path, teacher_dir, *extra: str):
+def _serve_config(tmp_path, model: str, loader: str, *extra: str):
     from l2vg_ray.config import load_config
 
     return load_config(
@@ -37,8 +37,8 @@ def _serve_config(tmp_path, teacher_dir, *extra: str):
         [
             f"output_dir={tmp_path / 'out'}",
             f"cache_dir={tmp_path / 'cache'}",
-            f"serve.model={teacher_dir}",
-            "serve.loader=sentence-transformers",
+            f"serve.model={model}",
+            f"serve.loader={loader}",
             f"serve.model_name={MODEL_NAME}",
             "serve.port=0",
             "serve.max_batch_size=4",  # so that one request of 8 texts spans 2 model batches
@@ -58,7 +58,10 @@ def served(ray_session, tiny_teacher_dir, tmp_path_factory):
 
     from l2vg_ray.serve.app import run_serve
 
-    cfg = _serve_config(tmp_path_factory.mktemp("serve"), tiny_teacher_dir)
+    # The registered `teacher` baseline (load_encoder) on the tiny sentence-transformers model.
+    cfg = _serve_config(
+        tmp_path_factory.mktemp("serve"), "teacher", "encoder", f"model.teacher={tiny_teacher_dir}"
+    )
     try:
         info = run_serve(cfg, blocking=False)
         yield info
@@ -75,8 +78,9 @@ def reference(tiny_teacher_dir):
 
 def _post(url: str, path: str, body, *, raw: bool = False) -> httpx.Response:
     content = body if raw else json.dumps(body).encode()
-    return httpx.post(f"{url}{path}", content=content, timeout=60.0,
-                      headers={"content-type": "application/json"})
+    return httpx.post(
+        f"{url}{path}", content=content, timeout=60.0, headers={"content-type": "application/json"}
+    )
 
 
 def _embeddings(resp: httpx.Response) -> np.ndarray:
@@ -91,7 +95,13 @@ def test_health_and_models(served, reference):
     assert r.status_code == 200
     body = r.json()
     assert (body["status"], body["model"], body["dim"]) == ("ok", MODEL_NAME, reference.dim)
-    assert set(body["stats"]) == {"requests", "texts", "model_calls", "model_seconds"}
+    assert set(body["stats"]) == {
+        "requests",
+        "texts",
+        "model_calls",
+        "model_seconds",
+        "request_seconds",
+    }
     models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
@@ -124,8 +134,11 @@ def test_base64_decodes_to_the_same_floats(served):
 
 def test_instruction_and_dimensions(served, reference):
     instruction = "Retrieve a passage that answers the question:"
-    r = _post(served["url"], "/v1/embeddings",
-              {"input": TEXTS[:2], "instruction": instruction, "dimensions": reference.dim})
+    r = _post(
+        served["url"],
+        "/v1/embeddings",
+        {"input": TEXTS[:2], "instruction": instruction, "dimensions": reference.dim},
+    )
     np.testing.assert_allclose(
         _embeddings(r), reference.encode(TEXTS[:2], instruction=instruction), atol=1e-5
     )
@@ -184,7 +197,14 @@ BAD_REQUESTS = [
     ("not an object", "/v1/embeddings", b'["a", "b"]', 400, "invalid_json", None),
     ("empty body", "/v1/embeddings", b"", 400, "invalid_json", None),
     ("not utf-8", "/v1/embeddings", b'{"input": "\xff\xfe"}', 400, "invalid_json", None),
-    ("missing input", "/v1/embeddings", {"model": MODEL_NAME}, 400, "missing_required_parameter", "input"),
+    (
+        "missing input",
+        "/v1/embeddings",
+        {"model": MODEL_NAME},
+        400,
+        "missing_required_parameter",
+        "input",
+    ),
     ("input wrong type", "/v1/embeddings", {"input": {"text": "a"}}, 400, "invalid_type", "input"),
     ("empty list", "/v1/embeddings", {"input": []}, 400, "empty_input", "input"),
     ("empty string", "/v1/embeddings", {"input": ""}, 400, "empty_input", "input[0]"),
@@ -192,21 +212,78 @@ BAD_REQUESTS = [
     ("non-string item", "/v1/embeddings", {"input": ["a", 3]}, 400, "invalid_type", "input[1]"),
     ("null item", "/v1/embeddings", {"input": ["a", None]}, 400, "invalid_type", "input[1]"),
     ("token ids", "/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "invalid_type", "input[0]"),
-    ("too many items", "/v1/embeddings", {"input": ["a"] * (MAX_ITEMS + 1)}, 400, "too_many_items", "input"),
-    ("body too large", "/v1/embeddings", {"input": ["x" * (MAX_BYTES + 10)]}, 413, "request_too_large", None),
-    ("unknown model", "/v1/embeddings", {"input": "a", "model": "gpt-4"}, 404, "model_not_found", "model"),
-    ("model wrong type", "/v1/embeddings", {"input": "a", "model": 7}, 400, "invalid_type", "model"),
-    ("bad encoding_format", "/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 400, "invalid_value", "encoding_format"),
-    ("dimensions mismatch", "/v1/embeddings", {"input": "a", "dimensions": 8}, 400, "invalid_value", "dimensions"),
-    ("dimensions wrong type", "/v1/embeddings", {"input": "a", "dimensions": "32"}, 400, "invalid_type", "dimensions"),
-    ("instruction wrong type", "/v1/embeddings", {"input": "a", "instruction": ["x"]}, 400, "invalid_type", "instruction"),
+    (
+        "too many items",
+        "/v1/embeddings",
+        {"input": ["a"] * (MAX_ITEMS + 1)},
+        400,
+        "too_many_items",
+        "input",
+    ),
+    (
+        "body too large",
+        "/v1/embeddings",
+        {"input": ["x" * (MAX_BYTES + 10)]},
+        413,
+        "request_too_large",
+        None,
+    ),
+    (
+        "unknown model",
+        "/v1/embeddings",
+        {"input": "a", "model": "gpt-4"},
+        404,
+        "model_not_found",
+        "model",
+    ),
+    (
+        "model wrong type",
+        "/v1/embeddings",
+        {"input": "a", "model": 7},
+        400,
+        "invalid_type",
+        "model",
+    ),
+    (
+        "bad encoding_format",
+        "/v1/embeddings",
+        {"input": "a", "encoding_format": "int8"},
+        400,
+        "invalid_value",
+        "encoding_format",
+    ),
+    (
+        "dimensions mismatch",
+        "/v1/embeddings",
+        {"input": "a", "dimensions": 8},
+        400,
+        "invalid_value",
+        "dimensions",
+    ),
+    (
+        "dimensions wrong type",
+        "/v1/embeddings",
+        {"input": "a", "dimensions": "32"},
+        400,
+        "invalid_type",
+        "dimensions",
+    ),
+    (
+        "instruction wrong type",
+        "/v1/embeddings",
+        {"input": "a", "instruction": ["x"]},
+        400,
+        "invalid_type",
+        "instruction",
+    ),
     ("decode unsupported", "/v1/decode", {"input": "a"}, 400, "decode_not_supported", None),
     ("decode empty list", "/v1/decode", {"input": []}, 400, "empty_input", "input"),
 ]
 
 
-@pytest.mark.parametrize("name,path,body,status,code,param", BAD_REQUESTS,
-                         ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "name,path,body,status,code,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
 def test_bad_requests_get_4xx_with_error_body(served, name, path, body, status, code, param):
     r = _post(served["url"], path, body, raw=isinstance(body, bytes))
     assert r.status_code == status, r.text
@@ -229,8 +306,14 @@ def test_model_that_fails_to_load_answers_503(served, tmp_path):
 
     from l2vg_ray.serve.app import run_serve
 
-    cfg = _serve_config(tmp_path, tmp_path / "no-such-model", "serve.app_name=broken",
-                        "serve.route_prefix=/broken", "serve.ready_timeout_s=60")
+    cfg = _serve_config(
+        tmp_path,
+        tmp_path / "no-such-model",
+        "sentence-transformers",
+        "serve.app_name=broken",
+        "serve.route_prefix=/broken",
+        "serve.ready_timeout_s=60",
+    )
     try:
         with pytest.raises(RuntimeError, match="failed to load"):
             run_serve(cfg, blocking=False)
@@ -253,10 +336,19 @@ def served_l2vg(served, tiny_llm_dir, tiny_teacher_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve-l2vg")
     cfg = _serve_config(
-        tmp, tmp / "encoder", f"model.llm={tiny_llm_dir}", f"model.teacher={tiny_teacher_dir}",
-        "model.n_thought=2", "model.n_compression=2", "model.max_length=64",
-        "serve.loader=encoder", "serve.model_name=tiny-l2vg", "serve.app_name=l2vg-tiny",
-        "serve.route_prefix=/tiny", "serve.truncate=false", "serve.max_new_tokens=8",
+        tmp,
+        tmp / "encoder",
+        "encoder",  # load_encoder: a trained-encoder folder
+        f"model.llm={tiny_llm_dir}",
+        f"model.teacher={tiny_teacher_dir}",
+        "model.n_thought=2",
+        "model.n_compression=2",
+        "model.max_length=64",
+        "serve.model_name=tiny-l2vg",
+        "serve.app_name=l2vg-tiny",
+        "serve.route_prefix=/tiny",
+        "serve.truncate=false",
+        "serve.max_new_tokens=8",
     )
     encoder = L2VGEncoder.from_config(cfg.model, teacher_dim=32, device="cpu")
     encoder.save(tmp / "encoder")
@@ -289,7 +381,13 @@ def test_trained_encoder_embeddings_and_decode(served_l2vg):
     [
         ("/v1/embeddings", {"input": ["bread " * 80]}, 413, "context_length_exceeded", "input[0]"),
         ("/v1/decode", {"input": "a", "max_new_tokens": 9}, 400, "invalid_value", "max_new_tokens"),
-        ("/v1/decode", {"input": "a", "max_new_tokens": "4"}, 400, "invalid_type", "max_new_tokens"),
+        (
+            "/v1/decode",
+            {"input": "a", "max_new_tokens": "4"},
+            400,
+            "invalid_type",
+            "max_new_tokens",
+        ),
         ("/v1/decode", {"input": "a", "model": "l2vg"}, 404, "model_not_found", "model"),
     ],
 )

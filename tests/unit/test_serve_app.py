@@ -52,8 +52,12 @@ def _error(r, status):
 
 def test_api_error_body():
     err = _error(_client().post("/api-error"), 418)
-    assert err == {"message": "short and stout", "type": "invalid_request_error", "param": "pot",
-                   "code": "teapot"}
+    assert err == {
+        "message": "short and stout",
+        "type": "invalid_request_error",
+        "param": "pot",
+        "code": "teapot",
+    }
 
 
 def test_unexpected_exception_is_a_500_without_details():
@@ -67,7 +71,9 @@ def test_fastapi_validation_errors_are_400():
     c = _client()
     err = _error(c.post("/typed", json={"n": "not a number"}), 400)
     assert err["param"] == "n" and err["code"] == "invalid_request"
-    err = _error(c.post("/typed", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    err = _error(
+        c.post("/typed", content=b"{oops", headers={"content-type": "application/json"}), 400
+    )
     assert err["type"] == "invalid_request_error"
 
 
@@ -95,18 +101,33 @@ def test_read_body_limit():
 def test_deployment_options_from_config():
     from l2vg_ray.serve.app import deployment_options
 
-    cfg = load_config(None, ["serve.min_replicas=1", "serve.max_replicas=4",
-                             "serve.target_ongoing_requests=16", "serve.num_cpus=2",
-                             "serve.num_gpus=0.5", "serve.max_ongoing_requests=48"])
+    cfg = load_config(
+        None,
+        [
+            "serve.min_replicas=1",
+            "serve.max_replicas=4",
+            "serve.target_ongoing_requests=16",
+            "serve.num_cpus=2",
+            "serve.num_gpus=0.5",
+            "serve.max_ongoing_requests=48",
+        ],
+    )
     assert deployment_options(cfg.serve) == {
-        "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
-                               "target_ongoing_requests": 16.0},
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": 16.0,
+        },
         "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
         "max_ongoing_requests": 48,
         "logging_config": {"enable_access_log": True},
     }
-    for bad in (["serve.min_replicas=3", "serve.max_replicas=2"], ["serve.max_batch_size=0"],
-                ["serve.target_ongoing_requests=100"]):
+    for bad in (
+        ["serve.min_replicas=3", "serve.max_replicas=2"],
+        ["serve.max_batch_size=0"],
+        ["serve.target_ongoing_requests=100"],
+    ):
         with pytest.raises(ConfigError):
             deployment_options(load_config(None, bad).serve)
 
@@ -116,8 +137,13 @@ def test_build_app_reads_args_and_rejects_typos(tiny_teacher_dir, tmp_path):
 
     from l2vg_ray.serve.app import build_app
 
-    args = {"model": str(tiny_teacher_dir), "loader": "sentence-transformers", "port": 0,
-            "batching": False, "cache_dir": str(tmp_path)}
+    args = {
+        "model": str(tiny_teacher_dir),
+        "loader": "sentence-transformers",
+        "port": 0,
+        "batching": False,
+        "cache_dir": str(tmp_path),
+    }
     assert isinstance(build_app(args), Application)
     with pytest.raises(ConfigError, match="modle"):
         build_app({"modle": "x"})
@@ -135,7 +161,9 @@ def test_serve_config_file_is_a_valid_serve_config():
     from l2vg_ray.serve.app import build_app
 
     repo = Path(__file__).resolve().parents[2]
-    spec = ServeDeploySchema.model_validate(yaml.safe_load((repo / "configs/serve.yaml").read_text()))
+    spec = ServeDeploySchema.model_validate(
+        yaml.safe_load((repo / "configs/serve.yaml").read_text())
+    )
     (app,) = spec.applications
     assert app.import_path == "l2vg_ray.serve.app:build_app"
     assert spec.http_options.host == "127.0.0.1"

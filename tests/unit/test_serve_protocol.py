@@ -23,8 +23,9 @@ from l2vg_ray.serve.protocol import (
     truncate_to_tokens,
 )
 
-LIMITS = Limits(max_items=4, max_request_bytes=200, max_tokens_per_text=5, truncate=True,
-                max_new_tokens=16)
+LIMITS = Limits(
+    max_items=4, max_request_bytes=200, max_tokens_per_text=5, truncate=True, max_new_tokens=16
+)
 
 
 def words(texts):
@@ -99,11 +100,25 @@ def test_token_ids_get_a_hint():
 def test_parse_embedding_request_defaults_and_fields():
     req = parse_embedding_request({"input": ["a", "b"]}, limits=LIMITS, served_model="m", dim=8)
     assert (req.texts, req.model, req.encoding_format, req.dimensions, req.instruction) == (
-        ["a", "b"], "m", "float", None, None)
+        ["a", "b"],
+        "m",
+        "float",
+        None,
+        None,
+    )
     req = parse_embedding_request(
-        {"input": "a", "model": "m", "encoding_format": "base64", "dimensions": 8,
-         "instruction": "Find:", "user": "someone"},  # unknown OpenAI fields are ignored
-        limits=LIMITS, served_model="m", dim=8)
+        {
+            "input": "a",
+            "model": "m",
+            "encoding_format": "base64",
+            "dimensions": 8,
+            "instruction": "Find:",
+            "user": "someone",
+        },  # unknown OpenAI fields are ignored
+        limits=LIMITS,
+        served_model="m",
+        dim=8,
+    )
     assert (req.encoding_format, req.dimensions, req.instruction) == ("base64", 8, "Find:")
 
 
@@ -122,27 +137,42 @@ def test_parse_embedding_request_defaults_and_fields():
 )
 def test_parse_embedding_request_rejections(extra, status, code, param):
     obj = {"input": "a", **extra}
-    _raises(lambda: parse_embedding_request(obj, limits=LIMITS, served_model="m", dim=8),
-            status, code, param)
+    _raises(
+        lambda: parse_embedding_request(obj, limits=LIMITS, served_model="m", dim=8),
+        status,
+        code,
+        param,
+    )
 
 
 def test_dimensions_error_names_the_model_dim():
-    err = _raises(lambda: parse_embedding_request({"input": "a", "dimensions": 4}, limits=LIMITS,
-                                                  served_model="m", dim=8),
-                  400, "invalid_value", "dimensions")
+    err = _raises(
+        lambda: parse_embedding_request(
+            {"input": "a", "dimensions": 4}, limits=LIMITS, served_model="m", dim=8
+        ),
+        400,
+        "invalid_value",
+        "dimensions",
+    )
     assert "8" in err.message and "Omit 'dimensions'" in err.message
 
 
 def test_parse_decode_request():
     req = parse_decode_request({"input": "a"}, limits=LIMITS, served_model="m")
     assert (req.texts, req.max_new_tokens, req.instruction) == (["a"], 16, None)  # min(64, cap)
-    req = parse_decode_request({"input": ["a"], "max_new_tokens": 3, "instruction": "x"},
-                               limits=LIMITS, served_model="m")
+    req = parse_decode_request(
+        {"input": ["a"], "max_new_tokens": 3, "instruction": "x"}, limits=LIMITS, served_model="m"
+    )
     assert (req.max_new_tokens, req.instruction) == (3, "x")
     for bad, code in ((0, "invalid_value"), (17, "invalid_value"), ("3", "invalid_type")):
-        _raises(lambda bad=bad: parse_decode_request({"input": "a", "max_new_tokens": bad},
-                                                     limits=LIMITS, served_model="m"),
-                400, code, "max_new_tokens")
+        _raises(
+            lambda bad=bad: parse_decode_request(
+                {"input": "a", "max_new_tokens": bad}, limits=LIMITS, served_model="m"
+            ),
+            400,
+            code,
+            "max_new_tokens",
+        )
 
 
 def test_truncate_to_tokens_keeps_the_longest_fitting_prefix():
@@ -159,12 +189,20 @@ def test_apply_token_limit_truncates_or_413s():
     out, counts = apply_token_limit(texts, words, max_tokens=5, truncate=True)
     assert out[0] == "a b" and out[1].startswith("one two three four")
     assert counts == words(out) and max(counts) <= 5
-    err = _raises(lambda: apply_token_limit(texts, words, max_tokens=5, truncate=False),
-                  413, "context_length_exceeded", "input[1]")
+    err = _raises(
+        lambda: apply_token_limit(texts, words, max_tokens=5, truncate=False),
+        413,
+        "context_length_exceeded",
+        "input[1]",
+    )
     assert "7 tokens" in err.message and "serve.truncate=true" in err.message
     # a limit below the encoder's fixed overhead cannot be met by truncation
-    _raises(lambda: apply_token_limit(["a b"], words, max_tokens=0, truncate=True),
-            413, "context_length_exceeded", "input[0]")
+    _raises(
+        lambda: apply_token_limit(["a b"], words, max_tokens=0, truncate=True),
+        413,
+        "context_length_exceeded",
+        "input[0]",
+    )
 
 
 def test_base64_round_trip_is_little_endian_float32():
@@ -197,8 +235,9 @@ class _RecordingEncoder:
 
     def encode(self, texts, *, instruction=None, batch_size=32, normalize=False):
         self.calls.append((list(texts), instruction, batch_size))
-        return np.array([[len(t), 0.0 if instruction is None else 1.0] for t in texts],
-                        dtype=np.float32)
+        return np.array(
+            [[len(t), 0.0 if instruction is None else 1.0] for t in texts], dtype=np.float32
+        )
 
 
 def test_encode_grouped_one_call_per_instruction_rows_in_order():
