@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -225,6 +226,7 @@ def main() -> None:
     if out["ratio_ray2_vs_ray1"] is not None:
         print(f"ray-2 / ray-1 = {out['ratio_ray2_vs_ray1']:.3f}  (2 cores in all: no speed-up possible)")
     print(f"wrote {path}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
