@@ -112,6 +112,48 @@ def read_member(archive: str | Path, suffix: str) -> bytes:
         return f.read()
 
 
+def extract_members(archive: str | Path, targets: dict[str, str | Path]) -> dict[str, Path]:
+    """Extract several members (path suffix -> destination) in ONE pass over the archive.
+
+    For large sdists (bigbench's is 358 MB of gzip) every pass costs a full decompression, so the
+    members one data preparation needs are pulled out together. Existing destinations are kept.
+    """
+    archive = Path(archive)
+    out = {suffix: Path(dest) for suffix, dest in targets.items()}
+    todo = {suffix: dest for suffix, dest in out.items() if not dest.is_file()}
+    if not todo:
+        return out
+    if archive.name.endswith((".whl", ".zip")):
+        for suffix, dest in todo.items():
+            extract_member(archive, suffix, dest)
+        return out
+    found: dict[str, int] = {}
+    with tarfile.open(archive) as t:
+        for m in t:
+            hits = [s for s in todo if m.isfile() and m.name.endswith(s)]
+            if not hits:
+                continue
+            src = t.extractfile(m)
+            assert src is not None
+            data = src.read()
+            for suffix in hits:
+                found[suffix] = found.get(suffix, 0) + 1
+                dest = todo[suffix]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, dest)
+    bad = {s: found.get(s, 0) for s in todo if found.get(s, 0) != 1}
+    if bad:
+        for suffix in bad:
+            todo[suffix].unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"Expected exactly one member per suffix in {archive.name}; matches: {bad}"
+        )
+    return out
+
+
 def extract_member(archive: str | Path, suffix: str, dest: str | Path) -> Path:
     """Extract one member to ``dest`` (atomically) and return its path; for large members."""
     dest = Path(dest)

