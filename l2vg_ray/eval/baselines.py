@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from l2vg_ray.encoders import BASELINES, SentenceTransformerEncoder, TextEncoder, hash_parts
+from l2vg_ray.generate.backends import resolve_device, torch_dtype
+from l2vg_ray.generate.teacher import mean_pool
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -24,30 +26,12 @@ if TYPE_CHECKING:
 POOLINGS = ("mean", "last")
 
 
-def _device(spec: str) -> str:
-    import torch
-
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return spec
-
-
-def _dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"model.dtype={name!r}; use one of {sorted(table)}.")
-    return table[name]
-
-
 def pool_hidden_states(hidden, mask, pooling: str):
     """(B, T, H) hidden states, (B, T) 0/1 pool mask -> (B, H). Pure; right padding assumed."""
     import torch
 
     if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return mean_pool(hidden, mask)
     if pooling == "last":
         last = mask.long().cumsum(1).argmax(1)  # index of the last 1 in each row
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -77,12 +61,12 @@ class PooledLLMEncoder:
         self.spec, self.pooling, self.max_length = spec, pooling, max_length
         self.name = f"{'mean-pool' if pooling == 'mean' else 'last-token'}:{spec}"
         path = resolve_model(spec, cache_dir=cache_dir)
-        self.device = torch.device(_device(device))
+        self.device = torch.device(resolve_device(device))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModel.from_pretrained(path, dtype=_dtype(dtype)).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(dtype)).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self._dtype = dtype
 
@@ -179,7 +163,7 @@ class GenerateThenEncode:
 
 @BASELINES.register("teacher")
 def build_teacher(cfg: DictConfig, cache_dir: str | None) -> TextEncoder:
-    device = _device(str(cfg.model.device))
+    device = resolve_device(str(cfg.model.device))
     return SentenceTransformerEncoder(str(cfg.model.teacher), cache_dir=cache_dir, device=device)
 
 
