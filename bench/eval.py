@@ -35,7 +35,7 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
     import mteb
     import torch
 
-    from l2vg_ray.encoders import load_encoder
+    from l2vg_ray.loading import load_encoder
     from l2vg_ray.eval import baselines  # noqa: F401
     from l2vg_ray.eval.adapter import MTEBEncoder
     from l2vg_ray.eval.suites import build_task

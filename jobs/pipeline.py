@@ -25,13 +25,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="generate -> train -> evaluate (-> serve)")
     parser.add_argument("--config", "-c", help="experiment YAML, e.g. configs/quickstart.yaml")
     parser.add_argument("--serve", action="store_true", help="serve the encoder, send 1 request")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a stage's output made with a different config")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=10")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg.cluster)  # inside `ray job submit`, RAY_ADDRESS points at the cluster
-    result = run_pipeline(cfg, serve=args.serve)
+    result = run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
 
     print(json.dumps(result, indent=2, default=str))
     if not result["ok"]:  # a stage reported failures: fail the job, a resubmission retries them

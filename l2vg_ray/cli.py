@@ -5,6 +5,8 @@
     l2vg eval     --config configs/quickstart.yaml model=teacher suite=offline
     l2vg serve    --config configs/quickstart.yaml model=outputs/quickstart/train/final
     l2vg decode   --config configs/quickstart.yaml model=... "What is the capital of France?"
+    l2vg embed    --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop input=docs.jsonl
+    l2vg export   --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop --out st-model
     l2vg run      --config configs/quickstart.yaml [--serve] [--dry-run]
     l2vg submit pipeline --address http://HEAD:8265 --config configs/quickstart.yaml
 
@@ -22,14 +24,16 @@ from collections.abc import Sequence
 
 from l2vg_ray.config import ConfigError, load_config, to_yaml
 
-STAGES = ("generate", "train", "eval", "serve", "decode", "run")
-SUBMITTABLE = ("generate", "train", "eval", "serve", "pipeline")
+STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
+SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "pipeline")
 
 # Short keys accepted by some subcommands, mapped to full config keys.
 ALIASES: dict[str, dict[str, str]] = {
     "eval": {"model": "eval.model", "suite": "eval.suite", "tasks": "eval.tasks"},
     "serve": {"model": "serve.model", "port": "serve.port", "host": "serve.host"},
     "decode": {"model": "eval.model"},
+    "export": {"model": "eval.model"},
+    "embed": {"model": "embed.model", "input": "embed.input", "out": "embed.output_dir"},
 }
 
 HELP = {
@@ -38,6 +42,8 @@ HELP = {
     "eval": "evaluate an encoder or baseline on an MTEB task suite (parallel Ray tasks)",
     "serve": "serve an encoder behind an OpenAI-style /v1/embeddings API (Ray Serve)",
     "decode": "decode texts' embeddings back to text through the frozen LLM",
+    "export": "write a trained encoder as a sentence-transformers model folder",
+    "embed": "embed a whole corpus into Parquet shards (Ray Data, exactly once, resumable)",
     "run": "the whole pipeline: generate -> train -> eval (-> serve)",
     "submit": "submit a stage or the pipeline to a Ray cluster as a Ray job",
 }
@@ -69,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         if name == "run":
             p.add_argument("--serve", action="store_true", help="serve the model and send one request")
+            p.add_argument(
+                "--overwrite", action="store_true",
+                help="replace a stage's output that was made with a different config",
+            )
         if name == "decode":
             p.add_argument("--max-new-tokens", type=int, default=64)
+        if name == "export":
+            p.add_argument("--out", required=True, help="folder to write")
+            p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+            p.add_argument("--push-to-hub", metavar="REPO", help="also upload to the hub")
         p.add_argument(
             "args",
             nargs="*",
@@ -129,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "decode":
-        from l2vg_ray.encoders import load_encoder
+        from l2vg_ray.loading import load_encoder
 
         if not texts:
             raise ConfigError("decode needs at least one text: l2vg decode -c CFG model=DIR 'text'")
@@ -140,6 +154,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         for text, out in zip(texts, decoded, strict=True):
             print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))
         return 0
+
+    if args.command == "export":
+        return _export(cfg, args)
 
     from l2vg_ray.ray_utils import init_ray
 
@@ -156,6 +173,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from l2vg_ray.eval.runner import run_eval
 
         result = run_eval(cfg)
+    elif args.command == "embed":
+        from l2vg_ray.embed import run_embed
+
+        result = run_embed(cfg)
     elif args.command == "serve":
         from l2vg_ray.serve.app import run_serve
 
@@ -163,11 +184,40 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "run":
         from l2vg_ray.pipeline import run_pipeline
 
-        result = run_pipeline(cfg, serve=args.serve)
+        result = run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _export(cfg, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.loading import load_encoder
+    from l2vg_ray.eval.adapter import InstructionSet
+    from l2vg_ray.export import export_sentence_transformers, push_to_hub
+    from l2vg_ray.models import is_packaged, resolve_model
+
+    spec = str(cfg.eval.model)
+    encoder = load_encoder(spec, cfg, device="cpu")
+    if not isinstance(encoder, L2VGEncoder):
+        raise ConfigError(f"{spec!r} is not a trained encoder; only those export (model=FOLDER).")
+    folder = Path(resolve_model(spec, cache_dir=cfg.cache_dir) if is_packaged(spec) else spec)
+    recipe_file = folder / "recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
+    out = export_sentence_transformers(
+        encoder, args.out, llm_dir=resolve_model(encoder.config.llm, cache_dir=cfg.cache_dir),
+        instructions=InstructionSet.named(str(cfg.eval.instructions)), name=Path(args.out).name,
+        recipe=recipe, overwrite=args.overwrite,
+    )
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(json.dumps({"export": str(out), "files": files, "bytes": size}, indent=2))
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
     return 0
 
 

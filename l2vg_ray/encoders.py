@@ -1,15 +1,13 @@
-"""The text-encoder protocol shared by evaluation and serving, and ``load_encoder``.
+"""The text-encoder protocol shared by evaluation and serving, and the baselines' registry.
 
 Everything that turns texts into vectors - the trained LLM2Vec-Gen encoder and every baseline -
-implements ``TextEncoder``. ``load_encoder(spec)`` builds one from a trained-encoder folder or a
-baseline name looked up in ``BASELINES``.
+implements ``TextEncoder``. ``l2vg_ray.loading.load_encoder(spec)`` builds one by spec.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -53,27 +51,6 @@ BASELINES: Registry[BaselineFactory] = Registry(
     "baseline encoder",
     hint="Or pass the folder of a trained encoder (it holds l2vg_config.json).",
 )
-
-
-def _register_builtin_baselines() -> None:
-    # Imported lazily: baselines pull torch/transformers, and this module must stay light.
-    import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
-
-
-def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> TextEncoder:
-    """A trained encoder folder (with ``l2vg_config.json``) or a baseline name -> TextEncoder."""
-    path = Path(str(spec)).expanduser()
-    if (path / ENCODER_CONFIG_FILE).is_file():
-        from l2vg_ray.encoder import L2VGEncoder
-
-        return L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
-    if path.exists():
-        raise ValueError(
-            f"{str(path)!r} exists but holds no {ENCODER_CONFIG_FILE}: it is not a trained "
-            f"encoder folder. Pass the `final` folder written by `l2vg train`."
-        )
-    _register_builtin_baselines()  # idempotent: a module is imported once
-    return BASELINES.get(str(spec))(cfg, cfg.cache_dir)
 
 
 def hash_parts(*parts: object) -> str:

@@ -7,8 +7,10 @@ stage it reads from). On the next run a stage is
 - skipped when ``_SUCCESS.json`` carries the same hash (a resubmitted job resumes where it stopped);
 - rerun in place when only ``_STARTED.json`` with the same hash exists (an interrupted run:
   generation resumes from its written shards, training from its last checkpoint);
-- rerun from scratch when either marker carries a different hash: the old output belongs to another
-  config and is deleted first, so no stale shard or checkpoint leaks into the new result.
+- stopped with an error naming the differing keys when either marker carries a different hash:
+  the old output belongs to another config and is never deleted silently. ``overwrite=True``
+  (``l2vg run --overwrite``) deletes it and reruns from scratch; a generate stage whose config
+  differs only in ``generate.queries`` (e.g. a higher limit) reuses the rows it already wrote.
 
 Pure resource settings (actor counts, CPUs/GPUs, batch sizes of inference, logging cadence) are
 left out of the hash: moving a run to a bigger cluster does not redo finished work.
@@ -65,6 +67,7 @@ NOT_HASHED = {
     "model": {"device", "gradient_checkpointing"},
     "generate": {
         "output_dir",
+        "python",
         "batch_size",
         "num_actors",
         "num_cpus_per_actor",
@@ -78,6 +81,9 @@ NOT_HASHED = {
         "output_dir",
         "data_dir",
         "log_every",
+        "report_every_s",
+        "eval_every",
+        "probe_rows",
         "checkpoint_every",
         "num_to_keep",
         "max_failures",
@@ -156,10 +162,50 @@ def stage_status(cfg: DictConfig, stage: str, digest: str) -> str:
     return "partial" if started is not None else "new"
 
 
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested fingerprint as {dotted.key: leaf value}."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def differing_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two stage fingerprints."""
+    a, b = flat_keys(old or {}), flat_keys(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+# A generate stage whose config differs only here extends its data in place: the rows already
+# generated are reused (run_generate refuses a query set that drops rows already written).
+EXTENDABLE = {"generate": ("generate.queries.",)}
+
+
+def _previous_fingerprint(cfg: DictConfig, stage: str) -> dict | None:
+    for name in (SUCCESS, STARTED):
+        marker = read_marker(cfg, stage, name)
+        if marker is not None and isinstance(marker.get("config"), Mapping):
+            return dict(marker["config"])
+    return None
+
+
 def run_stage(
-    cfg: DictConfig, stage: str, fn: StageFn, *, upstream_hash: str | None = None
+    cfg: DictConfig,
+    stage: str,
+    fn: StageFn,
+    *,
+    upstream_hash: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Run one stage unless its output exists for the same config; returns a record of it."""
+    """Run one stage unless its output exists for the same config; returns a record of it.
+
+    Output made with a different config is never deleted silently: the stage stops with an
+    error naming the differing keys, unless ``overwrite`` (``l2vg run --overwrite``) says to
+    replace it, or the difference only extends a generate stage's query set.
+    """
     fingerprint = stage_fingerprint(cfg, stage, upstream_hash)
     digest = config_hash(fingerprint)
     out = stage_output(cfg, stage)
@@ -169,13 +215,27 @@ def run_stage(
         log.info("[%s] skipped: %s holds its output for this config (%s)", stage, out, digest)
         return {**record, "status": "skipped", "summary": read_marker(cfg, stage)["summary"]}
     if status == "stale":
-        _check_clearable(cfg, stage)
-        log.warning(
-            "[%s] the output in %s was made with a different config; deleting it and rerunning",
-            stage,
-            out,
-        )
-        storage.delete(out)
+        diff = differing_keys(_previous_fingerprint(cfg, stage), fingerprint)
+        prefixes = EXTENDABLE.get(stage, ())
+        if diff and prefixes and all(k.startswith(prefixes) for k in diff):
+            log.info("[%s] %s: only %s changed; reusing the rows already generated", stage, out,
+                     ", ".join(diff))
+            status = "partial"
+        elif not overwrite:
+            from l2vg_ray.config import ConfigError
+
+            shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
+            raise ConfigError(
+                f"[{stage}] {out} holds output made with a different config (differing keys: "
+                f"{shown or 'unknown: the old marker has no config'}). Nothing was deleted. "
+                f"Either give this run its own folder (name=NEW_NAME, or "
+                f"{SPECS[stage].output_key}=...), or replace the old output with --overwrite."
+            )
+        else:
+            _check_clearable(cfg, stage)
+            log.warning("[%s] --overwrite: deleting %s (made with another config: %s) and rerunning",
+                        stage, out, ", ".join(diff))
+            storage.delete(out)
     elif status == "partial":
         log.info("[%s] resuming an interrupted run in %s", stage, out)
     started_at = time.time()
@@ -215,6 +275,7 @@ def run_pipeline(
     *,
     serve: bool = False,
     runners: Mapping[str, StageFn] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """generate -> train -> eval (-> serve + one request), skipping stages already done.
 
@@ -230,7 +291,8 @@ def run_pipeline(
     records: dict[str, dict] = {}
     upstream: str | None = None
     for stage in STAGES:
-        records[stage] = run_stage(cfg, stage, runners[stage], upstream_hash=upstream)
+        records[stage] = run_stage(cfg, stage, runners[stage], upstream_hash=upstream,
+                                   overwrite=overwrite)
         upstream = records[stage]["config_hash"]
     complete = all(r["status"] != "incomplete" for r in records.values())
     result: dict[str, Any] = {

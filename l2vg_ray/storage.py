@@ -33,11 +33,15 @@ PATH_KEYS = (
     "train.output_dir",
     "eval.output_dir",
     "eval.cache_dir",
+    "embed.input",
+    "embed.output_dir",
     "cluster.storage_path",
 )
 # Keys that hold either a path or a name (hub id, baseline, packaged model): made absolute only
 # when they name an existing local path.
-MAYBE_PATH_KEYS = ("model.llm", "model.teacher", "teacher.model", "eval.model", "serve.model")
+MAYBE_PATH_KEYS = (
+    "model.llm", "model.teacher", "teacher.model", "eval.model", "serve.model", "embed.model",
+)
 
 
 def is_uri(path: str) -> bool:

@@ -35,6 +35,7 @@ JOB_SCRIPTS = {
     "train": "jobs/train.py",
     "eval": "jobs/evaluate.py",
     "serve": "jobs/serve.py",
+    "embed": "jobs/embed.py",
     "pipeline": "jobs/pipeline.py",
 }
 # Never uploaded with the job (gitignore syntax, relative to the working dir). Ray also honours

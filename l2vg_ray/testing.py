@@ -137,6 +137,89 @@ def build_tiny_sentence_encoder(out_dir: str | Path, *, hidden: int = 32, seed: 
     return out_dir
 
 
+def build_tiny_llm2vec_adapters(base_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """Two LoRA adapters on the tiny LLM in LLM2Vec's layout: ``mntp`` (its adapter_config.json
+    names ``base_dir`` as the base model; it carries the tokenizer too) and ``simcse`` (applied on
+    top of the merged MNTP model). LoRA B matrices are random, so both adapters change the
+    outputs. Returns (mntp folder, simcse folder)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    folders = []
+    base = AutoModel.from_pretrained(str(base_dir))
+    for name in ("mntp", "simcse"):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        peft_model = get_peft_model(base, lora)
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+        folder = out_dir / name
+        peft_model.save_pretrained(folder)
+        folders.append(folder)
+        base = peft_model.merge_and_unload()
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(folders[0])
+    return folders[0], folders[1]
+
+
+def build_tiny_official_checkpoint(
+    llm_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    n_special: int = 4,
+    n_compression: int = 2,
+    teacher_dim: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A tiny trained model in the official LLM2Vec-Gen on-disk layout (what the published
+    ``McGill-NLP/LLM2Vec-Gen-*`` repos hold), with random trained values: the tokenizer with
+    ``<questionK>`` special tokens, ``encoder/`` (a PEFT TrainableTokens adapter on the base
+    model's embedding rows of those tokens), ``reconstruction_mlp`` / ``alignment_mlp``
+    (torch.save of {"state_dict", "config"}), ``run_config.yml``, ``encoder_decoder_config.json``.
+    """
+    import torch
+    import yaml
+    from peft import TrainableTokensConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    special = [f"<question{i}>" for i in range(1, n_special + 1)]
+    tok = AutoTokenizer.from_pretrained(str(llm_dir))
+    tok.add_special_tokens({"additional_special_tokens": special})
+    tok.padding_side = "left"
+    ids = tok.convert_tokens_to_ids(special)
+    base = AutoModel.from_pretrained(str(llm_dir))
+    base.resize_token_embeddings(len(tok))
+    hidden = base.config.hidden_size
+    model = get_peft_model(base, TrainableTokensConfig(token_indices=ids))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out_dir / "encoder")
+    tok.save_pretrained(out_dir)
+    for name, (i, o) in (("reconstruction_mlp", (hidden, hidden)), ("alignment_mlp", (hidden, teacher_dim))):
+        lin = torch.nn.Linear(i, o)
+        torch.save({"state_dict": {"projection.weight": lin.weight.detach().clone(),
+                                   "projection.bias": lin.bias.detach().clone()},
+                    "config": {"input_dim": i, "output_dim": o, "dtype": "torch.float32",
+                               "size": 1, "pooling_mode": "linear"}},
+                   out_dir / name)
+    run = {"model_name_or_path": str(llm_dir), "torch_dtype": "float32", "special_tokens": special,
+           "encoding_mode": f"last_{n_compression}_tokens", "max_input_length": 64,
+           "pretrained_teacher_path": "tiny-teacher"}
+    # The official dump carries python-object tags (e.g. enums); one is kept to test the reader.
+    text = yaml.safe_dump(run) + "lr_scheduler_type: !!python/object/apply:transformers.trainer_utils.SchedulerType\n- linear\n"
+    (out_dir / "run_config.yml").write_text(text)
+    (out_dir / "encoder_decoder_config.json").write_text(
+        json.dumps({"encoding_mode": f"last_{n_compression}_tokens", "save_decoder": False})
+    )
+    return out_dir
+
+
 def write_queries_jsonl(path: str | Path, queries: list[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 - ``tiny_llm_dir``: a tiny random Llama-architecture causal LM + BPE tokenizer with a chat template.
 - ``tiny_generator_llm_dir``: the same architecture with varied greedy texts (generation tests).
 - ``tiny_teacher_dir``: a tiny random sentence-transformers model (BERT + mean pooling, 32 dims).
+- ``tiny_llm2vec_adapters``: MNTP + SimCSE LoRA adapters on the tiny LLM (the llm2vec teacher).
 - ``tiny_config``: the full L2VGConfig pointing at both, with small sizes, output in a tmp dir.
 - ``ray_session``: one local Ray (num_cpus=2) shared by every test under tests/ray and tests/e2e.
 
@@ -52,6 +53,14 @@ def tiny_generator_llm_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("models") / "tiny-generator-llm"
     return build_tiny_llm(out, hidden=128, initializer_range=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm2vec_adapters(tmp_path_factory, tiny_llm_dir):
+    """(mntp, simcse) LoRA adapter folders on ``tiny_llm_dir`` in LLM2Vec's layout."""
+    from l2vg_ray.testing import build_tiny_llm2vec_adapters
+
+    return build_tiny_llm2vec_adapters(tiny_llm_dir, tmp_path_factory.mktemp("models") / "llm2vec")
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from torch import nn
 from l2vg_ray.config import ModelConfig
 from l2vg_ray.encoder.losses import (
     IGNORE_INDEX,
+    TargetStats,
     alignment_loss,
     combine_losses,
     reconstruction_loss,
@@ -121,6 +122,17 @@ def special_token_strings(n_thought: int, n_compression: int) -> list[str]:
     return [f"<|l2vg_thought_{i}|>" for i in range(1, n_thought + 1)] + [
         f"<|l2vg_compress_{i}|>" for i in range(1, n_compression + 1)
     ]
+
+
+def init_text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``model.token_init_text`` (no special tokens added); errors if it has none."""
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise ValueError(
+            f"model.token_init_text={text!r} has no tokens; give a short prompt such as "
+            f"' This text means in one word: \"' or null for the mean initialisation."
+        )
+    return ids
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +229,10 @@ class L2VGEncoder(nn.Module):
             mean, std = w.mean(0), w.std(0)
             noise = torch.randn(len(ids), hidden, generator=gen) * std * 0.1
             special = mean + noise
+            if config.token_init_text:
+                # The last special tokens start as the text's own token embeddings.
+                text_ids = init_text_ids(tokenizer, config.token_init_text)[-len(ids) :]
+                special[len(ids) - len(text_ids) :] = w[torch.tensor(text_ids)]
             self.special_embeddings = nn.Parameter(special.to(device))
             self.reconstruction = nn.Linear(hidden, hidden, device=device, dtype=torch.float32)
             self.alignment = nn.Linear(hidden, self.dim, device=device, dtype=torch.float32)
@@ -330,6 +346,11 @@ class L2VGEncoder(nn.Module):
             self.alignment.weight,
             self.alignment.bias,
         ]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The reconstruction and alignment heads' tensors (a subset of the trainable ones)."""
+        return [self.reconstruction.weight, self.reconstruction.bias,
+                self.alignment.weight, self.alignment.bias]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {
@@ -477,6 +498,60 @@ class L2VGEncoder(nn.Module):
         h = out.last_hidden_state[:, -self.n_compression :].float()
         return self.reconstruction(h)
 
+    @torch.no_grad()
+    def calibrate_heads(
+        self,
+        queries: Sequence[str],
+        *,
+        target_mean: torch.Tensor | None = None,
+        target_std: float | None = None,
+        spread: float = 0.1,
+        batch_size: int = 32,
+    ) -> dict[str, float]:
+        """Data-dependent start for the two heads (their directions stay the seeded random ones).
+
+        The last hidden states of a frozen LLM are ~10x larger than its input embeddings and
+        dominated by a few massive dimensions, so with nn.Linear's default init the soft prompts
+        start ~8x off the scale the frozen decoder reads, and the embeddings ~12x off the
+        teacher's. On ``queries`` (a few dozen training queries) this rescales
+
+        - ``reconstruction`` so its outputs have the spread of the LLM's own token embeddings
+          and are centred on their mean row (soft prompts look like token embeddings);
+        - ``alignment`` so the embeddings are centred on ``target_mean`` (the teacher targets'
+          mean) with ``spread`` x ``target_std`` spread: the first alignment loss is that of the
+          mean-vector guess, not 100x it.
+
+        Returns the scale factors applied. Same inputs -> same result on every worker.
+        """
+        if not queries:
+            raise ValueError("calibrate_heads needs at least one query.")
+        rows = self.llm.get_input_embeddings().weight.detach().float()
+        emb_mean = rows.mean(0).to(self.device)
+        emb_spread = (rows - rows.mean(0)).pow(2).sum(-1).mean().sqrt()
+        hidden = []
+        for _, ids, mask in self._batches(list(queries), batch_size, False, "calibrate"):
+            out = self.llm.base_model(
+                inputs_embeds=self.embed_tokens(ids), attention_mask=mask,
+                position_ids=position_ids_from_mask(mask), use_cache=False,
+            )
+            hidden.append(out.last_hidden_state[:, -self.n_compression :].float())
+        h = torch.cat(hidden).reshape(-1, self.hidden_size)
+        r = self.reconstruction
+        wx = h @ r.weight.T
+        r_scale = float(emb_spread / (wx - wx.mean(0)).pow(2).sum(-1).mean().sqrt().clamp(min=1e-12))
+        r.weight.mul_(r_scale)
+        r.bias.copy_(emb_mean - r_scale * wx.mean(0))
+        soft = self.reconstruction(h).reshape(-1, self.n_compression, self.hidden_size)
+        a = self.alignment
+        emb = (soft @ a.weight.T).mean(1)
+        spread_now = (emb - emb.mean(0)).pow(2).sum(-1).mean().sqrt().clamp(min=1e-12)
+        goal = spread * (target_std if target_std is not None else 1.0 / np.sqrt(self.dim))
+        a_scale = float(goal * np.sqrt(self.dim) / spread_now)
+        a.weight.mul_(a_scale)
+        mean = target_mean.to(self.device).float() if target_mean is not None else 0.0
+        a.bias.copy_(mean - a_scale * emb.mean(0))
+        return {"reconstruction_scale": r_scale, "alignment_scale": a_scale}
+
     def embed_soft_prompts(self, soft_prompts: torch.Tensor) -> torch.Tensor:
         """Soft prompts (B, K, H) -> embeddings (B, teacher_dim): mean of alignment outputs."""
         return self.alignment(soft_prompts).mean(dim=1)
@@ -510,8 +585,15 @@ class L2VGEncoder(nn.Module):
         *,
         recon_weight: float = 1.0,
         align_weight: float = 1.0,
+        align_loss: str = "mse",
+        target_stats: TargetStats | None = None,
     ) -> L2VGOutput:
-        """A batch from ``prepare_batch`` (any device) -> losses by name and embeddings."""
+        """A batch from ``prepare_batch`` (any device) -> losses by name and embeddings.
+
+        A term whose weight is 0 is not computed at all (no decoder pass for
+        ``recon_weight=0``) and comes back as None. ``align_loss`` names one of
+        ``ALIGNMENT_LOSSES``; the scaled kinds need ``target_stats``.
+        """
         if "query_input_ids" not in batch or "query_attention_mask" not in batch:
             raise ValueError(
                 f"batch needs query_input_ids and query_attention_mask (from prepare_batch); "
@@ -523,14 +605,16 @@ class L2VGEncoder(nn.Module):
         emb = self.embed_soft_prompts(soft)
         recon = align = None
         n_tokens = torch.zeros((), dtype=torch.long, device=dev)
-        if "labels" in b:
+        if "labels" in b and recon_weight != 0:
             logits = self.reconstruction_logits(
                 soft, b["response_input_ids"], b["response_attention_mask"]
             )
             recon = reconstruction_loss(logits, b["labels"])
             n_tokens = (b["labels"] != IGNORE_INDEX).sum()
-        if "teacher_embeddings" in b:
-            align = alignment_loss(emb, b["teacher_embeddings"])
+        if "teacher_embeddings" in b and align_weight != 0:
+            align = alignment_loss(
+                emb, b["teacher_embeddings"], kind=align_loss, stats=target_stats
+            )
         terms = combine_losses(recon, align, recon_weight=recon_weight, align_weight=align_weight)
         return L2VGOutput(
             loss=terms["loss"],

@@ -40,6 +40,7 @@ class TaskJob:
     max_docs: int
     seed: int
     num_threads: int
+    instructions: str = "project"  # named instruction set (InstructionSet.named)
 
 
 _ENCODERS: dict[str, Any] = {}
@@ -47,7 +48,7 @@ _ENCODERS: dict[str, Any] = {}
 
 def _encoder(job: TaskJob):
     """The (cached) encoder for this job, loaded once per worker process and reused."""
-    from l2vg_ray.encoders import load_encoder
+    from l2vg_ray.loading import load_encoder
     from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
 
@@ -69,13 +70,17 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
 
     from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
     from l2vg_ray.eval.suites import build_task
+    from l2vg_ray.eval.tasks import advbench
 
     torch.set_num_threads(max(1, job.num_threads))
     t0 = time.perf_counter()
+    if job.task == advbench.TASK_NAME:
+        return _evaluate_advbench(job, t0)
     encoder = _encoder(job)
     hits0, misses0 = getattr(encoder, "hits", 0), getattr(encoder, "misses", 0)
     task = build_task(job.task, data_dir=job.data_dir, max_docs=job.max_docs, seed=job.seed)
-    model = MTEBEncoder(encoder, instructions=InstructionSet.load(), batch_size=job.batch_size)
+    model = MTEBEncoder(encoder, instructions=InstructionSet.named(job.instructions),
+                        batch_size=job.batch_size, spec=job.model)
     result = mteb.evaluate(
         model,
         task,
@@ -102,6 +107,32 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
         "fingerprint": encoder.fingerprint(),
         "scores": task_result.scores,
         "error": None,
+        "instructions": job.instructions,
+    }
+
+
+def _evaluate_advbench(job: TaskJob, t0: float, data: Any = None) -> dict[str, Any]:
+    """AdvBench-IR (not an mteb task: its own metric), with an only-missing result file."""
+    from l2vg_ray.eval.adapter import InstructionSet
+    from l2vg_ray.eval.tasks import advbench
+
+    encoder = _encoder(job)
+    result_file = (Path(job.results_dir) / model_slug(job.model)
+                   / f"{advbench.TASK_NAME}-{job.instructions}-{encoder.fingerprint()}.json")
+    if result_file.is_file() and not job.overwrite:
+        scores = json.loads(result_file.read_text())
+    else:
+        data = data if data is not None else advbench.load_hub()
+        scores = advbench.evaluate(encoder, InstructionSet.named(job.instructions), data,
+                                   batch_size=job.batch_size)
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(scores, indent=2))
+    return {
+        "task": advbench.TASK_NAME, "type": advbench.TASK_TYPE, "status": "ok",
+        "main_score": float(scores[advbench.MAIN_SCORE]), "metric": advbench.MAIN_SCORE,
+        "seconds": round(time.perf_counter() - t0, 2), "n_encoded": None, "n_cached": None,
+        "encoder": encoder.name, "fingerprint": encoder.fingerprint(), "scores": scores,
+        "error": None, "instructions": job.instructions,
     }
 
 
@@ -121,14 +152,18 @@ def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -
             max_docs=int(e.max_docs),
             seed=int(e.seed),
             num_threads=max(1, math.floor(float(e.num_cpus_per_task))),
+            instructions=str(e.instructions),
         )
         for name in task_names
     ]
 
 
 def _task_type(name: str) -> str:
+    from l2vg_ray.eval.tasks import advbench
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
 
+    if name == advbench.TASK_NAME:
+        return advbench.TASK_TYPE
     if name in OFFLINE_TASKS:
         return str(OFFLINE_TASKS.get(name).metadata.type)
     try:
@@ -153,7 +188,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.eval.tasks.data import prepare_offline_data
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
 
+    from l2vg_ray.eval.adapter import InstructionSet
+
     e = cfg.eval
+    InstructionSet.named(str(e.instructions))  # an unknown name fails here, not in every task
     names = suite_task_names(cfg)
     data_dir = None
     if any(n in OFFLINE_TASKS for n in names):
@@ -184,7 +222,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                          "n_encoded": None, "n_cached": None, "error": o.error})
     out_dir = Path(e.output_dir) / model_slug(str(e.model))
     meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
-            "max_docs": int(e.max_docs), "seed": int(e.seed)}
+            "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions)}
     files = write_report(rows, out_dir, meta=meta)
     print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
     summary = summarize(rows)

@@ -6,6 +6,7 @@ Suites return task *names* so that each Ray task builds its own task object wher
 - ``offline``: real data from registry packages (``tasks/offline.py``), runs with no network.
 - ``mteb-lite``: the paper's 10-task MTEB subset.
 - ``mteb-eng-v2``: ``mteb.get_benchmark("MTEB(eng, v2)")``; ``bright``: mteb's BRIGHT.
+- ``advbench-ir``: the paper's harmful-retrieval evaluation (``tasks/advbench.py``, hub-backed).
 - ``list``: the mteb task names in ``cfg.eval.tasks``.
 Real mteb tasks download from the Hugging Face hub when they load (a real cluster, not here).
 """
@@ -63,6 +64,14 @@ def bright_suite(cfg: DictConfig) -> list[str]:
     return _benchmark_tasks(suite_lists()["benchmarks"]["bright"])
 
 
+@SUITES.register("advbench-ir")
+def advbench_suite(cfg: DictConfig) -> list[str]:
+    """The paper's safety evaluation (hub-backed; l2vg_ray/eval/tasks/advbench.py)."""
+    from l2vg_ray.eval.tasks.advbench import TASK_NAME
+
+    return [TASK_NAME]
+
+
 @SUITES.register("list")
 def list_suite(cfg: DictConfig) -> list[str]:
     names = [str(t) for t in cfg.eval.tasks]
@@ -79,7 +88,9 @@ def suite_task_names(cfg: DictConfig) -> list[str]:
     names = list(dict.fromkeys(SUITES.get(str(cfg.eval.suite))(cfg)))
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
 
-    mteb_names = [n for n in names if n not in OFFLINE_TASKS]
+    from l2vg_ray.eval.tasks.advbench import TASK_NAME as ADVBENCH
+
+    mteb_names = [n for n in names if n not in OFFLINE_TASKS and n != ADVBENCH]
     if mteb_names:
         import mteb
 

@@ -44,15 +44,29 @@ class Generation:
     token_ids: tuple[int, ...] = ()  # the generated ids (stop token excluded), for comparisons
 
 
+SAMPLING_MODES = ("explicit", "model")
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """The ``generate`` config fields an engine needs (built from a dict, DictConfig or dataclass)."""
+    """The ``generate`` config fields an engine needs (built from a dict, DictConfig or dataclass).
+
+    ``sampling``: ``explicit`` samples with ``temperature`` / ``top_p`` / ``top_k`` (greedy at
+    temperature 0, identical across engines); ``model`` uses the model's own
+    ``generation_config.json`` sampling defaults, as the paper's generation does (vLLM's
+    ``generation_config="auto"``, and transformers' ``generate`` with the model's config).
+    ``chat_template_kwargs`` go to ``apply_chat_template`` in both engines (e.g. Qwen3's
+    ``enable_thinking: false``).
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     max_tokens: int = 256
     seed: int = 0
     system_prompt: str | None = None
+    sampling: str = "explicit"
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
 
@@ -60,19 +74,32 @@ class GenerationSettings:
     def from_config(cls, gen: Any) -> GenerationSettings:
         get = gen.get if isinstance(gen, Mapping) else lambda k, d=None: getattr(gen, k, d)
         defaults = cls()
+        template_kwargs = get("chat_template_kwargs", None) or {}
+        if hasattr(template_kwargs, "items"):
+            template_kwargs = tuple(sorted((str(k), v) for k, v in dict(template_kwargs).items()))
         s = cls(
             temperature=float(get("temperature", defaults.temperature)),
             top_p=float(get("top_p", defaults.top_p)),
+            top_k=int(get("top_k", defaults.top_k) or 0),
             max_tokens=int(get("max_tokens", defaults.max_tokens)),
             seed=int(get("seed", defaults.seed)),
             system_prompt=get("system_prompt", None) or None,
+            sampling=str(get("sampling", defaults.sampling) or defaults.sampling),
+            chat_template_kwargs=tuple(template_kwargs),
             tensor_parallel_size=int(get("tensor_parallel_size", 1)),
             gpu_memory_utilization=float(get("gpu_memory_utilization", 0.9)),
         )
+        if s.sampling not in SAMPLING_MODES:
+            raise ConfigError(
+                f"generate.sampling={s.sampling!r}; use 'explicit' (temperature/top_p/top_k, "
+                f"greedy at 0) or 'model' (the model's generation_config.json)."
+            )
         if s.temperature < 0:
             raise ConfigError(f"generate.temperature={s.temperature}; use 0 (greedy) or > 0.")
         if not 0 < s.top_p <= 1:
             raise ConfigError(f"generate.top_p={s.top_p}; it must lie in (0, 1].")
+        if s.top_k < 0:
+            raise ConfigError(f"generate.top_k={s.top_k}; use 0 (off) or a positive count.")
         if s.max_tokens < 1:
             raise ConfigError(f"generate.max_tokens={s.max_tokens}; it must be >= 1.")
         if s.tensor_parallel_size < 1:
@@ -83,20 +110,32 @@ class GenerationSettings:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.sampling == "explicit" and self.temperature == 0.0
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        return dict(self.chat_template_kwargs)
 
     def to_json(self) -> str:
-        """The SAMPLING_PARAMS column: what decides the response text, as sorted JSON."""
-        return json.dumps(
-            {
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "max_tokens": self.max_tokens,
-                "seed": self.seed,
-                "system_prompt": self.system_prompt,
-            },
-            sort_keys=True,
-        )
+        """The SAMPLING_PARAMS column: what decides the response text, as sorted JSON.
+
+        Settings at their default are left out, so data generated before a setting existed
+        still matches a run that does not use it.
+        """
+        params: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "system_prompt": self.system_prompt,
+        }
+        if self.top_k:
+            params["top_k"] = self.top_k
+        if self.sampling != "explicit":
+            params["sampling"] = self.sampling
+        if self.chat_template_kwargs:
+            params["chat_template_kwargs"] = self.template_kwargs
+        return json.dumps(params, sort_keys=True, default=str)
 
 
 class Backend(Protocol):
@@ -119,7 +158,10 @@ GENERATION_BACKENDS: Registry[type] = Registry(
 
 
 def build_chat_prompts(
-    tokenizer: Any, queries: Sequence[str], system_prompt: str | None
+    tokenizer: Any,
+    queries: Sequence[str],
+    system_prompt: str | None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Each query as one user turn (after an optional system turn) in the model's chat template."""
     if not getattr(tokenizer, "chat_template", None):
@@ -134,7 +176,9 @@ def build_chat_prompts(
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         prompts.append(
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+            )
         )
     return prompts
 
@@ -221,7 +265,10 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto"):
+    def __init__(
+        self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
+        cache_dir: str | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -230,14 +277,20 @@ class TransformersBackend:
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.device = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype))
-        # A clean generation config: the model's own file may carry sampling defaults
-        # (repetition_penalty, top_k, do_sample) that transformers would silently merge in,
-        # while vLLM is told to ignore them (generation_config="vllm"). Only stop/pad ids stay.
-        model.generation_config = GenerationConfig(
-            bos_token_id=self.tokenizer.bos_token_id,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        if self.settings.sampling == "model":
+            # The model's own sampling defaults (generation_config.json), as vLLM's
+            # generation_config="auto"; only the stop and pad ids are set here.
+            model.generation_config.eos_token_id = self.stop_ids
+            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        else:
+            # A clean generation config: the model's own file may carry sampling defaults
+            # (repetition_penalty, top_k, do_sample) that transformers would silently merge in,
+            # while vLLM is told to ignore them (generation_config="vllm"). Only stop/pad ids stay.
+            model.generation_config = GenerationConfig(
+                bos_token_id=self.tokenizer.bos_token_id,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         self.model = model.to(self.device).eval()
         self._torch = torch
 
@@ -245,21 +298,24 @@ class TransformersBackend:
         if not queries:
             return []
         s = self.settings
-        prompts = build_chat_prompts(self.tokenizer, queries, s.system_prompt)
+        prompts = build_chat_prompts(self.tokenizer, queries, s.system_prompt, s.template_kwargs)
         batch = self.tokenizer.pad(
             {"input_ids": encode_prompts(self.tokenizer, prompts)},
             padding=True,
             return_tensors="pt",
         ).to(self.device)
-        if s.greedy:
-            sampling: dict[str, Any] = {"do_sample": False}
+        if s.sampling == "model":
+            sampling: dict[str, Any] = {}  # the model's generation_config decides
+            self._torch.manual_seed(s.seed)
+        elif s.greedy:
+            sampling = {"do_sample": False}
         else:
-            # top_k=0 disables transformers' default top-k, as in vLLM's SamplingParams.
+            # top_k=0 disables transformers' default top-k, as top_k=-1 in vLLM.
             sampling = {
                 "do_sample": True,
                 "temperature": s.temperature,
                 "top_p": s.top_p,
-                "top_k": 0,
+                "top_k": s.top_k,
             }
             # Seeded per call, so that a rerun of the same batch (resume) gives the same texts.
             self._torch.manual_seed(s.seed)
@@ -293,7 +349,10 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto"):
+    def __init__(
+        self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
+        cache_dir: str | None = None,
+    ):
         platform = vllm_platform()
         if platform is None:
             raise ConfigError(
@@ -330,29 +389,85 @@ class VLLMBackend:
             dtype=dtype,
             seed=s.seed,
             tensor_parallel_size=s.tensor_parallel_size,
-            # Ignore the model's generation_config.json sampling defaults, as transformers does.
-            generation_config="vllm",
+            # explicit: ignore the model's generation_config.json sampling defaults, as the
+            # transformers backend does; model: use them ("auto").
+            generation_config="auto" if s.sampling == "model" else "vllm",
             **kwargs,
         )
-        self.sampling = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_tokens,
-            seed=s.seed,
-            stop_token_ids=self.stop_ids,
-            detokenize=False,  # decoded by decode_generation, as in the transformers backend
-        )
+        common = {
+            "max_tokens": s.max_tokens,
+            "seed": s.seed,
+            "stop_token_ids": self.stop_ids,
+            "detokenize": False,  # decoded by decode_generation, as in the transformers backend
+        }
+        if s.sampling == "model":
+            self.sampling = self.llm.get_default_sampling_params()
+            for key, value in common.items():
+                setattr(self.sampling, key, value)
+        else:
+            self.sampling = SamplingParams(
+                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1, **common
+            )
 
     def generate(self, queries: list[str]) -> list[Generation]:
         if not queries:
             return []
-        prompts = build_chat_prompts(self.tokenizer, queries, self.settings.system_prompt)
+        prompts = build_chat_prompts(
+            self.tokenizer, queries, self.settings.system_prompt, self.settings.template_kwargs
+        )
         requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
         outputs = self.llm.generate(requests, self.sampling, use_tqdm=False)
         return [
             decode_generation(self.tokenizer, list(o.outputs[0].token_ids), self.stop_ids)
             for o in outputs
         ]
+
+
+@GENERATION_BACKENDS.register("precomputed")
+class PrecomputedBackend:
+    """Responses that already exist: the query source's ``generate.response_column``.
+
+    For the official per-generator splits of ``McGill-NLP/llm2vec-gen-tulu`` (responses of
+    Qwen3-8B, Llama-3.1-8B, ... to the Tulu prompts): generation is skipped and the rest of the
+    pipeline (teacher, Parquet, manifest) runs as usual. Token counts use the LLM's tokenizer.
+    """
+
+    name = "precomputed"
+
+    def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
+                 cache_dir: str | None = None):
+        from pathlib import Path
+
+        from l2vg_ray.generate.queries import read_pairs
+
+        self.settings = GenerationSettings.from_config(gen)
+        self.tokenizer = load_tokenizer(model_path)
+        column = str(gen["response_column"])
+        cache = Path(str(cache_dir or "~/.cache/l2vg_ray")).expanduser()
+        queries = gen["queries"]
+        if isinstance(queries, Mapping) and not hasattr(queries, "source"):
+            from omegaconf import OmegaConf
+
+            queries = OmegaConf.create(dict(queries))  # a Ray actor gets the plain-dict config
+        self.pairs = read_pairs(queries, cache, column)
+        self.column = column
+        if not self.pairs:
+            raise ValueError(
+                f"generate.backend=precomputed found no (query, {column}) pairs in the query "
+                f"source; check generate.queries and generate.response_column."
+            )
+
+    def generate(self, queries: list[str]) -> list[Generation]:
+        missing = [q for q in queries if q.strip() not in self.pairs]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(queries)} queries have no precomputed response (e.g. "
+                f"{missing[0][:80]!r}): the responses must come from the same source as the "
+                f"queries (generate.queries), in column {self.column!r}."
+            )
+        texts = [self.pairs[q.strip()] for q in queries]
+        counts = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [Generation(t, len(ids)) for t, ids in zip(texts, counts, strict=True)]
 
 
 def resolve_backend(name: str) -> str:
@@ -381,6 +496,7 @@ def build_backend(cfg: Mapping[str, Any] | Any, *, backend: str | None = None) -
         gen=cfg["generate"],
         dtype=str(cfg["model"]["dtype"]),
         device=str(cfg["model"]["device"]),
+        cache_dir=cfg["cache_dir"],
     )
 
 
@@ -463,4 +579,37 @@ def generate_stage_kwargs(cfg: Any) -> dict[str, Any]:
         "num_gpus": num_gpus,
         "batch_size": int(g["batch_size"]),
     }
+    python = actor_python(g.get("python"))
+    if python is not None:
+        kwargs["runtime_env"] = {"py_executable": python}
     return kwargs
+
+
+VLLM_VENV_PYTHON = ".venv-vllm/bin/python"  # what `make vllm-env` builds
+
+
+def actor_python(spec: str | None) -> str | None:
+    """The interpreter for generation actors: ``generate.python`` as an absolute path; ``auto``
+    = ``.venv-vllm/bin/python`` when it exists (else the driver's), None = the driver's."""
+    import sys
+    from pathlib import Path
+
+    if spec is None or spec == "":
+        return None
+    if spec == "auto":
+        found = Path(VLLM_VENV_PYTHON).absolute()
+        if not found.is_file():
+            log.info("generate.python=auto: %s not found, generation actors use %s",
+                     VLLM_VENV_PYTHON, sys.executable)
+            return None
+        log.info("generate.python=auto: generation actors run in %s", found)
+        return str(found)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"generate.python={spec!r} is not an interpreter on this machine. Build the vLLM "
+            f"environment (`make vllm-env`, then {VLLM_VENV_PYTHON}) or set generate.python=null."
+        )
+    # Not resolved: a venv's python is a symlink to the base interpreter, and only the link
+    # path makes Python pick up the venv's site-packages.
+    return str(path.absolute())

@@ -405,9 +405,11 @@ def run_generate(cfg: DictConfig) -> dict[str, Any]:
     wanted = set(ids)
     stale_ids = len(done - wanted)
     if stale_ids:
-        log.warning(
-            "%s holds %d rows whose queries are not in this run's query set (kept, not "
-            "regenerated)", out.uri, stale_ids,
+        raise ConfigError(
+            f"{out.uri} holds {stale_ids} rows whose queries are not in this run's query set "
+            f"(the set shrank or changed): training would still read them. Nothing was deleted. "
+            f"Generate into a fresh generate.output_dir (name=NEW_NAME), or replace the old data "
+            f"with `l2vg run --overwrite`."
         )
     log.info(
         "generate: %d queries, %d already in %d shard(s) of %s, %d to generate",

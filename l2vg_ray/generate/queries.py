@@ -48,8 +48,10 @@ BUNDLED_FILE = "quickstart_queries.jsonl"
 QueryLoader = Callable[[DictConfig, Path], Iterable[Any]]
 
 QUERY_SOURCES: Registry[QueryLoader] = Registry(
-    "query source", hint="Set generate.queries.source to one of them."
+    "query source",
+    hint="Set generate.queries.source to one of them, or to 'mix' with a list of parts.",
 )
+MIX = "mix"  # generate.queries.source: several sources (generate.queries.parts)
 
 
 @dataclass
@@ -72,21 +74,78 @@ class QueryStats:
 # Public entry
 
 
-def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dict[str, int]]:
+def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dict[str, Any]]:
     """Cleaned queries of ``cfg.generate.queries`` and the counts of each cleaning step.
 
     ``tokenizer`` (the LLM's) measures ``max_query_tokens``; without one the length is the
-    number of whitespace-separated words, a lower bound on the token count.
+    number of whitespace-separated words, a lower bound on the token count. ``source: mix``
+    cleans and limits each of ``parts`` on its own, then deduplicates across them and applies
+    the top-level ``limit``; the counts of every part are under ``parts``.
     """
     qcfg = cfg.generate.queries
-    loader = QUERY_SOURCES.get(qcfg.source)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
-    raw = loader(qcfg, cache_dir)
+    count_tokens = _token_counter(tokenizer)
+    if qcfg.source != MIX:
+        queries, stats = _load_source(qcfg, cache_dir, count_tokens)
+        return queries, stats.as_dict()
+    if not qcfg.parts:
+        raise ConfigError(
+            "generate.queries.source=mix needs generate.queries.parts, a list of sources such as "
+            "[{source: sharegpt, limit: 3000}, {source: pyserini, path: "
+            "topics.msmarco-passage.dev-subset.txt, limit: 3000}]."
+        )
+    raw: list[str] = []
+    parts: list[dict[str, Any]] = []
+    for i, part in enumerate(qcfg.parts):
+        if part.source == MIX:
+            raise ConfigError(f"generate.queries.parts[{i}].source=mix: parts cannot nest.")
+        got, stats = _load_source(part, cache_dir, count_tokens)
+        raw.extend(got)
+        parts.append({"source": str(part.source), "path": part.path, "name": part.name,
+                      **stats.as_dict()})
     queries, stats = clean_queries(
         raw,
         min_chars=qcfg.min_chars,
         max_query_tokens=qcfg.max_query_tokens,
-        count_tokens=_token_counter(tokenizer),
+        count_tokens=count_tokens,
+        limit=qcfg.limit,
+        seed=qcfg.seed,
+    )
+    log.info("Queries from %d sources: %s", len(parts), stats.as_dict())
+    return queries, {**stats.as_dict(), "parts": parts}
+
+
+def shape_texts(raw: Iterable[Any], *, max_words: int | None, template: str | None) -> Iterator[Any]:
+    """Cut each text to its first ``max_words`` words, then wrap it in ``template`` ({text})."""
+    if template is not None and "{text}" not in template:
+        raise ConfigError(
+            f"generate.queries template {template!r} has no {{text}} placeholder, e.g. "
+            f"'Summarize the following passage: {{text}}'."
+        )
+    if max_words is not None and max_words < 1:
+        raise ConfigError(f"generate.queries max_words must be >= 1 or null, got {max_words}.")
+    for item in raw:
+        if not isinstance(item, str) or not item.strip():
+            yield item
+            continue
+        text = item.strip()
+        if max_words is not None:
+            text = " ".join(text.split()[:max_words])
+        yield template.replace("{text}", text) if template is not None else text
+
+
+def _load_source(
+    qcfg: DictConfig, cache_dir: Path, count_tokens: Callable[[list[str]], list[int]] | None
+) -> tuple[list[str], QueryStats]:
+    loader = QUERY_SOURCES.get(qcfg.source)
+    raw = loader(qcfg, cache_dir)
+    if qcfg.max_words is not None or qcfg.template is not None:
+        raw = shape_texts(raw, max_words=qcfg.max_words, template=qcfg.template)
+    queries, stats = clean_queries(
+        raw,
+        min_chars=qcfg.min_chars,
+        max_query_tokens=qcfg.max_query_tokens,
+        count_tokens=count_tokens,
         limit=qcfg.limit,
         seed=qcfg.seed,
     )
@@ -96,7 +155,7 @@ def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dic
             f"Check generate.queries (path/column/max_query_tokens={qcfg.max_query_tokens})."
         )
     log.info("Queries from %s: %s", qcfg.source, stats.as_dict())
-    return queries, stats.as_dict()
+    return queries, stats
 
 
 def clean_queries(
@@ -385,13 +444,28 @@ def iter_json_array(stream: io.TextIOBase, *, chunk_chars: int = 1 << 22) -> Ite
             buf, pos = buf[pos:], 0
 
 
-def sharegpt_user_turns(records: Iterable[Any]) -> Iterator[str]:
-    """The first user turn of each ShareGPT conversation (later turns lean on context)."""
+_SHAREGPT_PART = re.compile(r"_(\d+)$")
+
+
+SHAREGPT_ROLES = {"user": ("human", "user"), "assistant": ("gpt", "assistant", "chatgpt")}
+
+
+def sharegpt_user_turns(records: Iterable[Any], role: str = "user") -> Iterator[str]:
+    """The first user turn of each ShareGPT conversation *start*.
+
+    The file splits long conversations into parts whose ids end in ``_0``, ``_1``, ...; a part
+    after the first opens with a follow-up ("More verbose and details") that means nothing alone,
+    so only records whose id ends in ``_0`` (or has no part suffix) are used, and later user
+    turns (which lean on the context) never are.
+    """
     for record in records:
         if not isinstance(record, dict):
             continue
+        m = _SHAREGPT_PART.search(str(record.get("id") or ""))
+        if m and m.group(1) != "0":
+            continue
         for turn in record.get("conversations") or ():
-            if isinstance(turn, dict) and turn.get("from") in ("human", "user"):
+            if isinstance(turn, dict) and turn.get("from") in SHAREGPT_ROLES[role]:
                 yield turn.get("value") or ""
                 break
 
@@ -408,9 +482,15 @@ def _cached_member(package: str, member: str, cache_dir: Path) -> Path:
 
 @QUERY_SOURCES.register("sharegpt")
 def _sharegpt_source(qcfg: DictConfig, cache_dir: Path) -> Iterator[str]:
+    role = str(qcfg.role)
+    if role not in SHAREGPT_ROLES:
+        raise ConfigError(
+            f"generate.queries.role={role!r}; use one of {sorted(SHAREGPT_ROLES)} (the first user "
+            f"turn, or the first assistant turn of each conversation start)."
+        )
     path = _cached_member(SHAREGPT_PACKAGE, SHAREGPT_MEMBER, cache_dir)
     with open(path, encoding="utf-8") as f:
-        yield from sharegpt_user_turns(iter_json_array(f))
+        yield from sharegpt_user_turns(iter_json_array(f), role)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,8 +598,7 @@ def _pyserini_source(qcfg: DictConfig, cache_dir: Path) -> list[str]:
 # Hugging Face datasets (clusters with hub access)
 
 
-@QUERY_SOURCES.register("huggingface")
-def _huggingface_source(qcfg: DictConfig, cache_dir: Path) -> Sequence[Any]:
+def _load_hf_dataset(qcfg: DictConfig):
     if not qcfg.name:
         raise ConfigError(
             "generate.queries.source=huggingface needs generate.queries.name, a dataset id such "
@@ -532,7 +611,7 @@ def _huggingface_source(qcfg: DictConfig, cache_dir: Path) -> Sequence[Any]:
             "The huggingface query source needs the `datasets` package: pip install datasets"
         ) from None
     try:
-        ds = datasets.load_dataset(str(qcfg.name), split=str(qcfg.split))
+        return datasets.load_dataset(str(qcfg.name), split=str(qcfg.split))
     except Exception as e:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled...)
         raise RuntimeError(
             f"Could not load the Hugging Face dataset {qcfg.name!r} (split {qcfg.split!r}): "
@@ -540,9 +619,71 @@ def _huggingface_source(qcfg: DictConfig, cache_dir: Path) -> Sequence[Any]:
             f"HF_HUB_OFFLINE, log in for gated sets) or a local copy in the datasets cache; "
             f"offline, use source=file, sharegpt, pyserini or bundled instead."
         ) from e
+
+
+@QUERY_SOURCES.register("huggingface")
+def _huggingface_source(qcfg: DictConfig, cache_dir: Path) -> Sequence[Any]:
+    ds = _load_hf_dataset(qcfg)
     if qcfg.column not in ds.column_names:
         raise ValueError(
             f"Dataset {qcfg.name!r} has no column {qcfg.column!r}; it has {ds.column_names}. "
             f"Set generate.queries.column."
         )
     return ds[qcfg.column]
+
+
+# --------------------------------------------------------------------------------------------
+# Precomputed responses (generate.backend=precomputed): query -> response pairs of a source
+
+
+def read_pairs(qcfg: DictConfig, cache_dir: Path, response_column: str) -> dict[str, str]:
+    """{query: response} from the query source's own rows (``file`` or ``huggingface``).
+
+    The query text is stripped as ``clean_queries`` strips it, so the keys match the cleaned
+    queries; the first response of a repeated query wins.
+    """
+    source = str(qcfg.source)
+    if source == "huggingface":
+        ds = _load_hf_dataset(qcfg)
+        for col in (qcfg.column, response_column):
+            if col not in ds.column_names:
+                raise ValueError(
+                    f"Dataset {qcfg.name!r} (split {qcfg.split!r}) has no column {col!r}; it has "
+                    f"{ds.column_names}. Set generate.queries.column / generate.response_column."
+                )
+        queries, responses = ds[qcfg.column], ds[response_column]
+    elif source == "file":
+        import pandas as pd
+
+        path = str(qcfg.path or "")
+        _check_exists(path)
+        lower = path.lower()
+        with _open_binary(path) as f:
+            if lower.endswith(".parquet"):
+                df = pd.read_parquet(f)
+            elif lower.endswith((".jsonl", ".ndjson")):
+                df = pd.read_json(f, lines=True)
+            elif lower.endswith((".csv", ".tsv")):
+                df = pd.read_csv(f, sep="," if lower.endswith(".csv") else "\t")
+            else:
+                raise ValueError(
+                    f"Precomputed responses need a .parquet, .jsonl or .csv file; got {path!r}."
+                )
+        missing = [c for c in (qcfg.column, response_column) if c not in df.columns]
+        if missing:
+            raise ValueError(
+                f"{path}: no column(s) {missing}; it has {list(df.columns)}. Set "
+                f"generate.queries.column / generate.response_column."
+            )
+        queries, responses = df[qcfg.column].tolist(), df[response_column].tolist()
+    else:
+        raise ConfigError(
+            f"generate.backend=precomputed reads responses from the query source, which must be "
+            f"file or huggingface (got {source!r})."
+        )
+    pairs: dict[str, str] = {}
+    for q, r in zip(queries, responses, strict=True):
+        key = q.strip() if isinstance(q, str) else ""
+        if key and key not in pairs:
+            pairs[key] = "" if r is None else str(r)
+    return pairs

@@ -1,12 +1,14 @@
 """Teachers (responses -> the embeddings the encoder learns to align with) and ``TeacherStage``.
 
-Two kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
+Three kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
 
 - ``sentence-transformers``: a sentence-transformers model (``teacher.model`` or
   ``model.teacher``), embeddings exactly as the model's own pipeline gives them.
 - ``mean-pooled-llm``: the LLM2Vec-style unsupervised teacher of the paper: the LLM
   (``teacher.model`` or ``model.llm``) reads the response, and its last hidden states are
   mean-pooled over the response tokens (special tokens and padding excluded).
+- ``llm2vec``: the paper's teacher, the backbone's own LLM2Vec encoder (bidirectional attention,
+  the MNTP LoRA merged, the unsupervised SimCSE LoRA on top), masked mean with BOS.
 
 A teacher has ``.name`` (written to TEACHER_MODEL), ``.dim`` and
 ``embed(texts) -> float32 (N, dim)``. ``TeacherStage`` is the thin Ray Data wrapper.
@@ -49,7 +51,7 @@ def teacher_spec(cfg: Mapping[str, Any] | Any) -> str:
     TEACHERS.get(kind)  # unknown kinds list the known ones
     if cfg["teacher"]["model"]:
         return str(cfg["teacher"]["model"])
-    return str(cfg["model"]["teacher"] if kind == "sentence-transformers" else cfg["model"]["llm"])
+    return str(cfg["model"]["llm"] if kind == "mean-pooled-llm" else cfg["model"]["teacher"])
 
 
 def _resolve(spec: str, cfg: Mapping[str, Any] | Any) -> str:
@@ -138,6 +140,109 @@ class MeanPooledLLMTeacher:
         return out
 
 
+def make_bidirectional(model: Any) -> Any:
+    """Turn a decoder-only transformers model's attention non-causal, in place.
+
+    ``config.is_causal = False`` makes the model build a bidirectional (padding-only) mask
+    (transformers' ``create_causal_mask`` falls back to ``create_bidirectional_mask``), and every
+    attention module's ``is_causal = False`` stops SDPA / flash attention from re-imposing
+    causality when no mask is materialised. This is LLM2Vec's first step, done on the current
+    transformers classes rather than a pinned fork of their modeling code.
+    """
+    configs = [model.config]
+    text = getattr(model.config, "get_text_config", None)
+    if text is not None:
+        configs.append(text())
+    for conf in configs:
+        conf.is_causal = False
+    n = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "is_causal", None), bool):  # idempotent
+            module.is_causal = False
+            n += 1
+    if n == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module with an is_causal flag: it cannot be "
+            f"made bidirectional this way. Use a Llama/Qwen/Mistral-style decoder."
+        )
+    return model
+
+
+def llm2vec_base(adapter: str) -> str:
+    """The base model an LLM2Vec MNTP adapter was trained on (its adapter_config.json)."""
+    from peft import PeftConfig
+
+    try:
+        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    except Exception as e:  # hub errors come in many types
+        raise ValueError(
+            f"teacher {adapter!r} is not a PEFT adapter (no readable adapter_config.json: "
+            f"{type(e).__name__}: {str(e)[:200]}). teacher.kind=llm2vec needs the MNTP adapter, "
+            f"e.g. McGill-NLP/LLM2Vec-Qwen3-8B-mntp."
+        ) from None
+    if not base:
+        raise ValueError(f"{adapter!r}/adapter_config.json names no base_model_name_or_path.")
+    return str(base)
+
+
+@TEACHERS.register("llm2vec")
+class LLM2VecTeacher:
+    """The paper's unsupervised teacher: an LLM2Vec encoder of the backbone.
+
+    The base causal LM (named by the MNTP adapter's ``adapter_config.json``) is made
+    bidirectional, the MNTP LoRA (``teacher.model`` / ``model.teacher``) is merged into it and the
+    second LoRA (``teacher.adapter``, the unsupervised SimCSE one) is applied; the embedding is
+    the masked mean of the last hidden states over every token, BOS included, of the response
+    (no instruction), cut at ``teacher.max_length`` tokens, in ``teacher.dtype``.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModel, AutoTokenizer
+
+        adapter = teacher_spec(cfg)
+        second = cfg["teacher"]["adapter"]
+        self.name = f"llm2vec:{adapter}" + (f"+{second}" if second else "")
+        adapter_path = _resolve(adapter, cfg)
+        base = _resolve(llm2vec_base(adapter_path), cfg)
+        dtype = torch_dtype(str(cfg["teacher"]["dtype"] or cfg["model"]["dtype"]))
+        self.batch_size = int(cfg["teacher"]["batch_size"])
+        self.max_length = int(cfg["teacher"]["max_length"])
+        self.device = resolve_device(device)
+        try:  # LLM2Vec adapters ship the tokenizer they were trained with
+            self.tokenizer = AutoTokenizer.from_pretrained(adapter_path)
+        except (OSError, ValueError):
+            self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.tokenizer.padding_side = "left"  # as the official teacher collator
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = make_bidirectional(AutoModel.from_pretrained(base, dtype=dtype))
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+        if second:
+            model = PeftModel.from_pretrained(model, _resolve(str(second), cfg)).merge_and_unload()
+        make_bidirectional(model)
+        self.model = model.to(self.device).eval()
+        self.dim = int(self.model.config.get_text_config().hidden_size)
+        self._torch = torch
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i].strip() for i in idx], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**enc).last_hidden_state
+            # Every real token counts, BOS included (the official teacher's pooling).
+            out[idx] = mean_pool(hidden.float(), enc["attention_mask"]).cpu().numpy()
+        return out
+
+
 def build_teacher(cfg: Mapping[str, Any] | Any) -> Teacher:
     return TEACHERS.get(str(cfg["teacher"]["kind"]))(cfg, device=str(cfg["model"]["device"]))
 
@@ -184,6 +289,11 @@ def teacher_dim(cfg: Mapping[str, Any] | Any) -> int:
         from transformers import AutoConfig
 
         return int(AutoConfig.from_pretrained(str(path)).get_text_config().hidden_size)
+    elif kind == "llm2vec":
+        from transformers import AutoConfig
+
+        base = _resolve(llm2vec_base(str(path)), cfg)
+        return int(AutoConfig.from_pretrained(base).get_text_config().hidden_size)
     return int(build_teacher(cfg).dim)  # an unusual layout: load it once to ask
 
 

@@ -122,6 +122,40 @@ PACKAGED_MODELS.add(
 )
 
 
+def packaged_encoder_dir(name: str) -> Path:
+    """Where a packaged trained encoder lives inside this package (resources/encoders/NAME)."""
+    return Path(__file__).resolve().parent.parent / "resources" / "encoders" / name
+
+
+def _packaged_encoder(name: str) -> Callable[[Path], Path]:
+    def materialize(_: Path) -> Path:
+        folder = packaged_encoder_dir(name)
+        if not (folder / "l2vg_config.json").is_file():
+            raise FileNotFoundError(
+                f"The packaged encoder {name!r} is missing from {folder}: reinstall l2vg-ray "
+                f"(its package data), or train it again with `l2vg run --config "
+                f"configs/laptop.yaml` and pass the trained folder instead."
+            )
+        return folder
+
+    return materialize
+
+
+# Trained LLM2Vec-Gen encoders shipped with the project (the trainable state only, ~2 MB; the
+# frozen LLM they sit on is itself a packaged model). `l2vg eval/serve/decode model=NAME`.
+PACKAGED_MODELS.add(
+    "l2vg-smollm2-135m-laptop",
+    PackagedModel(
+        name="l2vg-smollm2-135m-laptop",
+        kind="l2vg-encoder",
+        package="l2vg-ray",
+        install_hint="reinstall l2vg-ray (package data under l2vg_ray/resources/encoders)",
+        materialize=_packaged_encoder("l2vg-smollm2-135m-laptop"),
+        needs_cache=False,
+    ),
+)
+
+
 def is_packaged(spec: str) -> bool:
     return spec in PACKAGED_MODELS
 

@@ -63,7 +63,7 @@ ENCODER_LOADERS: Registry[EncoderLoader] = Registry("serve loader")
 
 @ENCODER_LOADERS.register("encoder")
 def _load_with_load_encoder(cfg: DictConfig) -> TextEncoder:
-    from l2vg_ray.encoders import load_encoder
+    from l2vg_ray.loading import load_encoder
 
     return load_encoder(cfg.serve.model, cfg)
 

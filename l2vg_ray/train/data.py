@@ -110,8 +110,9 @@ def check_data_against_config(
     return info.teacher_dim
 
 
-def read_train_dataset(info: DatasetInfo):
-    """The Ray Dataset of the training columns, files in a fixed order."""
+def read_train_dataset(info: DatasetInfo, *, exclude_ids: frozenset[str] = frozenset()):
+    """The Ray Dataset of the training columns, files in a fixed order, without ``exclude_ids``
+    (the held-out validation rows)."""
     import ray.data
 
     fs, _ = _filesystem(info.path)
@@ -120,9 +121,154 @@ def read_train_dataset(info: DatasetInfo):
     # scheduled later would wait forever. Only the three training columns are kept (in the
     # object store, shared by the workers of a node, spilled to disk when large); every epoch
     # and every restart then splits the same blocks in the same order.
-    return ray.data.read_parquet(
-        list(info.files), columns=list(TRAIN_COLUMNS), filesystem=fs
-    ).materialize()
+    ds = ray.data.read_parquet(
+        list(info.files), columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs
+    )
+    ds = ds.map_batches(_DropRows(exclude_ids), batch_format="pyarrow")
+    return ds.materialize()
+
+
+class _DropRows:
+    """``map_batches`` callable: drop the rows whose id is in ``ids``, then the id column."""
+
+    def __init__(self, ids: frozenset[str]) -> None:
+        self.ids = pa.array(sorted(ids), type=pa.string())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        if len(self.ids):
+            table = table.filter(pc.invert(pc.is_in(table[schema.ID], value_set=self.ids)))
+        return table.drop_columns([schema.ID])
+
+
+def _id_rank(row_id: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}/{row_id}".encode()).digest()[:8]
+
+
+def _all_ids(info: DatasetInfo) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, _ = _filesystem(info.path)
+    ids: list[str] = []
+    for f in info.files:
+        ids.extend(pq.read_table(f, columns=[schema.ID], filesystem=fs).column(0).to_pylist())
+    return ids
+
+
+def unused_ids(info: DatasetInfo, *, val_ids: frozenset[str], max_rows: int | None,
+               seed: int) -> frozenset[str]:
+    """Training rows left out by ``train.max_rows``: all but the first ``max_rows`` of the
+    non-held-out ids in seeded hash order (empty when ``max_rows`` is None)."""
+    if max_rows is None:
+        return frozenset()
+    if max_rows < 1:
+        raise ConfigError(f"train.max_rows must be >= 1 or null, got {max_rows}.")
+    rest = sorted((i for i in _all_ids(info) if i not in val_ids),
+                  key=lambda i: _id_rank(i, seed + 1))
+    return frozenset(rest[max_rows:])
+
+
+def validation_ids(info: DatasetInfo, *, val_rows: int, seed: int) -> frozenset[str]:
+    """The ``val_rows`` ids held out for validation: those with the smallest seeded hash, so the
+    choice depends only on the ids and the seed (not on file order or the number of workers).
+
+    At most a tenth of the data is held out: a small dataset keeps most of its rows for training.
+    """
+    if val_rows <= 0:
+        return frozenset()
+    ids = _all_ids(info)
+    n = min(val_rows, len(ids) // 10)
+    return frozenset(sorted(ids, key=lambda i: _id_rank(i, seed))[:n])
+
+
+@dataclass
+class ValidationRows:
+    """The held-out rows, plain and picklable (passed to every worker)."""
+
+    queries: list[str]
+    responses: list[str]
+    teacher: np.ndarray  # (rows, teacher_dim) float32
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def head(self, n: int) -> ValidationRows:
+        return ValidationRows(self.queries[:n], self.responses[:n], self.teacher[:n])
+
+
+def read_validation_rows(info: DatasetInfo, ids: frozenset[str]) -> ValidationRows:
+    """The rows of ``ids``, in a fixed order (sorted by id)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, _ = _filesystem(info.path)
+    value_set = pa.array(sorted(ids), type=pa.string())
+    parts = []
+    for f in info.files:
+        t = pq.read_table(f, columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs)
+        parts.append(t.filter(pc.is_in(t[schema.ID], value_set=value_set)))
+    table = pa.concat_tables(parts).sort_by(schema.ID) if parts else None
+    if table is None or table.num_rows == 0:
+        return ValidationRows([], [], np.zeros((0, info.teacher_dim), dtype=np.float32))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS}
+    queries, responses, teacher = batch_lists(batch)
+    return ValidationRows(queries, responses, np.array(teacher, dtype=np.float32))
+
+
+def read_probe_rows(
+    info: DatasetInfo, n: int, *, exclude_ids: frozenset[str] = frozenset()
+) -> ValidationRows:
+    """The first ``n`` training rows in file order (for the ridge-probe reference)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if n <= 0:
+        return ValidationRows([], [], np.zeros((0, info.teacher_dim), dtype=np.float32))
+    fs, _ = _filesystem(info.path)
+    excluded = pa.array(sorted(exclude_ids), type=pa.string())
+    parts, have = [], 0
+    for f in info.files:
+        t = pq.read_table(f, columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs)
+        if len(excluded):
+            t = t.filter(pc.invert(pc.is_in(t[schema.ID], value_set=excluded)))
+        parts.append(t.slice(0, n - have))
+        have += parts[-1].num_rows
+        if have >= n:
+            break
+    table = pa.concat_tables(parts)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS}
+    queries, responses, teacher = batch_lists(batch)
+    return ValidationRows(queries, responses, np.array(teacher, dtype=np.float32))
+
+
+def target_moments(
+    info: DatasetInfo, *, exclude_ids: frozenset[str] = frozenset()
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """(rows, sum, sum of squares) of the teacher embeddings per dimension, in float64, over the
+    training rows; streamed file by file and batch by batch so memory stays small."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, _ = _filesystem(info.path)
+    excluded = pa.array(sorted(exclude_ids), type=pa.string())
+    n, total = 0, np.zeros(info.teacher_dim)
+    total_sq = np.zeros(info.teacher_dim)
+    for f in info.files:
+        with fs.open_input_file(f) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=4096, columns=[schema.ID, schema.TEACHER_EMBEDDING]
+            ):
+                if len(excluded):
+                    batch = batch.filter(pc.invert(pc.is_in(batch.column(0), value_set=excluded)))
+                if batch.num_rows == 0:
+                    continue
+                emb = batch.column(1)
+                x = emb.flatten().to_numpy().reshape(len(emb), info.teacher_dim).astype(np.float64)
+                n += len(x)
+                total += x.sum(0)
+                total_sq += (x * x).sum(0)
+    return n, total, total_sq
 
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:

@@ -8,10 +8,12 @@ overlaps the bucketed all-reduce with the rest of the backward pass and gives ``
 accumulation steps; with one worker there is nothing to synchronise and the module is not wrapped.
 
 Reporting: every step's metrics go into the run's history (``metrics.csv``, saved in each
-checkpoint); ``ray.train.report`` is called every ``train.log_every`` steps, on checkpoint steps
-and at the end. Ray Train V2 hands a worker's reports to the controller through a queue of size
-one that the controller drains on its 2 s health-check poll, so reporting faster than that
-throttles training to one step per poll (measured: 0.5 steps/s for a 0.04 s step).
+checkpoint); ``ray.train.report`` is called at most every ``train.report_every_s`` seconds (rank
+0's clock, shared through the step's all-reduce so every worker reports at the same step), on
+checkpoint steps and at the end; log lines every ``train.log_every`` steps. Ray Train V2 hands a
+worker's reports to the controller through a queue of size one that the controller drains on its
+2 s health-check poll, so reporting more often than that throttles training to one step per poll
+(measured: 0.5 steps/s for a 0.04 s step).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from l2vg_ray.encoder.losses import TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
+from l2vg_ray.train import validation
+from l2vg_ray.train.data import ValidationRows
 from l2vg_ray.train.batching import BatchPlan
 from l2vg_ray.train.schedule import build_optimizer, build_scheduler
 
@@ -88,10 +93,8 @@ def _maybe_fault(fault: dict | None, *, step: int, rank: int, last_checkpoint: s
     if last_checkpoint is not None:
         import ray.train
 
-        from l2vg_ray.train.trainer import SNAPSHOT_FILE
-
         storage = ray.train.get_context().get_storage()
-        snapshot = f"{storage.experiment_fs_path}/{SNAPSHOT_FILE}"
+        snapshot = f"{storage.experiment_fs_path}/{ckpt.SNAPSHOT_FILE}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -121,6 +124,40 @@ def _float(x: torch.Tensor | None) -> float:
     return math.nan if x is None else float(x.detach().float())
 
 
+def _references(
+    encoder: Any, config: dict[str, Any], stats: TargetStats | None, val: ValidationRows,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Zero-vector, mean-vector and ridge-probe references on the held-out rows (once a run)."""
+    if stats is None:
+        return {}
+    refs = validation.trivial_references(stats, torch.tensor(val.teacher))
+    probe = config.get("probe")
+    if probe is not None and len(probe):
+        refs = validation.probe_reference(
+            encoder, refs, probe.queries, probe.teacher, val, batch_size=max(8, batch_size)
+        )
+    return refs.as_dict()
+
+
+def _validate(encoder: Any, val: ValidationRows, batch_size: int, weights: dict) -> dict:
+    return validation.validate(
+        encoder, val, batch_size=max(8, batch_size), recon_weight=weights["recon_weight"],
+        align_loss=weights["align_loss"], target_stats=weights["target_stats"],
+    )
+
+
+def _val_line(m: dict[str, Any], refs: dict[str, Any]) -> str:
+    probe = refs.get("probe_mse")
+    return (
+        f"held-out align MSE {m.get('val_align_mse', math.nan):.5f} (cos "
+        f"{m.get('val_align_cos', math.nan):.3f}), recon {m.get('val_recon_loss', math.nan):.3f}; "
+        f"references: zero {refs.get('zero_mse', math.nan):.5f}, mean "
+        f"{refs.get('mean_mse', math.nan):.5f}, ridge probe "
+        f"{probe if probe is None else format(probe, '.5f')}"
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from omegaconf import OmegaConf
@@ -143,14 +180,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg.model, cache_dir=cfg.cache_dir, device=str(device), teacher_dim=config["teacher_dim"]
     )
     params = encoder.trainable_parameters()
-    optimizer = build_optimizer(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(
+        params, lr=t.lr, weight_decay=t.weight_decay,
+        head_params=encoder.head_parameters(), lr_heads=t.lr_heads,
+    )
     scheduler = build_scheduler(
-        optimizer, kind=t.scheduler, warmup_steps=t.warmup_steps, total_steps=total_steps
+        optimizer, kind=t.scheduler, warmup_steps=t.warmup_steps,
+        total_steps=int(t.schedule_steps or total_steps),
     )
     state = ckpt.TrainState()
     ckpt.seed_everything(t.seed + 1000 + rank)  # per-worker streams from here on
 
+    stats = TargetStats.from_lists(config["target_stats"]) if config.get("target_stats") else None
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("calibration"):
+        # A fresh run: same queries and model on every rank -> the same calibrated heads.
+        scales = encoder.calibrate_heads(
+            config["calibration"],
+            target_mean=stats.mean if stats is not None else None,
+            target_std=math.sqrt(stats.mean_vector_mse) if stats is not None else None,
+        )
+        log.info("Rank %d calibrated the heads: %s", rank, scales)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             ckpt.load_trainable(d, encoder)
@@ -188,12 +238,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shuffle_buffer=t.shuffle_buffer,
         start=(state.epoch, state.index),
     )
+    weights = {
+        "recon_weight": float(t.recon_weight),
+        "align_weight": float(t.align_weight),
+        "align_loss": str(t.align_loss),
+        "target_stats": stats.to(device) if stats is not None else None,
+    }
+    val_rows: ValidationRows | None = config.get("val")
+    if rank == 0 and val_rows is not None and len(val_rows) and not state.references:
+        state.references = _references(encoder, config, stats, val_rows, plan.micro_batch)
+        state.history.append({"step": 0, **_validate(encoder, val_rows, plan.micro_batch, weights)})
+        log.info("step 0: %s", _val_line(state.history[-1], state.references))
     encoder.train()
-    weights = {"recon_weight": float(t.recon_weight), "align_weight": float(t.align_weight)}
+    last_report = time.monotonic()
     while state.step < total_steps:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, recon, align, examples, tokens
+        # loss, recon, align, examples, tokens, and rank 0's "a report is due" flag (summed by
+        # the all-reduce below, so every worker takes the same decision at the same step).
+        sums = torch.zeros(6, dtype=torch.float64)
         lr = scheduler.get_last_lr()[0]
         for micro in range(plan.grad_accum_steps):
             epoch, index, rows = next(batches)
@@ -208,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 (out.loss / plan.grad_accum_steps).backward()
             sums += torch.tensor(
                 [_float(out.loss), _float(out.recon_loss), _float(out.align_loss),
-                 len(queries), float(out.n_response_tokens)],
+                 len(queries), float(out.n_response_tokens), 0.0],
                 dtype=torch.float64,
             )
             state.epoch, state.index = epoch, index + 1
@@ -216,6 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         scheduler.step()
         state.step += 1
+        if rank == 0 and time.monotonic() - last_report >= float(t.report_every_s):
+            sums[5] = 1.0
         if world > 1:  # the curves show the global batch, not rank 0's share
             torch.distributed.all_reduce(sums)
         elapsed = time.perf_counter() - start
@@ -234,9 +299,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step_time_s": elapsed,
             "time": time.time(),  # wall clock: steady-state steps/s including reporting
         }
+        if rank == 0 and val_rows is not None and len(val_rows) and (
+            state.step % t.eval_every == 0 or state.step == total_steps
+        ):
+            metrics.update(_validate(encoder, val_rows, plan.micro_batch, weights))
+            log.info("step %d: %s", state.step, _val_line(metrics, state.references))
         state.history.append(metrics)
-        report_now = state.step % t.log_every == 0 or state.step == total_steps
-        if rank == 0 and (report_now or state.step == 1):
+        report_now = bool(sums[5] > 0) or state.step == total_steps
+        if rank == 0 and (state.step % t.log_every == 0 or state.step in (1, total_steps)):
             log.info(
                 "step %d/%d loss %.4f (recon %.4f, align %.5f) lr %.2e %.1f ex/s",
                 state.step, total_steps, metrics["loss"], metrics["recon_loss"],
@@ -259,5 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=_checkpoint_name(state.step),
                 )
+            last_report = time.monotonic()
         elif report_now:
             ray.train.report(metrics)
+            last_report = time.monotonic()

@@ -31,13 +31,29 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int) 
 
 
 def build_optimizer(
-    params: Sequence[torch.nn.Parameter], *, lr: float, weight_decay: float
+    params: Sequence[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    head_params: Sequence[torch.nn.Parameter] = (),
+    lr_heads: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over exactly the trainable tensors (the frozen LLM has no optimiser state)."""
+    """AdamW over exactly the trainable tensors (the frozen LLM has no optimiser state).
+
+    With ``lr_heads`` the ``head_params`` (a subset of ``params``) form a second parameter group
+    at that rate; the schedule scales both groups alike.
+    """
     params = list(params)
     if not params:
         raise ValueError("No trainable parameters: the encoder exposes nothing to optimise.")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    heads = {id(p) for p in head_params}
+    if lr_heads is None or not heads:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = [
+        {"params": [p for p in params if id(p) not in heads], "lr": lr},
+        {"params": [p for p in params if id(p) in heads], "lr": lr_heads},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(

@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from l2vg_ray.encoder.model import TRAINABLE_FILE  # what L2VGEncoder.save writes
+
 if TYPE_CHECKING:
     from l2vg_ray.encoder import L2VGEncoder
 
 ENCODER_DIR = "encoder"
 TRAIN_STATE_FILE = "train_state.pt"
 RNG_DIR = "rng"
-TRAINABLE_FILE = "trainable.safetensors"  # written by L2VGEncoder.save
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 per run
 
 
 @dataclass
@@ -40,6 +42,8 @@ class TrainState:
     examples: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     resumes: list[int] = field(default_factory=list)  # the step of each restore from a checkpoint
+    # Held-out references (validation.References.as_dict()), computed once at the start.
+    references: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,14 +21,17 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
     import ray.train
 
 from l2vg_ray.config import ConfigError, to_dict, validate
+from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
+from l2vg_ray.train.state import SNAPSHOT_FILE
 from l2vg_ray.train.batching import plan_batches, total_steps
 from l2vg_ray.train.loop import FAULT_KEY, train_loop_per_worker
 from l2vg_ray.train.metrics import plot_curves, write_metrics_csv
@@ -40,8 +43,8 @@ log = logging.getLogger(__name__)
 # optimiser step ``k`` unless ``marker`` exists (it creates it first), i.e. once per marker.
 FAULT_ENV = "L2VG_TRAIN_FAULT"
 RUN_PREFIX = "train-"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 per run
 PRECISIONS = ("auto", "bf16", "fp32")
+HEAD_INITS = ("default", "calibrated")
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
@@ -56,7 +59,21 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.scheduler={t.scheduler!r} is unknown; use one of {list(SCHEDULERS)}.")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r} is unknown; use one of {list(PRECISIONS)}.")
-    for key in ("checkpoint_every", "log_every", "num_to_keep"):
+    ALIGNMENT_LOSSES.get(str(t.align_loss))  # an unknown name lists the known ones
+    if t.head_init not in HEAD_INITS:
+        raise ConfigError(f"train.head_init={t.head_init!r} is unknown; use one of {list(HEAD_INITS)}.")
+    if t.head_init == "calibrated" and t.calibration_rows < 1:
+        raise ConfigError(
+            f"train.head_init=calibrated needs train.calibration_rows >= 1, got {t.calibration_rows}."
+        )
+    if t.report_every_s < 0:
+        raise ConfigError(f"train.report_every_s must be >= 0 (0 = every step), got {t.report_every_s}.")
+    if t.val_rows < 0 or t.probe_rows < 0:
+        raise ConfigError(
+            f"train.val_rows={t.val_rows} and train.probe_rows={t.probe_rows} must be >= 0 "
+            f"(0 turns validation / the ridge probe off)."
+        )
+    for key in ("checkpoint_every", "log_every", "num_to_keep", "eval_every"):
         if t[key] < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
     if t.shuffle_buffer < 0 or t.max_failures < -1:
@@ -122,7 +139,6 @@ def run_train(cfg: DictConfig) -> dict:
     teacher_dim = train_data.check_data_against_config(
         info, teacher_dim=cfg.model.teacher_dim, plan=plan
     )
-    steps = total_steps(t.max_steps, t.epochs, info.num_rows, plan)
     storage = storage_path(cfg)
     if t.resume:
         name = latest_run_name(storage)
@@ -135,6 +151,19 @@ def run_train(cfg: DictConfig) -> dict:
     else:
         name = new_run_name()
 
+    val_ids = train_data.validation_ids(info, val_rows=int(t.val_rows), seed=int(t.seed))
+    val_rows = train_data.read_validation_rows(info, val_ids)
+    unused = train_data.unused_ids(info, val_ids=val_ids, max_rows=t.max_rows, seed=int(t.seed))
+    n, total, total_sq = train_data.target_moments(info, exclude_ids=val_ids | unused)
+    stats = TargetStats.from_moments(n, torch.from_numpy(total), torch.from_numpy(total_sq))
+    probe = train_data.read_probe_rows(
+        info, max(int(t.probe_rows), int(t.calibration_rows)), exclude_ids=val_ids | unused
+    )
+    steps = total_steps(t.max_steps, t.epochs, n, plan)
+    log.info(
+        "Targets: %d training rows, %d held out; mean-vector MSE %.5f, zero-vector MSE %.5f",
+        n, len(val_rows), stats.mean_vector_mse, stats.zero_vector_mse,
+    )
     resources = {"CPU": float(t.cpus_per_worker)}
     if t.use_gpu:
         resources["GPU"] = float(t.gpus_per_worker or 1.0)
@@ -145,6 +174,10 @@ def run_train(cfg: DictConfig) -> dict:
         "plan": (plan.global_batch, plan.num_workers, plan.grad_accum_steps),
         "total_steps": steps,
         "teacher_dim": teacher_dim,
+        "target_stats": stats.as_lists(),
+        "val": val_rows,
+        "probe": probe.head(int(t.probe_rows)),
+        "calibration": probe.queries[: int(t.calibration_rows)] if t.head_init == "calibrated" else [],
         FAULT_KEY: fault_from_env(),
     }
     trainer = TorchTrainer(
@@ -159,13 +192,13 @@ def run_train(cfg: DictConfig) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": train_data.read_train_dataset(info)},
+        datasets={"train": train_data.read_train_dataset(info, exclude_ids=val_ids | unused)},
         dataset_config=DataConfig(execution_options=ingest),
     )
     log.info(
-        "Training %d steps: global batch %d = %d rows x %d workers x %d accumulation; %d rows",
-        steps, plan.global_batch, plan.micro_batch, plan.num_workers, plan.grad_accum_steps,
-        info.num_rows,
+        "Training %d steps: global batch %d = %d rows x %d workers x %d accumulation; %d "
+        "training rows of %d", steps, plan.global_batch, plan.micro_batch, plan.num_workers,
+        plan.grad_accum_steps, n, info.num_rows,
     )
     start = time.perf_counter()
     result: ray.train.Result = trainer.fit()
@@ -199,8 +232,10 @@ def export_run(
         shutil.rmtree(final)
     staging.rename(final)
     metrics_csv = write_metrics_csv(history, out / METRICS_FILE)
-    curves = plot_curves(history, out / CURVES_FILE, title=f"{cfg.name}: {run_name}")
+    curves = plot_curves(history, out / CURVES_FILE, title=f"{cfg.name}: {run_name}",
+                         references=train_state.references)
     t = cfg.train
+    steps_done = [r for r in history if "loss" in r]
     summary = {
         "run_name": run_name,
         "storage_path": storage,
@@ -209,8 +244,11 @@ def export_run(
         "metrics_csv": str(metrics_csv),
         "curves_png": str(curves),
         "steps": int(history[-1]["step"]) if history else 0,
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": history[-1]["loss"] if history else None,
+        "first_loss": steps_done[0]["loss"] if steps_done else None,
+        "final_loss": steps_done[-1]["loss"] if steps_done else None,
+        "references": train_state.references,
+        "validation": [{k: v for k, v in r.items() if k == "step" or k.startswith("val_")}
+                       for r in history if "val_align_mse" in r],
         "resumed_at_steps": train_state.resumes,
         "num_workers": t.num_workers,
         "global_batch": t.batch_size,

@@ -84,6 +84,14 @@ def test_end_to_end_then_rerun_skips_everything(ray_session, tiny_config, tiny_t
     assert again["rows_generated"] == 0 and again["rows_skipped_existing"] == 12
     assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == shards
 
+    # A smaller query set would leave rows training still reads: refused, nothing deleted.
+    from l2vg_ray.config import ConfigError
+
+    cfg.generate.queries.limit = 8
+    with pytest.raises(ConfigError, match="4 rows whose queries are not in this run's query set"):
+        run_generate(cfg)
+    assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == shards
+
 
 def _wait_for_half_written_shard(proc, out_dir: Path, log_path: Path, timeout_s: float = 300):
     deadline = time.monotonic() + timeout_s

@@ -50,6 +50,91 @@ def test_chat_template_wraps_each_query_as_a_user_turn(tiny_llm_dir):
     assert with_system[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
 
 
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template_in_both_engines(tiny_generator_llm_dir):
+    tok = load_tokenizer(str(tiny_generator_llm_dir))
+    tok.chat_template = THINKING_TEMPLATE
+    plain = build_chat_prompts(tok, ["Hi"], None)
+    off = build_chat_prompts(tok, ["Hi"], None, {"enable_thinking": False})
+    assert not plain[0].endswith("<think></think>") and off[0].endswith("<think></think>")
+    # Both engines build their prompts through build_chat_prompts with the settings' kwargs.
+    settings = backends.GenerationSettings.from_config(
+        {"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert settings.template_kwargs == {"enable_thinking": False}
+    assert json.loads(settings.to_json())["chat_template_kwargs"] == {"enable_thinking": False}
+    backend = TransformersBackend(
+        str(tiny_generator_llm_dir), gen={"max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}},
+        device="cpu",
+    )
+    backend.tokenizer.chat_template = THINKING_TEMPLATE
+    seen = []
+    real = backends.build_chat_prompts
+    try:
+        backends.build_chat_prompts = lambda *a: seen.append(a[3]) or real(*a)
+        backend.generate(["Hi"])
+    finally:
+        backends.build_chat_prompts = real
+    assert seen == [{"enable_thinking": False}]
+
+
+def test_default_settings_keep_the_old_sampling_params_json():
+    # Data generated before top_k / sampling / chat_template_kwargs existed stays resumable.
+    assert json.loads(backends.GenerationSettings().to_json()) == {
+        "max_tokens": 256, "seed": 0, "system_prompt": None, "temperature": 0.0, "top_p": 1.0,
+    }
+    with pytest.raises(ConfigError, match="generate.sampling"):
+        backends.GenerationSettings.from_config({"sampling": "auto"})
+    with pytest.raises(ConfigError, match="top_k"):
+        backends.GenerationSettings.from_config({"top_k": -1})
+
+
+def test_model_sampling_uses_the_generation_config_and_explicit_ignores_it(
+    tmp_path, tiny_generator_llm_dir, greedy_backend
+):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = tmp_path / "sampling-model"
+    shutil.copytree(tiny_generator_llm_dir, model_dir)
+    gc = GenerationConfig.from_pretrained(model_dir)
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 1.5, 50, 1.0
+    gc.save_pretrained(model_dir)
+    model = TransformersBackend(str(model_dir), gen={"max_tokens": 10, "sampling": "model", "seed": 1},
+                                device="cpu")
+    explicit = TransformersBackend(str(model_dir), gen={"max_tokens": 10}, device="cpu")
+    first = model.generate(TINY_QUERIES[:4])
+    assert model.generate(TINY_QUERIES[:4]) == first  # seeded per call
+    assert first != greedy_backend.generate(TINY_QUERIES[:4])  # the file's sampling ran
+    # explicit greedy ignores the file's do_sample: identical to the clean greedy engine.
+    assert explicit.generate(TINY_QUERIES[:4]) == greedy_backend.generate(TINY_QUERIES[:4])
+
+
+def test_precomputed_backend_returns_the_sources_responses(tmp_path, tiny_llm_dir):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"question": " What is rain? ", "answer": "Water falling from clouds."},
+            {"question": "Who wrote Hamlet?", "answer": "Shakespeare."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gen = {"max_tokens": 8, "response_column": "answer",
+           "queries": {"source": "file", "path": str(path), "column": "question"}}
+    backend = backends.PrecomputedBackend(str(tiny_llm_dir), gen=gen, cache_dir=str(tmp_path))
+    out = backend.generate(["Who wrote Hamlet?", "What is rain?"])
+    assert [g.text for g in out] == ["Shakespeare.", "Water falling from clouds."]
+    assert all(g.n_tokens > 0 for g in out)
+    with pytest.raises(ValueError, match="no precomputed response"):
+        backend.generate(["Something else?"])
+    gen["response_column"] = "response"
+    with pytest.raises(ValueError, match=r"no column\(s\) \['response'\]"):
+        backends.PrecomputedBackend(str(tiny_llm_dir), gen=gen, cache_dir=str(tmp_path))
+
+
 def test_a_tokenizer_without_chat_template_is_refused(tiny_llm_dir):
     tok = load_tokenizer(str(tiny_llm_dir))
     tok.chat_template = None
@@ -139,10 +224,10 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
 
 
 def test_backend_names_resolve_and_unknown_ones_list_the_known(monkeypatch):
-    assert GENERATION_BACKENDS.names() == ["transformers", "vllm"]
+    assert GENERATION_BACKENDS.names() == ["precomputed", "transformers", "vllm"]
     assert resolve_backend("transformers") == "transformers"
     with pytest.raises(
-        ValueError, match="Unknown generation backend 'vlm'. Known: transformers, vllm"
+        ValueError, match="Unknown generation backend 'vlm'. Known: precomputed, transformers, vllm"
     ):
         resolve_backend("vlm")
     monkeypatch.setattr(backends, "vllm_platform", lambda: None)
@@ -175,3 +260,25 @@ def test_importing_the_stage_modules_pulls_no_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_generation_actors_can_run_in_another_interpreter(tiny_config, tmp_path, monkeypatch):
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    tiny_config.generate.python = str(python)
+    kw = generate_stage_kwargs(tiny_config)
+    assert kw["runtime_env"] == {"py_executable": str(python)}
+    tiny_config.generate.python = None
+    assert "runtime_env" not in generate_stage_kwargs(tiny_config)
+    tiny_config.generate.python = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="make vllm-env"):
+        generate_stage_kwargs(tiny_config)
+    # auto: the vLLM venv when it exists (relative to the working directory), else the driver's.
+    monkeypatch.chdir(tmp_path)
+    tiny_config.generate.python = "auto"
+    assert "runtime_env" not in generate_stage_kwargs(tiny_config)
+    (tmp_path / ".venv-vllm" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-vllm" / "bin" / "python").write_text("")
+    assert generate_stage_kwargs(tiny_config)["runtime_env"] == {
+        "py_executable": str(tmp_path / ".venv-vllm" / "bin" / "python")}

@@ -88,15 +88,59 @@ def test_every_yaml_under_configs_is_valid(path):
     assert set(d) >= {"model", "generate", "teacher", "train", "eval", "serve", "cluster"}
 
 
-def test_paper_configs_use_paper_settings():
-    papers = sorted((REPO / "configs" / "paper").glob("*.yaml"))
-    assert len(papers) >= 3
-    for p in papers:
-        cfg = load_config(p)
-        assert "/" in cfg.model.llm, f"{p.name}: the paper configs use hub ids"
-        assert cfg.train.lr == 3e-4 and cfg.train.warmup_steps == 100
-        assert cfg.train.batch_size == 32 and cfg.model.max_length == 512
-        assert (cfg.model.n_thought, cfg.model.n_compression) == (10, 10)
+# The paper's settings per family (the official repository's configs and training scripts).
+PAPER = {
+    "qwen3-8b": ("Qwen/Qwen3-8B", "McGill-NLP/LLM2Vec-Qwen3-8B-mntp", 3e-4, True),
+    "qwen3-4b": ("Qwen/Qwen3-4B", "McGill-NLP/LLM2Vec-Qwen3-4B-mntp", 3e-4, True),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct",
+                     "McGill-NLP/LLM2Vec-Meta-Llama-31-8B-Instruct-mntp", 5e-4, False),
+}
+
+
+@pytest.mark.parametrize("version", ["", "-v1"])
+@pytest.mark.parametrize("family", sorted(PAPER))
+def test_paper_configs_use_paper_settings(family, version):
+    llm, mntp, lr, qwen3 = PAPER[family]
+    cfg = load_config(REPO / "configs" / "paper" / f"{family}{version}.yaml")
+    m, g, t, tr, e = cfg.model, cfg.generate, cfg.teacher, cfg.train, cfg.eval
+    assert (m.llm, m.teacher) == (llm, mntp)
+    # Tokens: the current version 0 + 10, the first version 10 + 10.
+    assert (m.n_thought, m.n_compression) == ((10, 10) if version else (0, 10))
+    assert (m.max_length, m.dtype) == (512, "bfloat16")
+    # Teacher: the backbone's unsupervised LLM2Vec (MNTP merged + unsup-SimCSE on top).
+    assert (t.kind, t.adapter, t.max_length, t.dtype) == (
+        "llm2vec", f"{mntp}-unsup-simcse", 512, "bfloat16")
+    # Queries: single-turn Tulu prompts.
+    q = g.queries
+    assert (q.source, q.name, q.split, q.column) == (
+        "huggingface", "McGill-NLP/llm2vec-gen-tulu", "original", "question")
+    # Sampling: the model's generation config, 500 new tokens; Qwen3 without thinking.
+    assert (g.sampling, g.max_tokens) == ("model", 500)
+    assert dict(g.chat_template_kwargs) == ({"enable_thinking": False} if qwen3 else {})
+    # Schedule: linear over 20000 steps, stopped at 5000, the family's lr, batch 32.
+    assert (tr.scheduler, tr.schedule_steps, tr.max_steps, tr.warmup_steps) == (
+        "linear", 20000, 5000, 100)
+    assert (tr.lr, tr.batch_size) == (lr, 32)
+    # The paper's loss: raw MSE, 1.0 / 1.0, plain Linear heads.
+    assert (tr.align_loss, tr.recon_weight, tr.align_weight, tr.head_init) == (
+        "mse", 1.0, 1.0, "default")
+    assert e.instructions == "paper"
+
+
+def test_every_paper_config_is_tested():
+    names = {p.stem for p in (REPO / "configs" / "paper").glob("*.yaml") if not p.stem.startswith("_")}
+    assert names == {f + v for f in PAPER for v in ("", "-v1")}
+
+
+def test_a_config_extends_its_parent_and_cycles_are_errors(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ntrain:\n  lr: 0.1\n  max_steps: 7\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.warmup_steps=2"])
+    assert (cfg.name, cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps) == ("base", 0.5, 7, 2)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_dataclass_is_the_single_source_of_defaults():

@@ -363,3 +363,79 @@ def test_from_config_reads_teacher_dim_from_the_teacher(tiny_config):
     assert enc.encode(["hello"]).shape == (1, 32)
     with pytest.raises(ValueError, match="Unknown model config keys"):
         L2VGEncoder.from_config({"llm": "x", "n_compresion": 3})
+
+
+def test_token_init_text_starts_the_last_special_tokens_as_its_token_embeddings(tiny_llm_dir):
+    text = " The answer is:"
+    enc = make_encoder(tiny_llm_dir, n_thought=3, n_compression=3, token_init_text=text)
+    rows = enc.llm.get_input_embeddings().weight.detach()
+    ids = enc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    k = min(len(ids), 6)
+    torch.testing.assert_close(enc.special_embeddings.detach()[-k:], rows[ids[-k:]])
+    plain = make_encoder(tiny_llm_dir, n_thought=3, n_compression=3)
+    # The rows the text does not cover keep the default (mean + noise) start.
+    torch.testing.assert_close(enc.special_embeddings.detach()[: 6 - k],
+                               plain.special_embeddings.detach()[: 6 - k])
+
+
+def test_empty_token_init_text_is_the_default_and_whitespace_is_refused(tiny_llm_dir):
+    from l2vg_ray.encoder.model import init_text_ids
+
+    a, b = make_encoder(tiny_llm_dir, token_init_text=None), make_encoder(tiny_llm_dir)
+    torch.testing.assert_close(a.special_embeddings, b.special_embeddings)
+    with pytest.raises(ValueError, match="has no tokens"):
+        init_text_ids(a.tokenizer, "")
+
+
+def test_a_zero_weight_term_is_not_computed(tiny_llm_dir, monkeypatch):
+    enc = make_encoder(tiny_llm_dir)
+    batch = enc.prepare_batch(QUERIES, RESPONSES, teacher())
+    calls = []
+    real = enc.reconstruction_logits
+    monkeypatch.setattr(enc, "reconstruction_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = enc(batch, recon_weight=0.0, align_weight=1.0)
+    assert calls == [] and out.recon_loss is None and out.align_loss is not None
+    torch.testing.assert_close(out.loss, out.align_loss)
+    out = enc(batch, recon_weight=1.0, align_weight=0.0)
+    assert calls == [1] and out.align_loss is None
+    torch.testing.assert_close(out.loss, out.recon_loss)
+
+
+def test_forward_uses_the_configured_alignment_loss(tiny_llm_dir):
+    from l2vg_ray.encoder.losses import TargetStats, alignment_loss
+
+    enc = make_encoder(tiny_llm_dir)
+    t = teacher()
+    stats = TargetStats.from_targets(t)
+    batch = enc.prepare_batch(QUERIES, None, t)
+    out = enc(batch, align_loss="normalized-mse", target_stats=stats)
+    expected = alignment_loss(out.embeddings, t, kind="normalized-mse", stats=stats)
+    torch.testing.assert_close(out.align_loss, expected)
+
+
+def test_calibrated_heads_start_at_the_embedding_and_target_scales(tiny_llm_dir):
+    from l2vg_ray.encoder.losses import TargetStats
+
+    enc = make_encoder(tiny_llm_dir)
+    t = teacher(64) * 3.0 + 5.0  # an unnormalised teacher far from the origin
+    stats = TargetStats.from_targets(t)
+    scales = enc.calibrate_heads(QUERIES, target_mean=stats.mean,
+                                 target_std=stats.mean_vector_mse ** 0.5, spread=0.1)
+    assert set(scales) == {"reconstruction_scale", "alignment_scale"}
+    rows = enc.llm.get_input_embeddings().weight.detach()
+    soft = enc.soft_prompts(QUERIES).reshape(-1, enc.hidden_size)
+    # Soft prompts: centred on the mean embedding row, with the rows' spread.
+    torch.testing.assert_close(soft.mean(0), rows.mean(0), atol=1e-4, rtol=0)
+    spread = (soft - soft.mean(0)).pow(2).sum(-1).mean().sqrt()
+    want = (rows - rows.mean(0)).pow(2).sum(-1).mean().sqrt()
+    assert float(spread / want) == pytest.approx(1.0, rel=1e-3)
+    # Embeddings: centred on the targets' mean, spread 0.1 x the targets' -> loss ~ mean guess.
+    emb = torch.from_numpy(enc.encode(QUERIES))
+    torch.testing.assert_close(emb.mean(0), stats.mean, atol=1e-4, rtol=1e-4)
+    e_spread = (emb - emb.mean(0)).pow(2).sum(-1).mean().sqrt()
+    t_spread = (stats.var.sum()).sqrt()
+    assert float(e_spread / t_spread) == pytest.approx(0.1, rel=1e-3)
+    # Same inputs -> the same calibrated state (every Ray Train worker agrees).
+    other = make_encoder(tiny_llm_dir)
+    other.calibrate_heads(QUERIES, target_mean=stats.mean, target_std=stats.mean_vector_mse ** 0.5)
+    assert other.fingerprint() == enc.fingerprint()

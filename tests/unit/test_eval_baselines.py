@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from l2vg_ray.encoders import BASELINES, TextEncoder, load_encoder
+from l2vg_ray.encoders import BASELINES, TextEncoder
+from l2vg_ray.loading import load_encoder
 from l2vg_ray.eval.baselines import pool_hidden_states
 
 

@@ -21,8 +21,9 @@ def _cfg(**over):
 
 
 def test_registered_suites():
-    assert SUITES.names() == ["bright", "list", "mteb-eng-v2", "mteb-lite", "offline"]
-    with pytest.raises(ValueError, match="Known: bright, list, mteb-eng-v2, mteb-lite, offline"):
+    assert SUITES.names() == ["advbench-ir", "bright", "list", "mteb-eng-v2", "mteb-lite", "offline"]
+    assert suite_task_names(_cfg(suite="advbench-ir")) == ["AdvBench-IR"]
+    with pytest.raises(ValueError, match="Known: advbench-ir, bright, list, mteb-eng-v2, mteb-lite, offline"):
         suite_task_names(_cfg(suite="mteb-tiny"))
 
 
@@ -76,6 +77,30 @@ def test_instructions_from_data_file(tmp_path):
     custom.write_text("by_tasks: {}\n")
     with pytest.raises(ValueError, match="by_tasks"):
         InstructionSet.load(custom)
+
+
+def test_paper_instruction_set_matches_the_official_prompts():
+    paper = InstructionSet.named("paper")
+    assert paper.name == "paper"
+    # generative.json's wording, and every document gets the official summary prompt.
+    assert paper.for_task("STSBenchmark", "STS") == (
+        "Generate text that is semantically similar to this text:"
+    )
+    assert paper.for_task("AdvBench-IR", "Retrieval", "query") == (
+        "Generate a relevant document that answers this query:"
+    )
+    for task in ("ArguAna", "BrightRetrieval", "AdvBench-IR", "OfflineSQuADRetrieval"):
+        assert paper.for_task(task, "Retrieval", "document") == "Summarize the following passage:"
+    # BRIGHT's instruction names the domain (mteb's hf_subset).
+    assert paper.for_task("BrightRetrieval", "Retrieval", "query", subset="biology") == (
+        "Given a biology post, retrieve relevant passages that help answer the post;"
+    )
+    for name in OFFLINE_TASKS.names() + MTEB_LITE:
+        assert paper.for_task(name, "STS"), f"{name} has no paper instruction"
+    # The project set leaves documents bare; unknown names list the known sets.
+    assert InstructionSet.named("project").for_task("ArguAna", "Retrieval", "document") is None
+    with pytest.raises(ValueError, match="Known: paper, project"):
+        InstructionSet.named("papers")
 
 
 def test_mteb_model_name_is_org_slash_name():

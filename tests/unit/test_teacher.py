@@ -76,11 +76,11 @@ def test_teacher_model_overrides_the_default_spec(tiny_config, tiny_generator_ll
 
 
 def test_unknown_teacher_kind_lists_the_known_ones(tiny_config):
-    assert TEACHERS.names() == ["mean-pooled-llm", "sentence-transformers"]
+    assert TEACHERS.names() == ["llm2vec", "mean-pooled-llm", "sentence-transformers"]
     tiny_config.teacher.kind = "bge"
     with pytest.raises(
         ValueError,
-        match="Unknown teacher kind 'bge'. Known: mean-pooled-llm, sentence-transformers",
+        match="Unknown teacher kind 'bge'. Known: llm2vec, mean-pooled-llm, sentence-transformers",
     ):
         teacher_stage_kwargs(tiny_config)
 
@@ -98,3 +98,79 @@ def test_teacher_stage_kwargs_describe_the_actor_pool(tiny_config):
     tiny_config.teacher.batch_size = 0
     with pytest.raises(ConfigError, match="teacher.batch_size=0"):
         teacher_stage_kwargs(tiny_config)
+
+
+# ----------------------------------------------------------------------------- llm2vec teacher
+
+
+def _llm2vec_config(tiny_config, adapters):
+    mntp, simcse = adapters
+    tiny_config.teacher.kind = "llm2vec"
+    tiny_config.teacher.model = str(mntp)
+    tiny_config.teacher.adapter = str(simcse)
+    tiny_config.teacher.batch_size = 2
+    return tiny_config
+
+
+def test_make_bidirectional_lets_later_tokens_change_earlier_states(tiny_llm_dir):
+    from transformers import AutoModel
+
+    from l2vg_ray.generate.teacher import make_bidirectional
+
+    ids = torch.tensor([[5, 17, 23, 42, 8]])
+    changed = ids.clone()
+    changed[0, -1] = 99
+    causal = AutoModel.from_pretrained(str(tiny_llm_dir)).eval()
+    with torch.no_grad():
+        a, b = causal(input_ids=ids).last_hidden_state, causal(input_ids=changed).last_hidden_state
+    torch.testing.assert_close(a[0, 0], b[0, 0])  # causal: the first state cannot see the last token
+    bi = make_bidirectional(AutoModel.from_pretrained(str(tiny_llm_dir))).eval()
+    for mask in (None, torch.ones_like(ids)):  # with and without a materialised mask
+        with torch.no_grad():
+            a = bi(input_ids=ids, attention_mask=mask).last_hidden_state
+            b = bi(input_ids=changed, attention_mask=mask).last_hidden_state
+        assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4
+
+
+def test_llm2vec_teacher_merges_both_adapters_and_mean_pools_with_bos(
+    tiny_config, tiny_llm_dir, tiny_llm2vec_adapters
+):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from l2vg_ray.generate.teacher import make_bidirectional
+
+    cfg = _llm2vec_config(tiny_config, tiny_llm2vec_adapters)
+    teacher = build_teacher(cfg)
+    mntp, simcse = tiny_llm2vec_adapters
+    assert teacher.name == f"llm2vec:{mntp}+{simcse}"
+    assert teacher.dim == 64 == teacher_dim(cfg)
+    texts = ["Paris is the capital of France.", "Two plus two is four, said the teacher."]
+    emb = teacher.embed(texts)
+    assert emb.dtype == np.float32 and emb.shape == (2, 64)
+
+    # By hand: bidirectional base + the two LoRAs (not merged), mean over every token.
+    tok = AutoTokenizer.from_pretrained(str(mntp))
+    model = make_bidirectional(AutoModel.from_pretrained(str(tiny_llm_dir)))
+    model = PeftModel.from_pretrained(model, str(mntp)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(simcse)).eval()
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**ids).last_hidden_state[0]
+        np.testing.assert_allclose(emb[i], hidden.mean(0).numpy(), atol=1e-5)
+    # Left padding in a batch changes nothing (row 0 is padded next to the longer row 1).
+    np.testing.assert_allclose(teacher.embed([texts[0]])[0], emb[0], atol=1e-5)
+
+    # The adapters matter: the bare bidirectional base gives other vectors.
+    base = make_bidirectional(AutoModel.from_pretrained(str(tiny_llm_dir))).eval()
+    with torch.no_grad():
+        plain = base(**tok(texts[0], return_tensors="pt")).last_hidden_state[0].mean(0)
+    assert np.abs(emb[0] - plain.numpy()).max() > 1e-3
+
+
+def test_llm2vec_teacher_names_a_non_adapter_clearly(tiny_config, tiny_llm_dir):
+    tiny_config.teacher.kind = "llm2vec"
+    tiny_config.teacher.model = str(tiny_llm_dir)  # a model folder, not an adapter
+    with pytest.raises(ValueError, match="not a PEFT adapter"):
+        build_teacher(tiny_config)

@@ -263,3 +263,17 @@ def test_fault_injection_is_read_from_the_environment(monkeypatch):
     assert trainer.fault_from_env() is None
     monkeypatch.setenv(trainer.FAULT_ENV, json.dumps({"step": 3, "marker": "/tmp/m"}))
     assert trainer.fault_from_env() == {"step": 3, "rank": 0, "marker": "/tmp/m"}
+
+
+def test_optimizer_puts_the_heads_in_their_own_group_at_lr_heads():
+    import torch
+
+    from l2vg_ray.train.schedule import build_optimizer
+
+    tokens = torch.nn.Parameter(torch.zeros(3, 4))
+    head = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = build_optimizer([tokens, head], lr=1e-3, weight_decay=0.0)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3]
+    opt = build_optimizer([tokens, head], lr=1e-3, weight_decay=0.0, head_params=[head], lr_heads=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
+    assert opt.param_groups[0]["params"][0] is tokens and opt.param_groups[1]["params"][0] is head

@@ -1,0 +1,89 @@
+"""Ship a trained encoder as a packaged name: copy its trainable state into the package.
+
+    python bench/ship_encoder.py [--run outputs/laptop] [--name l2vg-smollm2-135m-laptop]
+                                 [--quality bench/results/quality.json]
+
+Copies ``<run>/train/final`` (``l2vg_config.json`` + ``trainable.safetensors``, ~2 MB; the frozen
+LLM is itself a packaged model) to ``l2vg_ray/resources/encoders/<name>/`` and writes
+``recipe.json`` beside it: the config file and the stage config hashes of the run
+(``_SUCCESS.json`` of each stage), the data it trained on, its held-out validation against the
+references, the stage wall times, its offline scores and the quality benchmark's, and the
+package versions - what a rerun of the recipe must reproduce. An existing packaged encoder is
+only replaced with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=str(ROOT / "outputs" / "laptop"))
+    p.add_argument("--config", default="configs/laptop.yaml")
+    p.add_argument("--name", default="l2vg-smollm2-135m-laptop")
+    p.add_argument("--quality", default=str(ROOT / "bench" / "results" / "quality.json"))
+    p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
+    args = p.parse_args()
+
+    from l2vg_ray.generate.pipeline import package_versions
+    from l2vg_ray.models.resolver import packaged_encoder_dir
+
+    run = Path(args.run)
+    final = run / "train" / "final"
+    if not (final / "l2vg_config.json").is_file():
+        p.error(f"{final} holds no trained encoder: run `l2vg run --config {args.config}` first.")
+    dest = packaged_encoder_dir(args.name)
+    if dest.exists() and not args.force:
+        p.error(f"{dest} exists; pass --force to replace it.")
+    stages = {s: _read(run / d / "_SUCCESS.json") for s, d in
+              (("generate", "data"), ("train", "train"), ("eval", "eval"))}
+    train = stages["train"].get("summary") or {}
+    evaluation = stages["eval"].get("summary") or {}
+    manifest = _read(run / "data" / "manifest.json")
+    quality = _read(Path(args.quality))
+    weights = (final / "trainable.safetensors").read_bytes()
+    recipe = {
+        "name": args.name,
+        "config": args.config,
+        "config_hashes": {s: m.get("config_hash") for s, m in stages.items()},
+        "stage_seconds": {s: m.get("seconds") for s, m in stages.items()},
+        "trainable_sha256": hashlib.sha256(weights).hexdigest(),
+        "fingerprint": json.loads((final / "l2vg_config.json").read_text()).get("fingerprint"),
+        "data": {k: manifest.get(k) for k in ("rows", "queries", "query_stats", "generator_model",
+                                               "teacher_model", "teacher_dim", "sampling_params",
+                                               "backend", "generated_tokens", "wall_s")},
+        "train": {k: train.get(k) for k in ("steps", "global_batch", "rows", "fit_time_s",
+                                            "first_loss", "final_loss", "references",
+                                            "validation")},
+        "offline_suite": {k: evaluation.get(k) for k in ("max_docs", "mean_main_score",
+                                                         "mean_by_type", "scores")},
+        "quality_benchmark": ({"student": quality["models"]["student"], "targets": quality.get("targets")}
+                              if quality.get("models", {}).get("student") else None),
+        "versions": package_versions(),
+    }
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in ("l2vg_config.json", "trainable.safetensors"):
+        shutil.copy2(final / f, dest / f)
+    (dest / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    size = sum(f.stat().st_size for f in dest.iterdir())
+    print(f"shipped {final} as {args.name!r} -> {dest} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

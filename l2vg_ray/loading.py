@@ -1,0 +1,52 @@
+"""``load_encoder(spec, cfg)``: every way to name an encoder, resolved in one place.
+
+It sits above the encoder, the baselines and the published-checkpoint reader (it imports all of
+them), so none of those imports it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from l2vg_ray.encoders import BASELINES, ENCODER_CONFIG_FILE, TextEncoder
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def _register_builtin_baselines() -> None:
+    # Imported when first needed: the baselines pull torch and transformers.
+    import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
+
+
+def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> TextEncoder:
+    """An encoder by spec -> TextEncoder. A spec is
+
+    - a trained encoder folder (with ``l2vg_config.json``, written by ``l2vg train``);
+    - a packaged encoder name (``l2vg-smollm2-135m-laptop``: trained state shipped in the package);
+    - a published LLM2Vec-Gen checkpoint: its folder, or ``hf:McGill-NLP/LLM2Vec-Gen-Qwen3-8B``;
+    - a baseline name (``BASELINES``).
+    """
+    from l2vg_ray.models import PACKAGED_MODELS, resolve_model
+
+    spec = str(spec)
+    if spec in PACKAGED_MODELS and PACKAGED_MODELS.get(spec).kind == "l2vg-encoder":
+        spec = resolve_model(spec, cache_dir=cfg.cache_dir)
+    path = Path(spec).expanduser()
+    if (path / ENCODER_CONFIG_FILE).is_file():
+        from l2vg_ray.encoder import L2VGEncoder
+
+        return L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
+    from l2vg_ray.encoder.official import is_official_layout, load_official
+
+    if spec.startswith("hf:") or is_official_layout(path):
+        return load_official(spec, cache_dir=cfg.cache_dir, device=device)
+    if path.exists():
+        raise ValueError(
+            f"{str(path)!r} exists but holds no {ENCODER_CONFIG_FILE}: it is not a trained "
+            f"encoder folder. Pass the `final` folder written by `l2vg train`, or a published "
+            f"LLM2Vec-Gen checkpoint folder (run_config.yml + encoder/)."
+        )
+    _register_builtin_baselines()  # idempotent: a module is imported once
+    return BASELINES.get(str(spec))(cfg, cfg.cache_dir)

@@ -1,0 +1,100 @@
+"""Held-out validation and its references (l2vg_ray.train.validation, train.data splits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from l2vg_ray.encoder.losses import TargetStats
+from l2vg_ray.train import data as train_data
+from l2vg_ray.train import validation as V
+
+
+def test_trivial_references_by_hand():
+    val = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    stats = TargetStats(mean=torch.tensor([0.5, 0.5]), var=torch.tensor([0.25, 0.25]))
+    refs = V.trivial_references(stats, val)
+    assert refs.zero_mse == pytest.approx(0.5)  # (1 + 0 + 0 + 1) / 4
+    assert refs.mean_mse == pytest.approx(0.25)  # every element off by 0.5
+    assert refs.mean_cos == pytest.approx(2**-0.5)
+    assert refs.val_rows == 2 and refs.probe_mse is None
+
+
+def test_ridge_probe_recovers_a_linear_map_and_picks_lambda_on_training_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    w = torch.randn(6, 3, generator=g)
+    y = x @ w + 0.01 * torch.randn(400, 3, generator=g)
+    mse, cos, lam = V.ridge_probe(x[:300], y[:300], x[300:], y[300:])
+    assert mse < 1e-3 and cos > 0.99 and lam in V.RIDGE_LAMBDAS
+    # Pure noise targets: the probe cannot beat the mean by much.
+    noise = torch.randn(400, 3, generator=g)
+    mse, _, _ = V.ridge_probe(x[:300], noise[:300], x[300:], noise[300:])
+    assert mse > 0.8
+    with pytest.raises(ValueError, match="at least 10"):
+        V.ridge_probe(x[:5], y[:5], x[5:9], y[5:9])
+
+
+def test_mse_and_cos():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    assert V.mse_and_cos(a, b) == (pytest.approx(2.5), pytest.approx(0.0))
+
+
+def test_validation_ids_are_a_seeded_tenth_at_most_and_stable(tmp_path):
+    from l2vg_ray.testing import write_fixture_dataset
+
+    info = train_data.inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
+    ids = train_data.validation_ids(info, val_rows=100, seed=3)
+    assert len(ids) == 4  # capped at a tenth of 40 rows
+    assert ids == train_data.validation_ids(info, val_rows=100, seed=3)
+    assert ids != train_data.validation_ids(info, val_rows=100, seed=4)
+    assert train_data.validation_ids(info, val_rows=0, seed=3) == frozenset()
+    rows = train_data.read_validation_rows(info, ids)
+    assert len(rows) == 4 and rows.teacher.shape == (4, 32) and rows.teacher.dtype == np.float32
+    # Moments over the training rows only, equal to a direct computation.
+    n, total, sq = train_data.target_moments(info, exclude_ids=ids)
+    table = __import__("pyarrow.parquet", fromlist=["x"]).read_table(info.files[0])
+    emb = np.stack(table.column("teacher_embedding").to_pylist())
+    keep = np.array([i not in ids for i in table.column("id").to_pylist()])
+    assert n == 36
+    np.testing.assert_allclose(total, emb[keep].sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sq, (emb[keep] ** 2).sum(0), rtol=1e-6, atol=1e-6)
+    probe = train_data.read_probe_rows(info, 10, exclude_ids=ids)
+    assert len(probe) == 10 and not set(probe.queries) & set(rows.queries)
+
+
+def test_validate_reports_raw_mse_and_skips_recon_at_zero_weight(tiny_llm_dir):
+    from l2vg_ray.config import ModelConfig
+    from l2vg_ray.encoder import L2VGEncoder
+
+    enc = L2VGEncoder.from_config(
+        ModelConfig(llm=str(tiny_llm_dir), teacher="x", n_thought=1, n_compression=2,
+                    max_length=24, max_response_length=8, device="cpu"), teacher_dim=4)
+    t = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    rows = train_data.ValidationRows([f"q{i}?" for i in range(5)], [f"a{i}." for i in range(5)], t)
+    stats = TargetStats.from_targets(torch.from_numpy(t))
+    m = V.validate(enc, rows, batch_size=2, recon_weight=1.0, align_loss="normalized-mse",
+                   target_stats=stats)
+    expected, _ = V.mse_and_cos(torch.from_numpy(enc.encode(rows.queries)), torch.from_numpy(t))
+    assert m["val_align_mse"] == pytest.approx(expected, rel=1e-5)
+    assert m["val_align_loss"] == pytest.approx(expected / stats.mean_vector_mse, rel=1e-4)
+    assert np.isfinite(m["val_recon_loss"])
+    m0 = V.validate(enc, rows, batch_size=2, recon_weight=0.0, align_loss="mse", target_stats=None)
+    assert np.isnan(m0["val_recon_loss"]) and m0["val_align_mse"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_max_rows_keeps_a_seeded_subset_of_the_training_rows(tmp_path):
+    from l2vg_ray.config import ConfigError
+    from l2vg_ray.testing import write_fixture_dataset
+
+    info = train_data.inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
+    val = train_data.validation_ids(info, val_rows=4, seed=0)
+    unused = train_data.unused_ids(info, val_ids=val, max_rows=10, seed=0)
+    assert len(unused) == 26 and not unused & val
+    assert unused == train_data.unused_ids(info, val_ids=val, max_rows=10, seed=0)
+    assert train_data.unused_ids(info, val_ids=val, max_rows=None, seed=0) == frozenset()
+    n, _, _ = train_data.target_moments(info, exclude_ids=val | unused)
+    assert n == 10
+    with pytest.raises(ConfigError, match="max_rows"):
+        train_data.unused_ids(info, val_ids=val, max_rows=0, seed=0)
