@@ -8,6 +8,27 @@ import os
 log = logging.getLogger(__name__)
 
 
+def quiet_ray_train_logs() -> None:
+    """Worker setup hook for the local cluster: drop two Ray Train log lines that drown the log.
+
+    - Train v2 logs every ``ray.train.report`` call at INFO ("Reporting training result N: ..."
+      with the whole metrics dict), several lines a minute on top of our own progress line;
+    - its placement-group cleaner polls the State API, which needs the dashboard that a local
+      cluster here runs without, and warns "Failed to query Ray Train Controller actor state"
+      every few seconds for the whole run.
+    """
+    import ray
+
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
+    # That module names its logger by its file path.
+    context = os.path.join(
+        os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"
+    )
+    logging.getLogger(context).setLevel(logging.WARNING)
+
+
 def init_ray(cluster_cfg, **kwargs) -> None:
     """Connect to ``cluster.address``, else RAY_ADDRESS (inside a Ray job), else start locally."""
     import ray
@@ -27,6 +48,11 @@ def init_ray(cluster_cfg, **kwargs) -> None:
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
         log.info("Starting a local Ray cluster in-process (num_cpus=%s)", cluster_cfg.num_cpus)
+        runtime_env = {
+            **(runtime_env or {}),
+            "worker_process_setup_hook": f"{__name__}.quiet_ray_train_logs",
+        }
+        quiet_ray_train_logs()
         ray.init(
             address="local",
             num_cpus=cluster_cfg.num_cpus,
