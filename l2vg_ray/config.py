@@ -216,6 +216,10 @@ class EvalConfig:
     max_retries: int = 1
     overwrite: bool = False  # False = only-missing: tasks with results are skipped
     max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
+    # Input tokens per text at evaluation, for the trained encoder and the pooled-LLM
+    # baselines alike; null = model.max_length (the training length). A recipe that trains on
+    # short queries for speed still embeds whole documents here.
+    max_length: Optional[int] = None
     seed: int = 0
 
 

@@ -20,13 +20,18 @@ def _register_builtin_baselines() -> None:
     import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
 
 
-def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> TextEncoder:
+def load_encoder(
+    spec: str, cfg: DictConfig, *, device: str | None = None, max_length: int | None = None
+) -> TextEncoder:
     """An encoder by spec -> TextEncoder. A spec is
 
     - a trained encoder folder (with ``l2vg_config.json``, written by ``l2vg train``);
     - a packaged encoder name (``l2vg-smollm2-135m-laptop``: trained state shipped in the package);
     - a published LLM2Vec-Gen checkpoint: its folder, or ``hf:McGill-NLP/LLM2Vec-Gen-Qwen3-8B``;
     - a baseline name (``BASELINES``).
+
+    ``max_length`` (input tokens per text; None = the encoder's own) overrides the trained
+    encoder's ``model.max_length`` and the pooled-LLM baselines'.
     """
     from l2vg_ray.models import PACKAGED_MODELS, resolve_model
 
@@ -37,11 +42,17 @@ def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> Te
     if (path / ENCODER_CONFIG_FILE).is_file():
         from l2vg_ray.encoder import L2VGEncoder
 
-        return L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
+        encoder = L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
+        if max_length is not None:
+            encoder.set_max_length(max_length)
+        return encoder
     from l2vg_ray.encoder.official import is_official_layout, load_official
 
     if spec.startswith("hf:") or is_official_layout(path):
-        return load_official(spec, cache_dir=cfg.cache_dir, device=device)
+        encoder = load_official(spec, cache_dir=cfg.cache_dir, device=device)
+        if max_length is not None:
+            encoder.set_max_length(max_length)
+        return encoder
     if path.exists():
         raise ValueError(
             f"{str(path)!r} exists but holds no {ENCODER_CONFIG_FILE}: it is not a trained "
@@ -49,4 +60,8 @@ def load_encoder(spec: str, cfg: DictConfig, *, device: str | None = None) -> Te
             f"LLM2Vec-Gen checkpoint folder (run_config.yml + encoder/)."
         )
     _register_builtin_baselines()  # idempotent: a module is imported once
+    if max_length is not None:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, {"model": {"max_length": int(max_length)}})
     return BASELINES.get(str(spec))(cfg, cfg.cache_dir)

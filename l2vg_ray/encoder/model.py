@@ -409,6 +409,18 @@ class L2VGEncoder(nn.Module):
             texts = [f"{instruction} {t}" for t in texts]
         return texts
 
+    def set_max_length(self, max_length: int) -> None:
+        """Embed up to ``max_length`` input tokens per text (special tokens included) from now
+        on; the trained state is unchanged (the fingerprint records the length)."""
+        max_length = int(max_length)
+        if max_length <= len(self.special_token_ids):
+            raise ValueError(
+                f"max_length={max_length} leaves no room for a text after the "
+                f"{len(self.special_token_ids)} special tokens; use at least "
+                f"{len(self.special_token_ids) + 1}."
+            )
+        self.config = dataclasses.replace(self.config, max_length=max_length)
+
     def _query_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each query, cut to leave room for the special tokens that end it."""
         room = self.config.max_length - len(self.special_token_ids)

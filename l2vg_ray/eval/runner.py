@@ -41,6 +41,7 @@ class TaskJob:
     seed: int
     num_threads: int
     instructions: str = "project"  # named instruction set (InstructionSet.named)
+    max_length: int | None = None  # input tokens per text (eval.max_length); None = the model's
 
 
 _ENCODERS: dict[str, Any] = {}
@@ -53,10 +54,10 @@ def _encoder(job: TaskJob):
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
 
     key = json.dumps([job.model, job.cache_dir, job.cfg.get("model"), job.cfg.get("generate"),
-                      job.cfg.get("cache_dir")], sort_keys=True, default=str)
+                      job.cfg.get("cache_dir"), job.max_length], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        encoder = load_encoder(job.model, OmegaConf.create(job.cfg))
+        encoder = load_encoder(job.model, OmegaConf.create(job.cfg), max_length=job.max_length)
         if job.cache_dir:
             encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         _ENCODERS[key] = encoder
@@ -153,6 +154,7 @@ def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -
             seed=int(e.seed),
             num_threads=max(1, math.floor(float(e.num_cpus_per_task))),
             instructions=str(e.instructions),
+            max_length=int(e.max_length) if e.max_length is not None else None,
         )
         for name in task_names
     ]
@@ -222,7 +224,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                          "n_encoded": None, "n_cached": None, "error": o.error})
     out_dir = Path(e.output_dir) / model_slug(str(e.model))
     meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
-            "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions)}
+            "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions),
+            "max_length": e.max_length}
     files = write_report(rows, out_dir, meta=meta)
     print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
     summary = summarize(rows)

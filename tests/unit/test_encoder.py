@@ -439,3 +439,32 @@ def test_calibrated_heads_start_at_the_embedding_and_target_scales(tiny_llm_dir)
     other = make_encoder(tiny_llm_dir)
     other.calibrate_heads(QUERIES, target_mean=stats.mean, target_std=stats.mean_vector_mse ** 0.5)
     assert other.fingerprint() == enc.fingerprint()
+
+
+def test_set_max_length_embeds_longer_inputs_and_is_seen_by_the_fingerprint(tiny_llm_dir):
+    enc = make_encoder(tiny_llm_dir, max_length=8)
+    long_text = " ".join(f"word{i}" for i in range(40))
+    n_special = len(enc.special_token_ids)
+    assert len(enc._query_ids([long_text])[0]) == 8
+    short = enc.encode([long_text])
+    fp = enc.fingerprint()
+    enc.set_max_length(32)
+    ids = enc._query_ids([long_text])[0]
+    assert len(ids) == 32 and ids[-n_special:] == enc.special_token_ids
+    assert enc.fingerprint() != fp  # cached embeddings of the short inputs are not reused
+    assert not np.allclose(enc.encode([long_text]), short)
+    with pytest.raises(ValueError, match="no room"):
+        enc.set_max_length(n_special)
+
+
+def test_load_encoder_max_length_reaches_the_trained_encoder_and_the_baselines(
+    tiny_llm_dir, tiny_config, tmp_path
+):
+    from l2vg_ray.loading import load_encoder
+
+    make_encoder(tiny_llm_dir, max_length=8).save(tmp_path / "enc")
+    assert load_encoder(str(tmp_path / "enc"), tiny_config).config.max_length == 8
+    assert load_encoder(str(tmp_path / "enc"), tiny_config, max_length=24).config.max_length == 24
+    pooled = load_encoder("mean-pool", tiny_config, max_length=17)
+    assert pooled.max_length == 17 != int(tiny_config.model.max_length)
+    assert load_encoder("mean-pool", tiny_config).max_length == int(tiny_config.model.max_length)
