@@ -38,7 +38,7 @@ def test_generation_actors_run_vllm_from_their_own_venv(ray_session, tiny_config
     cfg.generate.backend = "auto"  # resolved inside the actor: vLLM is importable there
     cfg.generate.python = str(VLLM_PYTHON)
     cfg.generate.max_tokens = 12
-    cfg.generate.num_cpus_per_actor = 1
+    cfg.generate.num_cpus_per_actor = 1.0
     cfg.teacher.num_cpus_per_actor = 0.5
     manifest = run_generate(cfg)
     assert manifest["backend"] == "vllm" and manifest["rows"] == 12
