@@ -35,10 +35,10 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
     import mteb
     import torch
 
-    from l2vg_ray.loading import load_encoder
     from l2vg_ray.eval import baselines  # noqa: F401
     from l2vg_ray.eval.adapter import MTEBEncoder
     from l2vg_ray.eval.suites import build_task
+    from l2vg_ray.loading import load_encoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()

@@ -196,9 +196,9 @@ def _export(cfg, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from l2vg_ray.encoder import L2VGEncoder
-    from l2vg_ray.loading import load_encoder
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.export import export_sentence_transformers, push_to_hub
+    from l2vg_ray.loading import load_encoder
     from l2vg_ray.models import is_packaged, resolve_model
 
     spec = str(cfg.eval.model)

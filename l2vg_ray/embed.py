@@ -127,8 +127,8 @@ class EmbedStage:
         import torch
         from omegaconf import OmegaConf
 
-        from l2vg_ray.loading import load_encoder
         from l2vg_ray.generate.backends import cpu_threads
+        from l2vg_ray.loading import load_encoder
 
         e = cfg["embed"]
         torch.set_num_threads(cpu_threads(float(e["num_cpus_per_actor"])))

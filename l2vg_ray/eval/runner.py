@@ -49,9 +49,9 @@ _ENCODERS: dict[str, Any] = {}
 
 def _encoder(job: TaskJob):
     """The (cached) encoder for this job, loaded once per worker process and reused."""
-    from l2vg_ray.loading import load_encoder
     from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
+    from l2vg_ray.loading import load_encoder
 
     key = json.dumps([job.model, job.cache_dir, job.cfg.get("model"), job.cfg.get("generate"),
                       job.cfg.get("cache_dir"), job.max_length], sort_keys=True, default=str)
@@ -184,13 +184,12 @@ def model_slug(model: str) -> str:
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
+    from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.fanout import fan_out
     from l2vg_ray.eval.report import markdown_table, summarize, write_report
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
-
-    from l2vg_ray.eval.adapter import InstructionSet
 
     e = cfg.eval
     InstructionSet.named(str(e.instructions))  # an unknown name fails here, not in every task

@@ -86,9 +86,8 @@ def list_suite(cfg: DictConfig) -> list[str]:
 def suite_task_names(cfg: DictConfig) -> list[str]:
     """The task names of ``cfg.eval.suite``, deduplicated in order; unknown mteb names fail early."""
     names = list(dict.fromkeys(SUITES.get(str(cfg.eval.suite))(cfg)))
-    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
-
     from l2vg_ray.eval.tasks.advbench import TASK_NAME as ADVBENCH
+    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
 
     mteb_names = [n for n in names if n not in OFFLINE_TASKS and n != ADVBENCH]
     if mteb_names:

@@ -35,8 +35,8 @@ from l2vg_ray.encoder.losses import TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
 from l2vg_ray.train import validation
-from l2vg_ray.train.data import ValidationRows
 from l2vg_ray.train.batching import BatchPlan
+from l2vg_ray.train.data import ValidationRows
 from l2vg_ray.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)

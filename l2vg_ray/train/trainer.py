@@ -31,11 +31,11 @@ from l2vg_ray.config import ConfigError, to_dict, validate
 from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
-from l2vg_ray.train.state import SNAPSHOT_FILE
 from l2vg_ray.train.batching import plan_batches, total_steps
 from l2vg_ray.train.loop import FAULT_KEY, train_loop_per_worker
 from l2vg_ray.train.metrics import plot_curves, write_metrics_csv
 from l2vg_ray.train.schedule import SCHEDULERS
+from l2vg_ray.train.state import SNAPSHOT_FILE
 
 log = logging.getLogger(__name__)
 

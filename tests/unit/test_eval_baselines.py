@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from l2vg_ray.encoders import BASELINES, TextEncoder
-from l2vg_ray.loading import load_encoder
 from l2vg_ray.eval.baselines import pool_hidden_states
+from l2vg_ray.loading import load_encoder
 
 
 def test_registered_baselines():
