@@ -260,11 +260,25 @@ class ServeConfig:
     route_prefix: str = "/"
     batching: bool = True  # False: one model call per request (for benchmarks)
     max_batch_size: int = 32  # texts per model call (@serve.batch)
+    # Padded tokens per model call (texts x longest text, TEI's max-batch-tokens): bounds how
+    # long one call holds the model, so small requests are not stuck behind a huge one.
+    max_batch_tokens: int = 8192
     batch_wait_timeout_s: float = 0.01
     max_items_per_request: int = 256
     max_request_bytes: int = 1_000_000
+    # Per text, instruction and special tokens included (also capped by the model's own limit).
     max_tokens_per_text: int = 512
-    truncate: bool = True  # True: cut long texts to max_tokens_per_text; False: 413
+    truncate: bool = True  # True: cut long texts to the token limit (reported); False: 413
+    # Bounds under load: texts admitted per replica before 429 (Retry-After); requests Serve
+    # queues in front of busy replicas before its 503; seconds for a client to send its body
+    # (408) and for an answer (504; Serve's proxy gives up a little later).
+    max_queued_texts: int = 2048
+    max_queued_requests: int = 256
+    body_timeout_s: float = 10.0
+    request_timeout_s: float = 120.0
+    # Bearer API key required on every route but /healthz; null: the L2VG_API_KEY environment
+    # variable of the process that deploys, if set; neither: no auth.
+    api_key: Optional[str] = None
     normalize: bool = False  # L2-normalise returned embeddings
     max_new_tokens: int = 128  # upper bound for /v1/decode's max_new_tokens (default 64)
     min_replicas: int = 1
@@ -275,6 +289,7 @@ class ServeConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     ready_timeout_s: float = 600.0  # run_serve waits this long for /healthz
+    load_retries: int = 2  # Serve retries a replica whose model failed to load this many times
     access_log: bool = True  # Serve's per-request log lines (proxy and replicas)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -42,7 +42,24 @@ class TextEncoder(Protocol):
         """Changes whenever the embeddings could change (weights, pooling, model): cache key."""
         ...
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
+        """Tokens the model would read for each text (with ``instruction``, special tokens
+        included), counted *before* the model's own cut at ``max_input_tokens``."""
+        ...
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The most tokens the model reads of one text; it cuts the rest (``count_tokens``
+        counts on the same scale)."""
+        ...
+
+
+def with_instruction(texts: Sequence[str], instruction: str | None) -> list[str]:
+    """``instruction`` prefixed to every text, the way the encoders here read an instruction."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string; wrap it: [text].")
+    texts = [str(t) for t in texts]
+    return [f"{instruction} {t}" for t in texts] if instruction else texts
 
 
 # A baseline factory takes (full config, cache_dir) and returns a TextEncoder.
@@ -84,9 +101,7 @@ class SentenceTransformerEncoder:
         normalize: bool = False,
         show_progress: bool = False,
     ) -> np.ndarray:
-        texts = list(texts)
-        if instruction:
-            texts = [f"{instruction} {t}" for t in texts]
+        texts = with_instruction(texts, instruction)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = self.model.encode(
@@ -101,6 +116,16 @@ class SentenceTransformerEncoder:
     def fingerprint(self) -> str:
         return hash_parts("sentence-transformers", self.spec, self.dim)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        tok = self.model.tokenizer
-        return [len(ids) for ids in tok(list(texts), add_special_tokens=True)["input_ids"]]
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def max_input_tokens(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
+        texts = with_instruction(texts, instruction)
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]

@@ -43,7 +43,7 @@ from l2vg_ray.encoder.losses import (
     combine_losses,
     reconstruction_loss,
 )
-from l2vg_ray.encoders import ENCODER_CONFIG_FILE
+from l2vg_ray.encoders import ENCODER_CONFIG_FILE, with_instruction
 
 log = logging.getLogger(__name__)
 
@@ -402,12 +402,7 @@ class L2VGEncoder(nn.Module):
 
     # ------------------------------------------------------------------ tokenisation
     def _with_instruction(self, texts: Sequence[str], instruction: str | None) -> list[str]:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not one string; wrap it: [text].")
-        texts = [str(t) for t in texts]
-        if instruction:
-            texts = [f"{instruction} {t}" for t in texts]
-        return texts
+        return with_instruction(texts, instruction)
 
     def set_max_length(self, max_length: int) -> None:
         """Embed up to ``max_length`` input tokens per text (special tokens included) from now
@@ -434,11 +429,16 @@ class L2VGEncoder(nn.Module):
         enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [list(ids[:room]) + [self.eos_token_id] for ids in enc]
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+    @property
+    def max_input_tokens(self) -> int:
+        return int(self.config.max_length)
+
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
         """Tokens each text occupies before truncation, special tokens included."""
+        texts = self._with_instruction(texts, instruction)
         if not texts:
             return []
-        enc = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         return [len(ids) + len(self.special_token_ids) for ids in enc]
 
     def prepare_batch(

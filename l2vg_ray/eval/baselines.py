@@ -70,11 +70,16 @@ class PooledLLMEncoder:
         self.dim = int(self.model.config.hidden_size)
         self._dtype = dtype
 
+    def _prefix_ids(self, instruction: str | None) -> list[int]:
+        if not instruction:
+            return []
+        return self.tokenizer(f"{instruction.rstrip()}: ", add_special_tokens=False)["input_ids"]
+
     def _batch(self, texts: Sequence[str], instruction: str | None):
         """Token ids of ``instruction + text`` and a pool mask that covers the text only."""
         import torch
 
-        prefix = self.tokenizer(f"{instruction.rstrip()}: ", add_special_tokens=False)["input_ids"] if instruction else []
+        prefix = self._prefix_ids(instruction)
         ids, pool = [], []
         for t in texts:
             body = self.tokenizer(t, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
@@ -119,8 +124,18 @@ class PooledLLMEncoder:
     def fingerprint(self) -> str:
         return hash_parts("pooled-llm", self.spec, self.pooling, self.max_length, self._dtype, 1)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    @property
+    def max_input_tokens(self) -> int:
+        return int(self.max_length)
+
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
+        """Instruction prefix + text tokens (an empty text reads as one eos), as ``_batch``."""
+        texts = list(texts)
+        if not texts:
+            return []
+        prefix = self._prefix_ids(instruction)
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(prefix) + max(1, len(b)) for b in bodies]
 
 
 class GenerateThenEncode:
@@ -157,8 +172,16 @@ class GenerateThenEncode:
         return hash_parts("generate-then-encode", self.llm_spec, sorted(self.settings.items()),
                           self.teacher.fingerprint())
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.teacher.count_tokens(texts)
+    @property
+    def tokenizer(self):
+        return self.teacher.tokenizer
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.teacher.max_input_tokens
+
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
+        return self.teacher.count_tokens(texts, instruction=instruction)
 
 
 @BASELINES.register("teacher")

@@ -180,5 +180,13 @@ class CachedEncoder:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.encoder.count_tokens(texts)
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.encoder.max_input_tokens
+
+    def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
+        return self.encoder.count_tokens(texts, instruction=instruction)

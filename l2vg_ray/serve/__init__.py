@@ -3,5 +3,7 @@
 - ``l2vg_ray.serve.app``: the deployment, ``build_app(args)`` (for ``serve run``) and
   ``run_serve(cfg, blocking=)``; imports Ray Serve.
 - ``l2vg_ray.serve.protocol``: request parsing/validation and response building (pure).
-- ``l2vg_ray.serve.http``: OpenAI-shaped error handling for any FastAPI app.
+- ``l2vg_ray.serve.http``: OpenAI-shaped error handling and the request guard (auth, body
+  size and time, answer time) for any FastAPI app.
+- ``l2vg_ray.serve.metrics``: the Prometheus metrics a replica records, and a reader for them.
 """

@@ -6,14 +6,17 @@
 
 Endpoints: ``POST /v1/embeddings`` (OpenAI-compatible, plus an optional ``instruction``),
 ``POST /v1/decode`` (texts -> the text the frozen LLM decodes from their soft prompts; trained
-encoders only), ``GET /v1/models``, ``GET /healthz`` (503 until the model has loaded).
+encoders only), ``GET /v1/models``, ``GET /healthz``; the OpenAPI schema is at ``/docs``.
 
-Each replica loads the encoder once, in a background thread, and answers 503 while loading.
-Texts of concurrent requests are gathered by ``@serve.batch`` into model calls of at most
-``serve.max_batch_size`` texts (a long list in one request is split the same way);
-``serve.batching=false`` makes one model call per request instead. ``/healthz`` also reports
-counters (requests, texts, model calls, seconds) from which the mean batch size follows. Validation lives in
-``l2vg_ray.serve.protocol`` (pure) and error plumbing in ``l2vg_ray.serve.http``.
+Each replica loads the encoder in its constructor, so Serve routes traffic only to replicas that
+hold a model, and Serve's own health check (``check_health``) watches it. Texts of concurrent
+requests are gathered by ``@serve.batch`` and run on the replica's model thread (the event loop
+keeps answering meanwhile) in model calls of at most ``serve.max_batch_size`` texts and
+``serve.max_batch_tokens`` padded tokens; a failure while embedding fails only the request it
+came from. ``serve.batching=false`` makes one model call per request instead. What a request
+may hold (size, time, API key) is enforced by ``l2vg_ray.serve.http.Guard``; validation lives
+in ``l2vg_ray.serve.protocol`` (pure). Prometheus metrics (``l2vg_*``,
+``l2vg_ray.serve.metrics``) go through ``ray.serve.metrics`` to Ray's metrics endpoint.
 """
 
 # No `from __future__ import annotations` here: Ray Serve's class-based FastAPI ingress resolves
@@ -21,7 +24,9 @@ counters (requests, texts, model calls, seconds) from which the mean batch size 
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import os
 import signal
 import socket
 import threading
@@ -40,21 +45,32 @@ from ray import serve
 from l2vg_ray.config import ConfigError, ServeConfig, load_config, to_dict
 from l2vg_ray.encoders import TextEncoder
 from l2vg_ray.registry import Registry
-from l2vg_ray.serve.http import install_error_handlers, read_body
+from l2vg_ray.serve.http import GuardSettings, install_error_handlers
+from l2vg_ray.serve.metrics import ServeMetrics
 from l2vg_ray.serve.protocol import (
     APIError,
+    DecodeRequest,
+    DecodeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     EmbedItem,
+    EmbedResult,
+    ErrorResponse,
+    Fitted,
     Limits,
-    apply_token_limit,
+    ModelList,
+    check_decode_request,
+    check_embedding_request,
     decode_response,
     embed_items,
     embedding_response,
-    parse_decode_request,
-    parse_embedding_request,
-    parse_json_body,
+    fit_texts,
+    parse_request,
 )
 
 log = logging.getLogger(__name__)
+
+API_KEY_ENV = "L2VG_API_KEY"  # the API key when serve.api_key is null
 
 # How a replica turns (cfg) into an encoder; chosen by `serve.loader`.
 EncoderLoader = Callable[[DictConfig], TextEncoder]
@@ -78,9 +94,33 @@ def _load_sentence_transformer(cfg: DictConfig) -> TextEncoder:
 api = FastAPI(
     title="l2vg-ray",
     description="LLM2Vec-Gen embeddings behind an OpenAI-compatible API.",
-    version="0.1.0",
+    version="0.2.0",
 )
 install_error_handlers(api)
+
+# The OpenAPI entry of a JSON body parsed by `parse_request` (not by FastAPI), and the errors.
+_ERRORS = {
+    str(code): {"model": ErrorResponse, "description": what}
+    for code, what in [
+        (400, "invalid request"),
+        (401, "missing or wrong API key"),
+        (404, "unknown model"),
+        (408, "the body did not arrive in time"),
+        (413, "body or text too large"),
+        (429, "the replica's queue is full (Retry-After)"),
+        (503, "overloaded or not ready (Retry-After)"),
+        (504, "the request took too long"),
+    ]
+}
+
+
+def _body_schema(model: type) -> dict:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 @serve.deployment
@@ -89,187 +129,186 @@ class EmbeddingServer:
     """One replica: one encoder, one model thread, dynamic batching across requests."""
 
     def __init__(self, cfg: dict, encoder_factory: EncoderLoader | None = None) -> None:
+        import torch
+
         self._cfg = OmegaConf.create(cfg)
         s = self._cfg.serve
         self._model_name = str(s.model_name)
         self._limits = Limits.from_config(s)
         self._batching = bool(s.batching)
         self._batch_size = int(s.max_batch_size)
+        self._batch_tokens = int(s.max_batch_tokens)
         self._normalize = bool(s.normalize)
-        self._num_threads = max(1, int(round(float(s.num_cpus))))
-        # Loading and decoding run on this thread (the event loop stays responsive meanwhile);
-        # embedding runs on the event loop (see _embed_batch). The lock keeps model and tokenizer
-        # calls one at a time: fast tokenizers are not safe to share across threads.
+        self._max_queued = int(s.max_queued_texts)
+        self._queued = 0
+        self._request_ids = itertools.count()
+        self._metrics = ServeMetrics()
+        api.state.guard = GuardSettings(
+            api_key=str(s.api_key) if s.api_key else None,
+            max_request_bytes=self._limits.max_request_bytes,
+            body_timeout_s=float(s.body_timeout_s),
+            request_timeout_s=float(s.request_timeout_s),
+            on_response=self._metrics.on_response,
+        )
+        # Every model and tokenizer call runs on this one thread, one at a time (fast tokenizers
+        # are not safe to share across threads); the event loop stays free for other requests.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="l2vg-model")
-        self._model_lock = asyncio.Lock()
-        self._encoder: TextEncoder | None = None
-        self._load_error: str | None = None
-        # Served requests, texts and model calls (texts / model_calls = the mean batch size).
-        self._stats = {
-            "requests": 0,
-            "texts": 0,
-            "model_calls": 0,
-            "model_seconds": 0.0,
-            "request_seconds": 0.0,  # time embedding requests spent inside this replica
-        }
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
-        self._model_thread.submit(self._load, loader)
-
-    def _load(self, loader: EncoderLoader) -> None:
-        import torch
-
-        torch.set_num_threads(self._num_threads)
+        torch.set_num_threads(max(1, int(round(float(s.num_cpus)))))
         started = time.perf_counter()
-        try:
-            self._encoder = loader(self._cfg)
-        except Exception as e:  # reported by /healthz and run_serve, not swallowed
-            log.exception("Loading %r failed", self._cfg.serve.model)
-            self._load_error = f"{type(e).__name__}: {e}"
-        else:
-            log.info(
-                "Loaded %s (dim %d) in %.1fs",
-                self._encoder.name,
-                self._encoder.dim,
-                time.perf_counter() - started,
+        # Loaded here, so that Serve marks the replica ready (and routes to it) only with a model.
+        self._encoder: TextEncoder = self._model_thread.submit(loader, self._cfg).result()
+        if not getattr(self._encoder.tokenizer, "is_fast", False):
+            raise ConfigError(
+                f"Serving {self._encoder.name!r} needs a fast (Rust) tokenizer for one-pass "
+                f"truncation; its tokenizer is {type(self._encoder.tokenizer).__name__}."
             )
-
-    def _ready_encoder(self) -> TextEncoder:
-        if self._encoder is not None:
-            return self._encoder
-        if self._load_error is not None:
-            raise APIError(
-                503, f"The model failed to load: {self._load_error}", code="model_load_failed"
-            )
-        raise APIError(
-            503,
-            "The model is still loading; retry shortly (GET /healthz turns 200 when it is ready).",
-            code="model_loading",
+        log.info(
+            "Loaded %s (dim %d) in %.1fs",
+            self._encoder.name,
+            self._encoder.dim,
+            time.perf_counter() - started,
         )
+
+    def check_health(self) -> None:
+        """Serve's health check: the model thread still takes work."""
+        self._model_thread.submit(lambda: None).result(timeout=30)
 
     async def _in_model_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_thread, lambda: fn(*args, **kwargs))
 
-    async def _json_body(self, request: Request) -> dict:
-        body = await read_body(request, max_bytes=self._limits.max_request_bytes)
-        return parse_json_body(body, max_bytes=self._limits.max_request_bytes)
-
-    def _decode(
-        self,
-        encoder: TextEncoder,
-        decode_fn: Callable[..., list[str]],
-        texts: list[str],
-        instruction: str | None,
-        max_new_tokens: int,
-    ) -> tuple[list[str], list[int], list[str]]:
-        texts, counts = apply_token_limit(
-            texts,
-            encoder.count_tokens,
-            max_tokens=self._limits.max_tokens_per_text,
-            truncate=self._limits.truncate,
+    def _embed_items(self, items: list[EmbedItem]) -> list[EmbedResult]:
+        self._metrics.batch_texts.observe(len(items))
+        return embed_items(
+            self._encoder,
+            items,
+            limits=self._limits,
+            max_batch_size=self._batch_size,
+            max_batch_tokens=self._batch_tokens,
+            normalize=self._normalize,
         )
-        decoded = decode_fn(texts, instruction=instruction, max_new_tokens=max_new_tokens)
-        return texts, counts, decoded
-
-    def _embed_items(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
-        # Token limits and encoding in one pass (call with self._model_lock held).
-        started = time.perf_counter()
-        try:
-            return embed_items(
-                self._encoder,
-                items,
-                max_tokens=self._limits.max_tokens_per_text,
-                truncate=self._limits.truncate,
-                batch_size=self._batch_size,
-                normalize=self._normalize,
-            )
-        finally:
-            self._stats["model_calls"] += 1
-            self._stats["texts"] += len(items)
-            self._stats["model_seconds"] += time.perf_counter() - started
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, items: list[EmbedItem]) -> list[tuple[np.ndarray, int] | APIError]:
-        # The model runs right here on the event loop thread, not in the model thread: CPU-bound
-        # work in a second thread of this process fights the event loop for the GIL, which then
-        # admits requests so slowly that batches stay small (bench/serve.py, 32 clients: 3-4
-        # texts per model call that way, 12 this way). Requests keep queueing in Ray meanwhile.
-        async with self._model_lock:
-            return self._embed_items(items)
+    async def _embed_batch(self, items: list[EmbedItem]) -> list[EmbedResult]:
+        return await self._in_model_thread(self._embed_items, items)
 
-    @api.post("/v1/embeddings")
+    def _admit(self, n: int) -> None:
+        if self._queued + n > self._max_queued:
+            raise APIError(
+                429,
+                f"This replica has {self._queued} texts queued (serve.max_queued_texts="
+                f"{self._max_queued}); retry after a moment or send fewer texts at once.",
+                code="server_busy",
+                type="server_error",
+            )
+        self._queued += n
+        self._metrics.queued.set(self._queued)
+
+    def _release(self, n: int) -> None:
+        self._queued -= n
+        self._metrics.queued.set(self._queued)
+
+    @api.post(
+        "/v1/embeddings",
+        response_model=EmbeddingResponse,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(EmbeddingRequest),
+    )
     async def embeddings(self, request: Request) -> JSONResponse:
-        obj = await self._json_body(request)
-        encoder = self._ready_encoder()
-        req = parse_embedding_request(
-            obj, limits=self._limits, served_model=self._model_name, dim=encoder.dim
+        req = parse_request(EmbeddingRequest, await request.body())
+        model = check_embedding_request(
+            req, limits=self._limits, served_model=self._model_name, dim=self._encoder.dim
         )
-        started = time.perf_counter()
-        items = [(i, text, req.instruction) for i, text in enumerate(req.texts)]
+        rid = next(self._request_ids)
+        items = [
+            EmbedItem(rid, i, text, req.instruction or None) for i, text in enumerate(req.input)
+        ]
+        self._admit(len(items))
         try:
-            if self._batching:  # each text joins a model batch shared with concurrent requests
-                results = await asyncio.gather(*(self._embed_batch(item) for item in items))
+            if self._batching:
+                # Each text joins a model batch shared with concurrent requests. A long list
+                # enters the queue one batch-worth at a time, so that the texts of requests
+                # arriving meanwhile are batched between its waves instead of waiting behind it.
+                results = []
+                for s in range(0, len(items), self._batch_size):
+                    wave = items[s : s + self._batch_size]
+                    results += await asyncio.gather(*(self._embed_batch(it) for it in wave))
             else:
-                async with self._model_lock:
-                    results = self._embed_items(items)
+                results = await self._in_model_thread(self._embed_items, items)
         finally:
-            self._stats["requests"] += 1
-            self._stats["request_seconds"] += time.perf_counter() - started
+            self._release(len(items))
         errors = [r for r in results if isinstance(r, APIError)]
         if errors:
             raise errors[0]
+        fitted: list[Fitted] = [f for _, f in results]
+        self._metrics.tokens.inc(sum(f.tokens for f in fitted))
         return JSONResponse(
             embedding_response(
                 np.stack([v for v, _ in results]),
-                model=req.model,
+                model=model,
                 encoding_format=req.encoding_format,
-                token_counts=[n for _, n in results],
+                fitted=fitted,
             )
         )
 
-    @api.post("/v1/decode")
+    def _decode(
+        self, texts: list[str], instruction: str | None, max_new_tokens: int
+    ) -> tuple[list[Fitted], list[str]]:
+        fitted = fit_texts(self._encoder, texts, instruction, limits=self._limits)
+        errors = [f for f in fitted if isinstance(f, APIError)]
+        if errors:
+            raise errors[0]
+        decoded = self._encoder.decode(
+            [f.text for f in fitted], instruction=instruction, max_new_tokens=max_new_tokens
+        )
+        return fitted, decoded
+
+    @api.post(
+        "/v1/decode",
+        response_model=DecodeResponse,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(DecodeRequest),
+    )
     async def decode(self, request: Request) -> JSONResponse:
-        obj = await self._json_body(request)
-        encoder = self._ready_encoder()
-        req = parse_decode_request(obj, limits=self._limits, served_model=self._model_name)
-        decode_fn = getattr(encoder, "decode", None)
-        if not callable(decode_fn):
+        req = parse_request(DecodeRequest, await request.body())
+        model, max_new = check_decode_request(
+            req, limits=self._limits, served_model=self._model_name
+        )
+        if not callable(getattr(self._encoder, "decode", None)):
             raise APIError(
                 400,
-                f"The served encoder {encoder.name!r} cannot decode: only a trained "
+                f"The served encoder {self._encoder.name!r} cannot decode: only a trained "
                 f"LLM2Vec-Gen encoder folder can. Use /v1/embeddings.",
                 code="decode_not_supported",
             )
-        async with self._model_lock:  # generation is long: keep the event loop free meanwhile
-            texts, counts, decoded = await self._in_model_thread(
-                self._decode, encoder, decode_fn, req.texts, req.instruction, req.max_new_tokens
+        self._admit(len(req.input))
+        try:
+            fitted, decoded = await self._in_model_thread(
+                self._decode, req.input, req.instruction or None, max_new
             )
-        return JSONResponse(decode_response(decoded, model=req.model, token_counts=counts))
+        finally:
+            self._release(len(req.input))
+        return JSONResponse(decode_response(decoded, model=model, fitted=fitted))
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(self) -> JSONResponse:
-        card: dict[str, Any] = {
+        card = {
             "id": self._model_name,
             "object": "model",
             "created": 0,
             "owned_by": "l2vg-ray",
+            "dim": self._encoder.dim,
+            "encoder": self._encoder.name,
+            "decode": callable(getattr(self._encoder, "decode", None)),
         }
-        if self._encoder is not None:
-            card.update(
-                dim=self._encoder.dim,
-                encoder=self._encoder.name,
-                decode=callable(getattr(self._encoder, "decode", None)),
-            )
         return JSONResponse({"object": "list", "data": [card]})
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        encoder = self._ready_encoder()
-        return JSONResponse(
-            {"status": "ok", "model": self._model_name, "dim": encoder.dim, "stats": self._stats}
-        )
+        return JSONResponse({"status": "ok", "model": self._model_name, "dim": self._encoder.dim})
 
 
 def deployment_options(serve_cfg: Any) -> dict[str, Any]:
@@ -289,6 +328,12 @@ def deployment_options(serve_cfg: Any) -> dict[str, Any]:
             f"serve.target_ongoing_requests={s.target_ongoing_requests} must be > 0 "
             f"and <= serve.max_ongoing_requests={s.max_ongoing_requests}."
         )
+    for key in ("max_batch_tokens", "max_queued_texts", "max_queued_requests"):
+        if s[key] < 1:
+            raise ConfigError(f"serve.{key} must be >= 1, got {s[key]}.")
+    for key in ("body_timeout_s", "request_timeout_s"):
+        if s[key] <= 0:
+            raise ConfigError(f"serve.{key} must be > 0 seconds, got {s[key]}.")
     return {
         "autoscaling_config": {
             "min_replicas": int(s.min_replicas),
@@ -298,6 +343,10 @@ def deployment_options(serve_cfg: Any) -> dict[str, Any]:
         },
         "ray_actor_options": {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus)},
         "max_ongoing_requests": int(s.max_ongoing_requests),
+        "max_queued_requests": int(s.max_queued_requests),
+        "max_constructor_retry_count": max(1, int(s.load_retries) + 1),
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 60.0,
         "logging_config": {"enable_access_log": bool(s.access_log)},
     }
 
@@ -313,6 +362,8 @@ def build_application(
     model = Path(plain["serve"]["model"]).expanduser()
     if model.exists():  # replicas may run in another working directory
         plain["serve"]["model"] = str(model.resolve())
+    # The key travels to the replicas only, never into a saved config.
+    plain["serve"]["api_key"] = plain["serve"].get("api_key") or os.environ.get(API_KEY_ENV) or None
     return EmbeddingServer.options(**options).bind(plain, encoder_factory)
 
 
@@ -340,7 +391,9 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_serve(host: str, port: int, *, access_log: bool = True) -> tuple[str, int]:
+def _start_serve(
+    host: str, port: int, *, access_log: bool = True, request_timeout_s: float | None = None
+) -> tuple[str, int]:
     """Start Serve's HTTP proxy on host:port, or reuse the running one (whose address wins)."""
     from ray.serve.context import _get_global_client
 
@@ -356,15 +409,18 @@ def _start_serve(host: str, port: int, *, access_log: bool = True) -> tuple[str,
             )
         return running
     port = port or _free_port(host)
+    http_options: dict[str, Any] = {"host": host, "port": port}
+    if request_timeout_s:  # the proxy's backstop behind the replica's own 504
+        http_options["request_timeout_s"] = float(request_timeout_s) + 10.0
     serve.start(
-        http_options={"host": host, "port": port},
+        http_options=http_options,
         logging_config={"enable_access_log": access_log},
     )
     return host, port
 
 
 def wait_until_ready(url: str, *, timeout_s: float) -> dict:
-    """Poll ``GET {url}/healthz`` until 200; raise if the model failed to load or on timeout."""
+    """Poll ``GET {url}/healthz`` until 200 (the proxy may need a moment to route a new app)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -377,13 +433,7 @@ def wait_until_ready(url: str, *, timeout_s: float) -> dict:
         else:
             if r.status_code == 200:
                 return r.json()
-            try:
-                err = r.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                err = {"message": r.text[:200], "code": None}
-            if err.get("code") == "model_load_failed":
-                raise RuntimeError(f"The served model failed to load: {err['message']}")
-            last = f"HTTP {r.status_code}: {err.get('message')}"
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
         time.sleep(0.5)
     raise TimeoutError(
         f"{url}/healthz was not ready after {timeout_s:.0f}s ({last}). Raise "
@@ -402,8 +452,20 @@ def run_serve(
     """
     s = cfg.serve
     app = build_application(cfg, encoder_factory=encoder_factory)
-    host, port = _start_serve(str(s.host), int(s.port), access_log=bool(s.access_log))
-    serve.run(app, name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False)
+    host, port = _start_serve(
+        str(s.host),
+        int(s.port),
+        access_log=bool(s.access_log),
+        request_timeout_s=float(s.request_timeout_s),
+    )
+    try:  # returns once a replica holds the model (it loads in the constructor)
+        serve.run(app, name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False)
+    except RuntimeError as e:
+        if blocking:
+            serve.shutdown()
+        raise RuntimeError(
+            f"The served model {str(s.model)!r} failed to load ({s.load_retries} retries): {e}"
+        ) from e
     url = f"http://{host}:{port}{str(s.route_prefix).rstrip('/')}"
     try:
         health = wait_until_ready(url, timeout_s=float(s.ready_timeout_s))

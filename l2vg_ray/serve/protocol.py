@@ -1,28 +1,45 @@
-"""The serving API's request/response models and their validation: pure functions, no Ray.
+"""The serving API's typed requests, responses and token budget: pure functions, no Ray.
 
-Requests are parsed by hand from the raw body (not by FastAPI's body models) so that every bad
-input - invalid JSON, wrong types, empty or non-string items, too many items, a body over the
-size limit, an unknown model - becomes an ``APIError`` with an OpenAI-style body that names the
-offending parameter, never a 500.
+Requests are pydantic models (``EmbeddingRequest``, ``DecodeRequest``) parsed from the raw body by
+pydantic's own JSON parser, so that invalid UTF-8, lone surrogates (``"\\ud800"``), nesting past
+its recursion limit and out-of-range numbers are parse errors: every one is a 400 with an
+OpenAI-style body naming the parameter, never a 500. What depends on the served model (how many
+items, the model's name, its dimension) is checked after parsing by ``check_*``.
 
-Long texts (``serve.max_tokens_per_text``, counted with the encoder's ``count_tokens``):
-with ``serve.truncate=true`` they are cut to the longest prefix within the limit and ``usage``
-counts the kept tokens; with ``serve.truncate=false`` the request is answered 413
-(``context_length_exceeded``). The encoder may cut further at its own maximum input length.
+Token budget (``fit_texts``): a text may use ``min(serve.max_tokens_per_text, the encoder's own
+max_input_tokens)`` tokens, *instruction included*. Over it, with ``serve.truncate=true`` the
+text (never the instruction) is cut once, at a token boundary taken from the tokenizer's offsets,
+and the response lists it in ``usage.truncated_inputs``; with ``serve.truncate=false`` the request
+is answered 413 (``context_length_exceeded``). An instruction that alone fills the budget is a
+400. ``usage`` counts the tokens the model actually read.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 
-ENCODING_FORMATS = ("float", "base64")
+log = logging.getLogger(__name__)
+
 DEFAULT_DECODE_TOKENS = 64
+_BOM = b"\xef\xbb\xbf"
 
 
 class APIError(Exception):
@@ -80,49 +97,177 @@ class Limits:
         )
 
 
-@dataclass(frozen=True)
-class EmbeddingRequest:
-    texts: list[str]
-    model: str
-    encoding_format: str = "float"
-    dimensions: int | None = None
-    instruction: str | None = None
+# ---------------------------------------------------------------------------- request models
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
-class DecodeRequest:
-    texts: list[str]
-    model: str
-    instruction: str | None = None
-    max_new_tokens: int = DEFAULT_DECODE_TOKENS
+def _some_text(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_input", "an empty string; every input must hold some text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate that did not come through the JSON parser
+        raise PydanticCustomError("invalid_text", "not valid Unicode text") from None
+    return value
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        str: "string",
-        list: "array",
-        dict: "object",
-    }.get(type(value), type(value).__name__)
+Text = Annotated[StrictStr, AfterValidator(_some_text)]
+Texts = Annotated[
+    list[Text],
+    BeforeValidator(_as_list),
+    Field(min_length=1),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            ],
+            "description": "A text, or a list of texts (token-id inputs are not supported).",
+        }
+    ),
+]
 
 
-def body_too_large(size: int, limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The request body has {size} bytes, over the limit of {limit} bytes "
-        f"(serve.max_request_bytes). Send fewer or shorter texts per request.",
-        code="request_too_large",
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's embeddings request plus an optional ``instruction``."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. OpenAI's `user`
+
+    input: Texts
+    model: StrictStr | None = Field(None, description="The served model's name (optional).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(
+        None, description="Must equal the model's dimension when given (no shortening)."
+    )
+    instruction: StrictStr | None = Field(
+        None, description="A task instruction read before every text; counts toward its tokens."
     )
 
 
-def parse_json_body(body: bytes, *, max_bytes: int) -> dict[str, Any]:
-    """Raw request bytes -> the JSON object, or an APIError (413 too large, 400 otherwise)."""
-    if len(body) > max_bytes:
-        raise body_too_large(len(body), max_bytes)
+class DecodeRequest(BaseModel):
+    """``POST /v1/decode``: texts -> what the frozen LLM decodes from their soft prompts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Texts
+    model: StrictStr | None = None
+    instruction: StrictStr | None = None
+    max_new_tokens: StrictInt | None = Field(
+        None, description=f"Tokens to generate per text (default {DEFAULT_DECODE_TOKENS})."
+    )
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    truncated_inputs: list[int] | None = Field(
+        None, description="Indices of the inputs that were cut to the token limit."
+    )
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class DecodedText(BaseModel):
+    object: Literal["decoded_text"] = "decoded_text"
+    index: int
+    text: str
+
+
+class DecodeResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DecodedText]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "l2vg-ray"
+    dim: int
+    encoder: str
+    decode: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------- parsing
+# pydantic error type -> our error code (the rest: *_type / *_parsing -> invalid_type; custom
+# types such as empty_input pass through).
+_ERROR_CODES = {
+    "missing": "missing_required_parameter",
+    "too_short": "empty_input",
+    "literal_error": "invalid_value",
+    "json_invalid": "invalid_json",
+    "json_type": "invalid_json",
+    "model_type": "invalid_json",
+    "model_attributes_type": "invalid_json",
+}
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _api_error(err: dict) -> APIError:
+    kind = err["type"]
+    code = _ERROR_CODES.get(kind) or (
+        "invalid_type" if kind.endswith(("_type", "_parsing")) else kind
+    )
+    param = _param(err.get("loc", ()))
+    msg = err.get("msg", "invalid")
+    if code == "invalid_json":
+        if kind.startswith("json"):
+            message = (
+                f"The request body is not valid JSON: {msg.removeprefix('Invalid JSON: ')}. "
+                f"Send a UTF-8 JSON object whose strings are valid Unicode."
+            )
+        else:
+            message = 'The request body must be a JSON object, such as {"input": "some text"}.'
+        return APIError(400, message, code=code)
+    if code == "missing_required_parameter":
+        return APIError(400, f"Missing required parameter '{param}'.", param=param, code=code)
+    hint = ""
+    if code == "invalid_type" and param and param.startswith("input["):
+        value = err.get("input")
+        if isinstance(value, (int, list)) and not isinstance(value, bool):
+            hint = " Token-id inputs are not supported; send the text."
+    return APIError(400, f"'{param}': {msg}.{hint}", param=param, code=code)
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Raw request bytes -> a validated ``model``, or an ``APIError`` (400)."""
+    body = body.removeprefix(_BOM)
     if not body.strip():
         raise APIError(
             400,
@@ -131,100 +276,22 @@ def parse_json_body(body: bytes, *, max_bytes: int) -> dict[str, Any]:
             code="invalid_json",
         )
     try:
-        obj = json.loads(body.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise APIError(
-            400, "The request body is not UTF-8 text; send UTF-8 encoded JSON.", code="invalid_json"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise APIError(
-            400,
-            f"The request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(obj, dict):
-        raise APIError(
-            400,
-            f"The request body must be a JSON object, got a JSON {_type_name(obj)}.",
-            code="invalid_json",
-        )
-    return obj
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _api_error(e.errors(include_url=False)[0]) from None
 
 
-def parse_texts(value: Any, *, max_items: int, param: str = "input") -> list[str]:
-    """``input``: a non-empty string or a non-empty list of non-empty strings."""
-    if value is None:
-        raise APIError(
-            400,
-            f"Missing required parameter '{param}': a string or a list of strings.",
-            param=param,
-            code="missing_required_parameter",
-        )
-    if isinstance(value, str):
-        value = [value]
-    elif not isinstance(value, list):
-        raise APIError(
-            400,
-            f"'{param}' must be a string or a list of strings, got a {_type_name(value)}.",
-            param=param,
-            code="invalid_type",
-        )
-    if not value:
-        raise APIError(
-            400,
-            f"'{param}' is an empty list; send at least one string.",
-            param=param,
-            code="empty_input",
-        )
-    if len(value) > max_items:
-        raise APIError(
-            400,
-            f"'{param}' has {len(value)} items, over the limit of {max_items} per "
-            f"request (serve.max_items_per_request). Split it over several requests.",
-            param=param,
-            code="too_many_items",
-        )
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            if not item.strip():
-                raise APIError(
-                    400,
-                    f"'{param}[{i}]' is an empty string; every input must hold some text.",
-                    param=f"{param}[{i}]",
-                    code="empty_input",
-                )
-            continue
-        hint = (
-            " Token-id inputs are not supported; send the text."
-            if isinstance(item, (int, list)) and not isinstance(item, bool)
-            else ""
-        )
-        raise APIError(
-            400,
-            f"'{param}[{i}]' must be a string, got a {_type_name(item)}.{hint}",
-            param=f"{param}[{i}]",
-            code="invalid_type",
-        )
-    return value
+def body_too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body has {size} bytes or more, over the limit of {limit} bytes "
+        f"(serve.max_request_bytes). Send fewer or shorter texts per request.",
+        code="request_too_large",
+    )
 
 
-def _optional(obj: dict, key: str, kind: type, type_label: str) -> Any:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise APIError(
-            400,
-            f"'{key}' must be {type_label}, got a {_type_name(value)}.",
-            param=key,
-            code="invalid_type",
-        )
-    return value
-
-
-def check_model(obj: dict, served_model: str) -> str:
+def check_model(model: str | None, served_model: str) -> str:
     """``model`` may be omitted; when given it must be the served model's name."""
-    model = _optional(obj, "model", str, "a string")
     if model is not None and model != served_model:
         raise APIError(
             404,
@@ -236,38 +303,42 @@ def check_model(obj: dict, served_model: str) -> str:
     return served_model
 
 
-def parse_embedding_request(
-    obj: dict, *, limits: Limits, served_model: str, dim: int
-) -> EmbeddingRequest:
-    texts = parse_texts(obj.get("input"), max_items=limits.max_items)
-    model = check_model(obj, served_model)
-    fmt = _optional(obj, "encoding_format", str, "a string") or "float"
-    if fmt not in ENCODING_FORMATS:
+def check_items(texts: Sequence[str], limits: Limits) -> None:
+    if len(texts) > limits.max_items:
         raise APIError(
             400,
-            f"'encoding_format' must be one of {list(ENCODING_FORMATS)}, got {fmt!r}.",
-            param="encoding_format",
-            code="invalid_value",
+            f"'input' has {len(texts)} items, over the limit of {limits.max_items} per "
+            f"request (serve.max_items_per_request). Split it over several requests.",
+            param="input",
+            code="too_many_items",
         )
-    dimensions = _optional(obj, "dimensions", int, "an integer")
-    if dimensions is not None and dimensions != dim:
+
+
+def check_embedding_request(
+    req: EmbeddingRequest, *, limits: Limits, served_model: str, dim: int
+) -> str:
+    """The limits that depend on the server; returns the model name to answer with."""
+    check_items(req.input, limits)
+    model = check_model(req.model, served_model)
+    if req.dimensions is not None and req.dimensions != dim:
         raise APIError(
             400,
-            f"'dimensions'={dimensions} is not supported: {served_model!r} has "
+            f"'dimensions'={req.dimensions} is not supported: {served_model!r} has "
             f"{dim}-dimensional embeddings and cannot shorten them. Omit 'dimensions' "
             f"or pass {dim}.",
             param="dimensions",
             code="invalid_value",
         )
-    instruction = _optional(obj, "instruction", str, "a string")
-    return EmbeddingRequest(texts, model, fmt, dimensions, instruction or None)
+    return model
 
 
-def parse_decode_request(obj: dict, *, limits: Limits, served_model: str) -> DecodeRequest:
-    texts = parse_texts(obj.get("input"), max_items=limits.max_items)
-    model = check_model(obj, served_model)
-    instruction = _optional(obj, "instruction", str, "a string")
-    max_new = _optional(obj, "max_new_tokens", int, "an integer")
+def check_decode_request(
+    req: DecodeRequest, *, limits: Limits, served_model: str
+) -> tuple[str, int]:
+    """Returns (model name, max_new_tokens)."""
+    check_items(req.input, limits)
+    model = check_model(req.model, served_model)
+    max_new = req.max_new_tokens
     if max_new is None:
         max_new = min(DEFAULT_DECODE_TOKENS, limits.max_new_tokens)
     if not 1 <= max_new <= limits.max_new_tokens:
@@ -278,79 +349,97 @@ def parse_decode_request(obj: dict, *, limits: Limits, served_model: str) -> Dec
             param="max_new_tokens",
             code="invalid_value",
         )
-    return DecodeRequest(texts, model, instruction or None, max_new)
+    return model, max_new
 
 
-CountFn = Callable[[Sequence[str]], list[int]]
+# ---------------------------------------------------------------------------- token budget
+@dataclass(frozen=True)
+class Fitted:
+    """One text within the token budget: what is embedded and the tokens the model reads."""
+
+    text: str
+    tokens: int
+    truncated: bool = False
 
 
-def truncate_to_tokens(text: str, max_tokens: int, count_tokens: CountFn) -> str:
-    """The longest prefix of ``text`` with at most ``max_tokens`` tokens (binary search).
+def token_budget(encoder: Any, limits: Limits) -> int:
+    return min(int(limits.max_tokens_per_text), int(encoder.max_input_tokens))
 
-    Works with any encoder's ``count_tokens``, special tokens included, at O(log len) calls;
-    it runs only for texts over the limit.
+
+def fit_texts(
+    encoder: Any,
+    texts: Sequence[str],
+    instruction: str | None,
+    *,
+    limits: Limits,
+    params: Sequence[str] | None = None,
+) -> list[Fitted | APIError]:
+    """Each text within ``token_budget``: kept, cut once (truncate) or an APIError.
+
+    One ``count_tokens`` pass for all texts (instruction included); texts over the budget get one
+    tokenizer pass with offsets, are cut at the last token boundary that fits, and are counted
+    again (the encoder cuts any token the join adds). ``params``: each text's name in errors.
     """
-    lo, hi = 0, len(text)  # invariant: text[:lo] fits (or lo == 0)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens([text[:mid]])[0] <= max_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo]
+    texts = list(texts)
+    params = list(params) if params is not None else [f"input[{i}]" for i in range(len(texts))]
+    budget = token_budget(encoder, limits)
+    counts = encoder.count_tokens(texts, instruction=instruction)
+    out: list[Fitted | APIError] = [Fitted(t, int(n)) for t, n in zip(texts, counts, strict=True)]
+    over = [i for i, n in enumerate(counts) if n > budget]
+    if not over:
+        return out
+    which = (
+        "serve.max_tokens_per_text"
+        if budget == limits.max_tokens_per_text
+        else f"the model's maximum input length ({budget})"
+    )
+    if not limits.truncate:
+        for i in over:
+            out[i] = APIError(
+                413,
+                f"'{params[i]}' has {counts[i]} tokens"
+                + (" with the instruction" if instruction else "")
+                + f", over the limit of {budget} tokens per text ({which}). Shorten it, or run "
+                f"the server with serve.truncate=true.",
+                param=params[i],
+                code="context_length_exceeded",
+            )
+        return out
+    enc = encoder.tokenizer(
+        [texts[i] for i in over], add_special_tokens=False, return_offsets_mapping=True
+    )
+    cut: dict[int, str] = {}
+    for i, offsets in zip(over, enc["offset_mapping"], strict=True):
+        keep = len(offsets) - (counts[i] - budget)  # text tokens that fit beside the rest
+        if keep < 1:
+            out[i] = (
+                APIError(
+                    400,
+                    f"The instruction takes {counts[i] - len(offsets)} of the {budget} tokens a "
+                    f"text may use ({which}), leaving none for '{params[i]}'. Shorten the "
+                    f"instruction.",
+                    param="instruction",
+                    code="instruction_too_long",
+                )
+                if instruction
+                else APIError(
+                    413,
+                    f"'{params[i]}' cannot be cut to {budget} tokens ({which} is too small "
+                    f"for this encoder's special tokens).",
+                    param=params[i],
+                    code="context_length_exceeded",
+                )
+            )
+            continue
+        cut[i] = texts[i][: offsets[keep - 1][1]]
+    if cut:
+        recount = encoder.count_tokens(list(cut.values()), instruction=instruction)
+        for (i, text), n in zip(cut.items(), recount, strict=True):
+            out[i] = Fitted(text, min(int(n), budget), truncated=True)
+    return out
 
 
-def limit_text(
-    text: str,
-    n_tokens: int,
-    count_tokens: CountFn,
-    *,
-    max_tokens: int,
-    truncate: bool,
-    param: str,
-) -> tuple[str, int]:
-    """One text within ``max_tokens``: unchanged, truncated, or a 413. Returns (text, tokens)."""
-    if n_tokens <= max_tokens:
-        return text, n_tokens
-    if not truncate:
-        raise APIError(
-            413,
-            f"'{param}' has {n_tokens} tokens, over the limit of {max_tokens} tokens per text "
-            f"(serve.max_tokens_per_text). Shorten it, or run the server with "
-            f"serve.truncate=true.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    cut = truncate_to_tokens(text, max_tokens, count_tokens)
-    if not cut:
-        raise APIError(
-            413,
-            f"'{param}' cannot be cut to {max_tokens} tokens (serve.max_tokens_per_text is too "
-            f"small for this encoder).",
-            param=param,
-            code="context_length_exceeded",
-        )
-    return cut, count_tokens([cut])[0]
-
-
-def apply_token_limit(
-    texts: list[str],
-    count_tokens: CountFn,
-    *,
-    max_tokens: int,
-    truncate: bool,
-    param: str = "input",
-) -> tuple[list[str], list[int]]:
-    """Enforce ``max_tokens`` per text: truncate or raise 413. Returns (texts, token counts)."""
-    out = [
-        limit_text(
-            t, n, count_tokens, max_tokens=max_tokens, truncate=truncate, param=f"{param}[{i}]"
-        )
-        for i, (t, n) in enumerate(zip(texts, count_tokens(texts), strict=True))
-    ]
-    return [t for t, _ in out], [n for _, n in out]
-
-
+# ---------------------------------------------------------------------------- responses
 def encode_base64(vector: np.ndarray) -> str:
     """OpenAI's base64 format: the little-endian float32 bytes of the vector."""
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -360,8 +449,17 @@ def decode_base64(data: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4")
 
 
+def usage(fitted: Sequence[Fitted]) -> dict:
+    n = int(sum(f.tokens for f in fitted))
+    out: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n}
+    truncated = [i for i, f in enumerate(fitted) if f.truncated]
+    if truncated:
+        out["truncated_inputs"] = truncated
+    return out
+
+
 def embedding_response(
-    vectors: np.ndarray, *, model: str, encoding_format: str, token_counts: Sequence[int]
+    vectors: np.ndarray, *, model: str, encoding_format: str, fitted: Sequence[Fitted]
 ) -> dict:
     vectors = np.asarray(vectors, dtype=np.float32)
     data = [
@@ -372,94 +470,134 @@ def embedding_response(
         }
         for i, v in enumerate(vectors)
     ]
-    n = int(sum(token_counts))
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": n, "total_tokens": n},
-    }
+    return {"object": "list", "data": data, "model": model, "usage": usage(fitted)}
 
 
-def decode_response(decoded: Sequence[str], *, model: str, token_counts: Sequence[int]) -> dict:
+def decode_response(decoded: Sequence[str], *, model: str, fitted: Sequence[Fitted]) -> dict:
     data = [{"object": "decoded_text", "index": i, "text": t} for i, t in enumerate(decoded)]
-    n = int(sum(token_counts))
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": n, "total_tokens": n},
-    }
+    return {"object": "list", "data": data, "model": model, "usage": usage(fitted)}
 
 
-def encode_grouped(
+# ---------------------------------------------------------------------------- batched embedding
+@dataclass(frozen=True)
+class EmbedItem:
+    """One text of one request inside a batch shared by concurrent requests."""
+
+    request: int  # which request it belongs to (a failure stays within it)
+    index: int  # its position in that request's `input`
+    text: str
+    instruction: str | None
+
+
+EmbedResult = tuple[np.ndarray, Fitted] | APIError
+
+
+def plan_batches(
+    tokens: Sequence[int], *, max_batch_size: int, max_batch_tokens: int
+) -> list[list[int]]:
+    """Indices cut into model calls of at most ``max_batch_size`` texts and
+    ``max_batch_tokens`` padded tokens (texts sorted by length; one long text still runs alone)."""
+    order = sorted(range(len(tokens)), key=lambda i: tokens[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max([tokens[j] for j in current] + [tokens[i]])
+        if current and (
+            len(current) >= max_batch_size or width * (len(current) + 1) > max_batch_tokens
+        ):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _embed(
     encoder: Any,
-    items: Sequence[tuple[str, str | None]],
+    items: Sequence[EmbedItem],
     *,
-    batch_size: int,
+    limits: Limits,
+    max_batch_size: int,
+    max_batch_tokens: int,
     normalize: bool,
-) -> list[np.ndarray]:
-    """Embed (text, instruction) pairs from many requests: one ``encode`` call per instruction.
-
-    Returns one row per item, in order (the shape ``@serve.batch`` expects).
-    """
+) -> list[EmbedResult]:
+    results: list[EmbedResult | None] = [None] * len(items)
     groups: dict[str | None, list[int]] = {}
-    for i, (_, instruction) in enumerate(items):
-        groups.setdefault(instruction, []).append(i)
-    rows: list[np.ndarray | None] = [None] * len(items)
+    for j, item in enumerate(items):
+        groups.setdefault(item.instruction, []).append(j)
     for instruction, idx in groups.items():
-        vectors = encoder.encode(
-            [items[i][0] for i in idx],
-            instruction=instruction,
-            batch_size=batch_size,
-            normalize=normalize,
+        fitted = fit_texts(
+            encoder,
+            [items[j].text for j in idx],
+            instruction,
+            limits=limits,
+            params=[f"input[{items[j].index}]" for j in idx],
         )
-        for i, v in zip(idx, vectors, strict=True):
-            rows[i] = v
-    return rows  # type: ignore[return-value]
-
-
-# One text of a request inside a batch: (its index in the request's `input`, text, instruction).
-EmbedItem = tuple[int, str, "str | None"]
+        ok = [(j, f) for j, f in zip(idx, fitted, strict=True) if isinstance(f, Fitted)]
+        for j, f in zip(idx, fitted, strict=True):
+            if isinstance(f, APIError):
+                results[j] = f
+        plan = plan_batches(
+            [f.tokens for _, f in ok],
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+        )
+        for batch in plan:
+            vectors = encoder.encode(
+                [ok[k][1].text for k in batch],
+                instruction=instruction,
+                batch_size=len(batch),
+                normalize=normalize,
+            )
+            for k, v in zip(batch, vectors, strict=True):
+                results[ok[k][0]] = (v, ok[k][1])
+    return results  # type: ignore[return-value]
 
 
 def embed_items(
     encoder: Any,
     items: Sequence[EmbedItem],
     *,
-    max_tokens: int,
-    truncate: bool,
-    batch_size: int,
+    limits: Limits,
+    max_batch_size: int,
+    max_batch_tokens: int,
     normalize: bool,
-) -> list[tuple[np.ndarray, int] | APIError]:
-    """Token-limit and embed texts gathered from one or many requests, in one pass.
+) -> list[EmbedResult]:
+    """Token-fit and embed texts gathered from one or many requests.
 
-    One ``count_tokens`` call for all texts, then one ``encode`` call per instruction. Returns per
-    item ``(vector, n_tokens)``, or the ``APIError`` of a text over the limit (so that one bad
-    request in a batch fails alone).
+    Returns per item ``(vector, Fitted)`` or the ``APIError`` of that item. A failure while
+    embedding is retried request by request, so that it fails only the request it came from;
+    its neighbours in the batch are answered normally.
     """
-    counts = encoder.count_tokens([text for _, text, _ in items])
-    results: list[tuple[np.ndarray, int] | APIError | None] = [None] * len(items)
-    ok: list[int] = []
-    kept: list[tuple[str, str | None]] = []
-    for j, ((index, text, instruction), n) in enumerate(zip(items, counts, strict=True)):
+    kw = dict(
+        limits=limits,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        normalize=normalize,
+    )
+    try:
+        return _embed(encoder, items, **kw)
+    except Exception:
+        log.exception(
+            "Embedding a batch of %d texts failed; retrying request by request", len(items)
+        )
+    by_request: dict[int, list[int]] = {}
+    for j, item in enumerate(items):
+        by_request.setdefault(item.request, []).append(j)
+    results: list[EmbedResult | None] = [None] * len(items)
+    for idx in by_request.values():
         try:
-            text, n = limit_text(
-                text,
-                n,
-                encoder.count_tokens,
-                max_tokens=max_tokens,
-                truncate=truncate,
-                param=f"input[{index}]",
+            part = _embed(encoder, [items[j] for j in idx], **kw)
+        except Exception as e:
+            log.exception("Embedding one request's %d texts failed", len(idx))
+            err = APIError(
+                500,
+                f"Embedding this request's input failed ({type(e).__name__}); the error is in "
+                f"the server log.",
+                code="embedding_failed",
             )
-        except APIError as e:
-            results[j] = e
-            continue
-        ok.append(j)
-        kept.append((text, instruction))
-        results[j] = (None, n)  # type: ignore[assignment]
-    if kept:
-        vectors = encode_grouped(encoder, kept, batch_size=batch_size, normalize=normalize)
-        for j, v in zip(ok, vectors, strict=True):
-            results[j] = (v, results[j][1])  # type: ignore[index]
+            part = [err] * len(idx)
+        for j, r in zip(idx, part, strict=True):
+            results[j] = r
     return results  # type: ignore[return-value]

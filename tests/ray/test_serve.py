@@ -7,13 +7,14 @@ shut down at the end, so later Train tests get both CPUs back.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
-from l2vg_ray.serve.protocol import decode_base64, truncate_to_tokens
+from l2vg_ray.serve.protocol import decode_base64
 
 MODEL_NAME = "tiny-teacher"
 MAX_TOKENS = 40
@@ -95,13 +96,7 @@ def test_health_and_models(served, reference):
     assert r.status_code == 200
     body = r.json()
     assert (body["status"], body["model"], body["dim"]) == ("ok", MODEL_NAME, reference.dim)
-    assert set(body["stats"]) == {
-        "requests",
-        "texts",
-        "model_calls",
-        "model_seconds",
-        "request_seconds",
-    }
+    assert set(body) == {"status", "model", "dim"}  # counters live in the metrics
     models = httpx.get(f"{served['url']}/v1/models", timeout=30).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
@@ -133,7 +128,7 @@ def test_base64_decodes_to_the_same_floats(served):
 
 
 def test_instruction_and_dimensions(served, reference):
-    instruction = "Retrieve a passage that answers the question:"
+    instruction = "Find the answer:"
     r = _post(
         served["url"],
         "/v1/embeddings",
@@ -142,6 +137,10 @@ def test_instruction_and_dimensions(served, reference):
     np.testing.assert_allclose(
         _embeddings(r), reference.encode(TEXTS[:2], instruction=instruction), atol=1e-5
     )
+    # the instruction's tokens count toward usage (and toward the per-text budget)
+    counts = reference.count_tokens(TEXTS[:2], instruction=instruction)
+    assert max(counts) <= MAX_TOKENS and r.json()["usage"]["prompt_tokens"] == sum(counts)
+    assert sum(counts) > sum(reference.count_tokens(TEXTS[:2]))
 
 
 def test_openai_client(served, reference):
@@ -165,30 +164,76 @@ def test_concurrent_requests_and_large_lists(served, reference):
     def one(i: int) -> np.ndarray:
         return _embeddings(_post(served["url"], "/v1/embeddings", {"input": [texts[i]]}))[0]
 
-    before = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
     with ThreadPoolExecutor(8) as pool:  # concurrent requests share model batches
         got = np.stack(list(pool.map(one, range(len(texts)))))
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    after = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
-    assert after["requests"] - before["requests"] == len(texts)
-    assert after["texts"] - before["texts"] == len(texts)
-    assert 1 <= after["model_calls"] - before["model_calls"] <= len(texts)
     # 8 texts with max_batch_size=4: one request split over two model batches
     big = _embeddings(_post(served["url"], "/v1/embeddings", {"input": texts[:MAX_ITEMS]}))
     np.testing.assert_allclose(big, expected[:MAX_ITEMS], atol=1e-5)
-    final = httpx.get(f"{served['url']}/healthz", timeout=30).json()["stats"]
-    assert final["model_calls"] - after["model_calls"] >= MAX_ITEMS // 4  # max_batch_size=4
+
+
+def test_metrics_count_requests_batches_and_tokens(served, reference, tiny_teacher_dir, tmp_path):
+    """Its own app, so that its metrics (tagged by application) start from zero."""
+    from ray import serve
+
+    from l2vg_ray.serve.app import run_serve
+    from l2vg_ray.serve.metrics import metrics_url, read_metric
+
+    app = "metered"
+    cfg = _serve_config(
+        tmp_path,
+        "teacher",
+        "encoder",
+        f"model.teacher={tiny_teacher_dir}",
+        f"serve.app_name={app}",
+        f"serve.route_prefix=/{app}",
+    )
+
+    def scrape() -> dict:
+        text = httpx.get(metrics_url(), timeout=30).text
+        embeddings = {"application": app, "route": "/v1/embeddings"}
+        return {
+            "ok": read_metric(text, "l2vg_requests", status="200", **embeddings),
+            "bad": read_metric(text, "l2vg_requests", status="400", **embeddings),
+            "latency": read_metric(text, "l2vg_request_seconds_count", **embeddings),
+            "calls": read_metric(text, "l2vg_batch_texts_count", application=app),
+            "texts": read_metric(text, "l2vg_batch_texts_sum", application=app),
+            "tokens": read_metric(text, "l2vg_tokens_embedded", application=app),
+        }
+
+    try:
+        url = run_serve(cfg, blocking=False)["url"]
+        texts = TEXTS[:3]
+        for _ in range(3):
+            _embeddings(_post(url, "/v1/embeddings", {"input": texts}))
+        assert _post(url, "/v1/embeddings", {"input": []}).status_code == 400
+        deadline = time.monotonic() + 60  # replicas push metrics to the node every few seconds
+        while True:
+            got = scrape()
+            if (got["ok"], got["bad"], got["texts"]) == (3, 1, 9) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert (got["ok"], got["bad"], got["latency"], got["texts"]) == (3, 1, 4, 9), got
+        assert 1 <= got["calls"] <= 9
+        assert got["tokens"] == 3 * sum(reference.count_tokens(texts))
+    finally:
+        serve.delete(app)
 
 
 def test_long_text_is_truncated(served, reference):
     long_text = " ".join(["bread and water and salt"] * 30)
     assert reference.count_tokens([long_text])[0] > MAX_TOKENS
-    r = _post(served["url"], "/v1/embeddings", {"input": [long_text, TEXTS[0]]})
-    kept = truncate_to_tokens(long_text, MAX_TOKENS, reference.count_tokens)
-    np.testing.assert_allclose(_embeddings(r), reference.encode([kept, TEXTS[0]]), atol=1e-5)
-    usage = r.json()["usage"]["prompt_tokens"]
-    assert usage == sum(reference.count_tokens([kept, TEXTS[0]]))
-    assert usage <= MAX_TOKENS + reference.count_tokens([TEXTS[0]])[0]
+    r = _post(served["url"], "/v1/embeddings", {"input": [TEXTS[0], long_text]})
+    # cut once at a token boundary: MAX_TOKENS tokens with the 2 special ones
+    offsets = reference.tokenizer(long_text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    kept = long_text[: offsets[MAX_TOKENS - 3][1]]
+    assert reference.count_tokens([kept]) == [MAX_TOKENS]
+    np.testing.assert_allclose(_embeddings(r), reference.encode([TEXTS[0], kept]), atol=1e-5)
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == reference.count_tokens([TEXTS[0]])[0] + MAX_TOKENS
+    assert usage["truncated_inputs"] == [1]
 
 
 BAD_REQUESTS = [
@@ -301,7 +346,7 @@ def test_unknown_route_and_method(served):
     assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
 
 
-def test_model_that_fails_to_load_answers_503(served, tmp_path):
+def test_model_that_fails_to_load_is_reported_and_leaves_others_serving(served, tmp_path):
     from ray import serve
 
     from l2vg_ray.serve.app import run_serve
@@ -312,16 +357,14 @@ def test_model_that_fails_to_load_answers_503(served, tmp_path):
         "sentence-transformers",
         "serve.app_name=broken",
         "serve.route_prefix=/broken",
-        "serve.ready_timeout_s=60",
+        "serve.load_retries=0",
     )
     try:
-        with pytest.raises(RuntimeError, match="failed to load"):
+        with pytest.raises(RuntimeError, match="failed to load") as info:
             run_serve(cfg, blocking=False)
-        url = f"{served['url']}/broken"
-        r = httpx.get(f"{url}/healthz", timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
-        r = _post(url, "/v1/embeddings", {"input": "a"})
-        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert "no-such-model" in str(info.value)
+        r = httpx.get(f"{served['url']}/healthz", timeout=30)
+        assert r.status_code == 200  # the healthy app is untouched
     finally:
         serve.delete("broken")
 

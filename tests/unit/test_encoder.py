@@ -107,6 +107,9 @@ def test_special_tokens_end_every_row_under_left_padding_and_truncation(tiny_llm
     head = enc.tokenizer(long)["input_ids"][: 12 - n]
     assert ids[3, : 12 - n].tolist() == head
     assert enc.count_tokens([long])[0] > 12  # counts before truncation
+    assert enc.max_input_tokens == 12
+    short = ["What is it?"]
+    assert enc.count_tokens(short, instruction="Find:") == enc.count_tokens(["Find: What is it?"])
 
 
 def test_labels_are_response_tokens_plus_eos_only(tiny_llm_dir):

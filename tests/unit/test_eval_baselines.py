@@ -61,3 +61,19 @@ def test_generate_then_encode_embeds_the_response(tiny_config):
     out = gte.encode(["a", "bb"], instruction="Say")
     np.testing.assert_allclose(out, teacher.encode(["the bread 4", "the bread 5"]), atol=1e-6)
     assert gte.generate(["a"], instruction="Say") == ["the bread 6"]  # "Say: a"
+
+
+def test_token_counts_include_the_instruction_and_models_state_their_limit(tiny_config):
+    """What serving's token budget relies on: count_tokens(texts, instruction=) counts what the
+    model reads before its own cut at max_input_tokens."""
+    texts = ["What is the capital of France?", "Why?"]
+    mean = load_encoder("mean-pool", tiny_config)
+    ids, attn, _ = mean._batch(texts, "Summarise")
+    assert mean.count_tokens(texts, instruction="Summarise") == attn.sum(1).tolist()
+    assert mean.max_input_tokens == mean.max_length
+    teacher = load_encoder("teacher", tiny_config)
+    with_instruction = teacher.count_tokens(texts, instruction="Find:")
+    assert with_instruction == teacher.count_tokens([f"Find: {t}" for t in texts])
+    assert all(a > b for a, b in zip(with_instruction, teacher.count_tokens(texts)))
+    assert teacher.max_input_tokens == teacher.model.max_seq_length
+    assert teacher.tokenizer.is_fast  # serving cuts texts at the tokenizer's offsets

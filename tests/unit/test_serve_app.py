@@ -1,6 +1,11 @@
-"""Error plumbing on a plain FastAPI app, deployment options and the app builder (no Ray cluster)."""
+"""Error plumbing and the request guard on a plain FastAPI app, deployment options and the app
+builder (no Ray cluster)."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import time
 
 import pytest
 from fastapi import FastAPI, Request
@@ -8,7 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from l2vg_ray.config import ConfigError, load_config
-from l2vg_ray.serve.http import INTERNAL_ERROR, install_error_handlers, read_body
+from l2vg_ray.serve.http import INTERNAL_ERROR, GuardSettings, install_error_handlers
 from l2vg_ray.serve.protocol import APIError
 
 
@@ -16,9 +21,11 @@ class Item(BaseModel):
     n: int
 
 
-def _client() -> TestClient:
+def _client(guard: GuardSettings | None = None) -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
+    if guard is not None:
+        app.state.guard = guard
 
     @app.post("/api-error")
     async def api_error():
@@ -34,7 +41,16 @@ def _client() -> TestClient:
 
     @app.post("/body")
     async def body(request: Request):
-        return {"size": len(await read_body(request, max_bytes=10))}
+        return {"size": len(await request.body())}
+
+    @app.get("/slow")
+    async def slow():
+        await asyncio.sleep(5)
+        return {}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
 
     @app.get("/loading")
     async def loading():
@@ -85,10 +101,10 @@ def test_unknown_route_method_and_503():
     assert _error(r, 503)["type"] == "server_error" and r.headers["retry-after"] == "1"
 
 
-def test_read_body_limit():
-    c = _client()
+def test_guard_body_limit():
+    c = _client(GuardSettings(max_request_bytes=10))
     assert c.post("/body", content=b"0123456789").json() == {"size": 10}
-    err = _error(c.post("/body", content=b"0123456789x"), 413)
+    err = _error(c.post("/body", content=b"0123456789x"), 413)  # refused by Content-Length
     assert err["code"] == "request_too_large"
 
     def chunks():  # no content-length: counted while streaming
@@ -96,6 +112,71 @@ def test_read_body_limit():
         yield b"567890"
 
     assert _error(c.post("/body", content=chunks()), 413)["code"] == "request_too_large"
+
+
+def test_guard_body_and_request_timeouts():
+    guard = GuardSettings(body_timeout_s=0.3, request_timeout_s=0.5)
+    app = _client(guard).app
+
+    async def slow_client() -> list[dict]:  # declares 10 bytes, sends 5, then nothing
+        sent = []
+        chunks = [{"type": "http.request", "body": b"01234", "more_body": True}]
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(30)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/body",
+            "raw_path": b"/body",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-length", b"10")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+        }
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        return sent
+
+    started = time.monotonic()
+    sent = asyncio.run(slow_client())
+    assert time.monotonic() - started < 4  # freed by the body timeout, not the client
+    assert sent[0]["status"] == 408
+    err = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert err["code"] == "request_timeout" and "serve.body_timeout_s" in err["message"]
+    err = _error(_client(guard).get("/slow"), 504)
+    assert err["code"] == "timeout" and err["type"] == "server_error"
+
+
+def test_guard_api_key_and_reports_every_answer():
+    seen = []
+    c = _client(GuardSettings(api_key="s3cret", on_response=lambda *a: seen.append(a)))
+    r = c.post("/body", content=b"x")
+    assert _error(r, 401)["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    wrong = {"authorization": "Bearer nope"}
+    assert "not valid" in _error(c.post("/body", content=b"x", headers=wrong), 401)["message"]
+    basic = {"authorization": "Basic s3cret"}
+    assert _error(c.post("/body", content=b"x", headers=basic), 401)["code"] == "invalid_api_key"
+    ok = {"authorization": "Bearer s3cret"}
+    assert c.post("/body", content=b"xy", headers=ok).json() == {"size": 2}
+    assert c.get("/healthz").status_code == 200  # health needs no key
+    assert [(route, status) for route, status, _ in seen] == [
+        ("/body", 401),
+        ("/body", 401),
+        ("/body", 401),
+        ("/body", 200),
+        ("/healthz", 200),
+    ]
+    assert all(seconds >= 0 for *_, seconds in seen)
 
 
 def test_deployment_options_from_config():
@@ -121,12 +202,18 @@ def test_deployment_options_from_config():
         },
         "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
         "max_ongoing_requests": 48,
+        "max_queued_requests": 256,
+        "max_constructor_retry_count": 3,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 60.0,
         "logging_config": {"enable_access_log": True},
     }
     for bad in (
         ["serve.min_replicas=3", "serve.max_replicas=2"],
         ["serve.max_batch_size=0"],
         ["serve.target_ongoing_requests=100"],
+        ["serve.max_batch_tokens=0"],
+        ["serve.body_timeout_s=0"],
     ):
         with pytest.raises(ConfigError):
             deployment_options(load_config(None, bad).serve)

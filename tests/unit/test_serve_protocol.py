@@ -1,4 +1,5 @@
-"""Request validation and response building of the serving API (pure: no Ray, no model)."""
+"""Request parsing, token budget, batching and response building of the serving API (pure: no
+Ray, no model)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,25 @@ import pytest
 
 from l2vg_ray.serve.protocol import (
     APIError,
+    DecodeRequest,
+    EmbeddingRequest,
+    EmbedItem,
+    Fitted,
     Limits,
-    apply_token_limit,
+    check_decode_request,
+    check_embedding_request,
     decode_base64,
     embed_items,
     embedding_response,
     encode_base64,
-    encode_grouped,
-    parse_decode_request,
-    parse_embedding_request,
-    parse_json_body,
-    parse_texts,
-    truncate_to_tokens,
+    fit_texts,
+    parse_request,
+    plan_batches,
 )
 
 LIMITS = Limits(
     max_items=4, max_request_bytes=200, max_tokens_per_text=5, truncate=True, max_new_tokens=16
 )
-
-
-def words(texts):
-    """A stand-in tokenizer: one token per word plus one special token."""
-    return [len(t.split()) + 1 for t in texts]
 
 
 def _raises(fn, status: int, code: str, param: str | None = None) -> APIError:
@@ -44,28 +42,42 @@ def _raises(fn, status: int, code: str, param: str | None = None) -> APIError:
     return err
 
 
+def _embedding(obj) -> EmbeddingRequest:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return parse_request(EmbeddingRequest, raw)
+
+
 @pytest.mark.parametrize(
     "body,fragment",
     [
         (b"", "empty"),
         (b"   ", "empty"),
         (b"{", "not valid JSON"),
-        (b"\xff\xfe", "not UTF-8"),
-        (b"[1, 2]", "JSON array"),
-        (b'"text"', "JSON string"),
-        (b"null", "JSON null"),
+        (b'{"input": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        # what a security review sends: a lone surrogate, deep nesting, a huge integer
+        (rb'{"input": "\ud800"}', "not valid JSON"),
+        (b'{"input": "a", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}", "recursion"),
+        (b'{"input": "a", "dimensions": ' + b"9" * 5001 + b"}", "not valid JSON"),
     ],
 )
-def test_parse_json_body_rejects_non_objects(body, fragment):
-    err = _raises(lambda: parse_json_body(body, max_bytes=100), 400, "invalid_json")
+def test_bad_bodies_are_400_invalid_json(body, fragment):
+    err = _raises(lambda: _embedding(body), 400, "invalid_json")
     assert fragment in err.message
 
 
-def test_parse_json_body_size_limit():
-    body = json.dumps({"input": "x" * 300}).encode()
-    err = _raises(lambda: parse_json_body(body, max_bytes=200), 413, "request_too_large")
-    assert str(len(body)) in err.message and "serve.max_request_bytes" in err.message
-    assert parse_json_body(b'{"input": "a"}', max_bytes=200) == {"input": "a"}
+def test_lone_surrogate_and_bom():
+    body = rb'{"input": ["ok", "\ud800x"]}'
+    err = _raises(lambda: _embedding(body), 400, "invalid_json")
+    assert "Unicode" in err.message
+    assert _embedding(b"\xef\xbb\xbf" + b'{"input": "a"}').input == ["a"]
+    # built in Python rather than parsed from JSON: the text validator still refuses it
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        EmbeddingRequest.model_validate({"input": "\ud800"})
 
 
 @pytest.mark.parametrize(
@@ -79,47 +91,40 @@ def test_parse_json_body_size_limit():
         (["ok", " \n"], "empty_input", "input[1]"),
         (["ok", 1], "invalid_type", "input[1]"),
         (["ok", True], "invalid_type", "input[1]"),
+        (["ok", None], "invalid_type", "input[1]"),
         ([[1, 2]], "invalid_type", "input[0]"),
-        (["a"] * 5, "too_many_items", "input"),
     ],
 )
-def test_parse_texts_rejections(value, code, param):
-    _raises(lambda: parse_texts(value, max_items=4), 400, code, param)
+def test_input_rejections(value, code, param):
+    obj = {} if value is None else {"input": value}
+    _raises(lambda: _embedding(obj), 400, code, param)
 
 
-def test_parse_texts_accepts_string_and_list():
-    assert parse_texts("hello", max_items=4) == ["hello"]
-    assert parse_texts(["a", "b"], max_items=4) == ["a", "b"]
-
-
-def test_token_ids_get_a_hint():
-    err = _raises(lambda: parse_texts([[1, 2]], max_items=4), 400, "invalid_type", "input[0]")
-    assert "Token-id inputs are not supported" in err.message
-
-
-def test_parse_embedding_request_defaults_and_fields():
-    req = parse_embedding_request({"input": ["a", "b"]}, limits=LIMITS, served_model="m", dim=8)
-    assert (req.texts, req.model, req.encoding_format, req.dimensions, req.instruction) == (
-        ["a", "b"],
-        "m",
-        "float",
-        None,
-        None,
-    )
-    req = parse_embedding_request(
+def test_input_accepts_string_and_list_and_ignores_unknown_fields():
+    assert _embedding({"input": "hello"}).input == ["hello"]
+    req = _embedding(
         {
-            "input": "a",
+            "input": ["a", "b"],
             "model": "m",
             "encoding_format": "base64",
             "dimensions": 8,
             "instruction": "Find:",
-            "user": "someone",
-        },  # unknown OpenAI fields are ignored
-        limits=LIMITS,
-        served_model="m",
-        dim=8,
+            "user": "someone",  # unknown OpenAI fields are ignored
+        }
     )
-    assert (req.encoding_format, req.dimensions, req.instruction) == ("base64", 8, "Find:")
+    assert (req.input, req.model, req.encoding_format, req.dimensions, req.instruction) == (
+        ["a", "b"],
+        "m",
+        "base64",
+        8,
+        "Find:",
+    )
+    assert _embedding({"input": "a"}).encoding_format == "float"
+
+
+def test_token_ids_get_a_hint():
+    err = _raises(lambda: _embedding({"input": [[1, 2]]}), 400, "invalid_type", "input[0]")
+    assert "Token-id inputs are not supported" in err.message
 
 
 @pytest.mark.parametrize(
@@ -128,17 +133,19 @@ def test_parse_embedding_request_defaults_and_fields():
         ({"model": "other"}, 404, "model_not_found", "model"),
         ({"model": 1}, 400, "invalid_type", "model"),
         ({"encoding_format": "int8"}, 400, "invalid_value", "encoding_format"),
-        ({"encoding_format": 1}, 400, "invalid_type", "encoding_format"),
+        ({"encoding_format": 1}, 400, "invalid_value", "encoding_format"),
         ({"dimensions": 4}, 400, "invalid_value", "dimensions"),
         ({"dimensions": 8.0}, 400, "invalid_type", "dimensions"),
+        ({"dimensions": "8"}, 400, "invalid_type", "dimensions"),
         ({"dimensions": True}, 400, "invalid_type", "dimensions"),
         ({"instruction": 5}, 400, "invalid_type", "instruction"),
+        ({"input": ["a"] * 5}, 400, "too_many_items", "input"),
     ],
 )
-def test_parse_embedding_request_rejections(extra, status, code, param):
+def test_embedding_request_rejections(extra, status, code, param):
     obj = {"input": "a", **extra}
     _raises(
-        lambda: parse_embedding_request(obj, limits=LIMITS, served_model="m", dim=8),
+        lambda: check_embedding_request(_embedding(obj), limits=LIMITS, served_model="m", dim=8),
         status,
         code,
         param,
@@ -147,8 +154,8 @@ def test_parse_embedding_request_rejections(extra, status, code, param):
 
 def test_dimensions_error_names_the_model_dim():
     err = _raises(
-        lambda: parse_embedding_request(
-            {"input": "a", "dimensions": 4}, limits=LIMITS, served_model="m", dim=8
+        lambda: check_embedding_request(
+            _embedding({"input": "a", "dimensions": 4}), limits=LIMITS, served_model="m", dim=8
         ),
         400,
         "invalid_value",
@@ -157,52 +164,149 @@ def test_dimensions_error_names_the_model_dim():
     assert "8" in err.message and "Omit 'dimensions'" in err.message
 
 
-def test_parse_decode_request():
-    req = parse_decode_request({"input": "a"}, limits=LIMITS, served_model="m")
-    assert (req.texts, req.max_new_tokens, req.instruction) == (["a"], 16, None)  # min(64, cap)
-    req = parse_decode_request(
-        {"input": ["a"], "max_new_tokens": 3, "instruction": "x"}, limits=LIMITS, served_model="m"
-    )
-    assert (req.max_new_tokens, req.instruction) == (3, "x")
+def test_decode_request():
+    def check(obj):
+        req = parse_request(DecodeRequest, json.dumps(obj).encode())
+        return check_decode_request(req, limits=LIMITS, served_model="m")
+
+    assert check({"input": "a"}) == ("m", 16)  # min(64, serve.max_new_tokens)
+    assert check({"input": ["a"], "max_new_tokens": 3, "instruction": "x"}) == ("m", 3)
     for bad, code in ((0, "invalid_value"), (17, "invalid_value"), ("3", "invalid_type")):
         _raises(
-            lambda bad=bad: parse_decode_request(
-                {"input": "a", "max_new_tokens": bad}, limits=LIMITS, served_model="m"
-            ),
+            lambda bad=bad: check({"input": "a", "max_new_tokens": bad}),
             400,
             code,
             "max_new_tokens",
         )
 
 
-def test_truncate_to_tokens_keeps_the_longest_fitting_prefix():
-    text = "one two three four five six seven"
-    cut = truncate_to_tokens(text, 4, words)  # 3 words + the special token
-    assert words([cut]) == [4]
-    assert text.startswith(cut)
-    assert words([text[: len(cut) + 2]])[0] > 4  # one more word would not fit
-    assert truncate_to_tokens("short", 4, words) == "short"
+def test_request_schemas_document_the_fields():
+    schema = EmbeddingRequest.model_json_schema()
+    assert schema["required"] == ["input"]
+    assert {"input", "model", "encoding_format", "dimensions", "instruction"} <= set(
+        schema["properties"]
+    )
+    assert {v["type"] for v in schema["properties"]["input"]["anyOf"]} == {"string", "array"}
 
 
-def test_apply_token_limit_truncates_or_413s():
+class _WordEncoder:
+    """A stand-in encoder: one token per word, one special token, instruction words counted;
+    a fast-tokenizer-like ``tokenizer`` that gives word offsets."""
+
+    dim = 2
+    max_input_tokens = 100
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls = []
+        self.fail_on = fail_on
+
+    @staticmethod
+    def _words(text):
+        import re
+
+        return [m.span() for m in re.finditer(r"\S+", text)]
+
+    def count_tokens(self, texts, *, instruction=None):
+        extra = len(instruction.split()) if instruction else 0
+        return [len(self._words(t)) + 1 + extra for t in texts]
+
+    def tokenizer(self, texts, *, add_special_tokens, return_offsets_mapping):
+        assert not add_special_tokens and return_offsets_mapping
+        return {"offset_mapping": [self._words(t) for t in texts]}
+
+    def encode(self, texts, *, instruction=None, batch_size=32, normalize=False):
+        if self.fail_on is not None and self.fail_on in texts:
+            raise RuntimeError("this text breaks the model")
+        self.calls.append((list(texts), instruction, batch_size))
+        return np.array(
+            [[len(t), 0.0 if instruction is None else 1.0] for t in texts], dtype=np.float32
+        )
+
+
+def test_fit_texts_truncates_once_and_counts_the_instruction():
+    enc = _WordEncoder()
     texts = ["a b", "one two three four five six"]
-    out, counts = apply_token_limit(texts, words, max_tokens=5, truncate=True)
-    assert out[0] == "a b" and out[1].startswith("one two three four")
-    assert counts == words(out) and max(counts) <= 5
-    err = _raises(
-        lambda: apply_token_limit(texts, words, max_tokens=5, truncate=False),
-        413,
-        "context_length_exceeded",
-        "input[1]",
+    out = fit_texts(enc, texts, None, limits=LIMITS)
+    assert out[0] == Fitted("a b", 3)
+    assert out[1] == Fitted("one two three four", 5, truncated=True)  # 4 words + 1 special
+    # the instruction takes its share of the 5 tokens: 2 words + 1 special leave 2 words
+    out = fit_texts(enc, texts, "find this", limits=LIMITS)
+    assert out[0] == Fitted("a b", 5) and out[1] == Fitted("one two", 5, truncated=True)
+    # an instruction that alone fills the budget is the request's fault, said so
+    err = fit_texts(enc, ["a"], "w " * 6, limits=LIMITS)[0]
+    assert isinstance(err, APIError) and (err.status, err.param, err.code) == (
+        400,
+        "instruction",
+        "instruction_too_long",
     )
-    assert "7 tokens" in err.message and "serve.truncate=true" in err.message
-    # a limit below the encoder's fixed overhead cannot be met by truncation
-    _raises(
-        lambda: apply_token_limit(["a b"], words, max_tokens=0, truncate=True),
-        413,
-        "context_length_exceeded",
-        "input[0]",
+    # the model's own limit caps the budget too
+    enc.max_input_tokens = 3
+    assert fit_texts(enc, ["one two three"], None, limits=LIMITS)[0] == Fitted(
+        "one two", 3, truncated=True
     )
+
+
+def test_fit_texts_without_truncation_is_413():
+    enc = _WordEncoder()
+    limits = Limits(max_items=4, max_tokens_per_text=5, truncate=False)
+    out = fit_texts(enc, ["a b", "one two three four five six"], None, limits=limits)
+    assert out[0] == Fitted("a b", 3)
+    assert isinstance(out[1], APIError) and (out[1].status, out[1].param) == (413, "input[1]")
+    assert "7 tokens" in out[1].message and "serve.truncate=true" in out[1].message
+
+
+def test_plan_batches_caps_texts_and_padded_tokens():
+    tokens = [5, 1, 9, 2, 2, 30]
+    plan = plan_batches(tokens, max_batch_size=3, max_batch_tokens=20)
+    assert sorted(i for b in plan for i in b) == list(range(6))
+    for b in plan:
+        assert len(b) <= 3
+        assert len(b) == 1 or max(tokens[i] for i in b) * len(b) <= 20
+    assert [5] in plan  # 30 tokens: alone, even over the cap
+    assert plan_batches([], max_batch_size=3, max_batch_tokens=20) == []
+
+
+def _items(*specs):
+    return [EmbedItem(r, i, t, ins) for r, i, t, ins in specs]
+
+
+def test_embed_items_groups_by_instruction_and_reports_usage():
+    enc = _WordEncoder()
+    items = _items(
+        (0, 0, "a b", None), (1, 0, "one two three four five six", "q:"), (0, 1, "x", None)
+    )
+    out = embed_items(
+        enc, items, limits=LIMITS, max_batch_size=8, max_batch_tokens=100, normalize=False
+    )
+    assert [f.tokens for _, f in out] == [3, 5, 2]
+    assert out[1][1] == Fitted("one two three", 5, truncated=True)
+    assert out[1][0].tolist() == [len("one two three"), 1.0]  # embedded after truncation
+    assert sorted(c[1] or "" for c in enc.calls) == ["", "q:"]
+
+
+def test_a_failing_request_fails_alone_in_its_batch():
+    enc = _WordEncoder(fail_on="poison")
+    items = _items(
+        (0, 0, "fine", None), (1, 0, "poison", None), (1, 1, "ok", None), (2, 0, "good", None)
+    )
+    out = embed_items(
+        enc, items, limits=LIMITS, max_batch_size=8, max_batch_tokens=100, normalize=False
+    )
+    assert isinstance(out[1], APIError) and isinstance(out[2], APIError)
+    assert out[1].status == 500 and out[1].code == "embedding_failed"
+    assert out[0][0].tolist() == [4.0, 0.0] and out[3][0].tolist() == [4.0, 0.0]
+
+
+def test_over_limit_texts_fail_only_their_request_and_are_never_encoded():
+    enc = _WordEncoder()
+    limits = Limits(max_items=4, max_tokens_per_text=4, truncate=False)
+    items = _items((0, 0, "a b", None), (1, 2, "one two three four five six", None))
+    out = embed_items(
+        enc, items, limits=limits, max_batch_size=8, max_batch_tokens=100, normalize=False
+    )
+    assert out[0][1] == Fitted("a b", 3)
+    assert isinstance(out[1], APIError) and out[1].param == "input[2]"
+    assert enc.calls == [(["a b"], None, 1)]
 
 
 def test_base64_round_trip_is_little_endian_float32():
@@ -216,55 +320,16 @@ def test_base64_round_trip_is_little_endian_float32():
 
 def test_embedding_response_shape():
     vecs = np.arange(6, dtype=np.float32).reshape(2, 3)
-    out = embedding_response(vecs, model="m", encoding_format="float", token_counts=[2, 3])
+    out = embedding_response(
+        vecs, model="m", encoding_format="float", fitted=[Fitted("a", 2), Fitted("b", 3)]
+    )
     assert out["object"] == "list" and out["model"] == "m"
     assert out["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
     assert out["data"] == [
         {"object": "embedding", "index": 0, "embedding": [0.0, 1.0, 2.0]},
         {"object": "embedding", "index": 1, "embedding": [3.0, 4.0, 5.0]},
     ]
-    b64 = embedding_response(vecs, model="m", encoding_format="base64", token_counts=[2, 3])
+    b64 = embedding_response(
+        vecs, model="m", encoding_format="base64", fitted=[Fitted("a", 2), Fitted("b", 3)]
+    )
     assert decode_base64(b64["data"][1]["embedding"]).tolist() == [3.0, 4.0, 5.0]
-
-
-class _RecordingEncoder:
-    dim = 2
-
-    def __init__(self):
-        self.calls = []
-
-    def encode(self, texts, *, instruction=None, batch_size=32, normalize=False):
-        self.calls.append((list(texts), instruction, batch_size))
-        return np.array(
-            [[len(t), 0.0 if instruction is None else 1.0] for t in texts], dtype=np.float32
-        )
-
-
-def test_encode_grouped_one_call_per_instruction_rows_in_order():
-    enc = _RecordingEncoder()
-    items = [("a", None), ("bb", "q:"), ("ccc", None), ("dddd", "q:")]
-    rows = encode_grouped(enc, items, batch_size=7, normalize=False)
-    assert [r.tolist() for r in rows] == [[1, 0], [2, 1], [3, 0], [4, 1]]
-    assert enc.calls == [(["a", "ccc"], None, 7), (["bb", "dddd"], "q:", 7)]
-
-
-class _WordEncoder(_RecordingEncoder):
-    def count_tokens(self, texts):
-        return words(texts)
-
-
-def test_embed_items_limits_each_text_and_fails_only_its_request():
-    enc = _WordEncoder()
-    items = [(0, "a b", None), (1, "one two three four five six", "q:"), (0, "x", None)]
-    out = embed_items(enc, items, max_tokens=4, truncate=True, batch_size=8, normalize=False)
-    assert [n for _, n in out] == [3, 4, 2]
-    cut = truncate_to_tokens("one two three four five six", 4, words)
-    assert cut.split() == ["one", "two", "three"]
-    assert out[1][0].tolist() == [len(cut), 1.0]  # embedded after truncation
-    assert enc.calls == [(["a b", "x"], None, 8), ([cut], "q:", 8)]
-
-    enc = _WordEncoder()
-    out = embed_items(enc, items, max_tokens=4, truncate=False, batch_size=8, normalize=False)
-    assert isinstance(out[1], APIError) and out[1].status == 413 and out[1].param == "input[1]"
-    assert [n for _, n in (out[0], out[2])] == [3, 2]
-    assert enc.calls == [(["a b", "x"], None, 8)]  # the rejected text is never encoded
