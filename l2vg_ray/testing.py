@@ -283,3 +283,36 @@ def write_fixture_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out_dir / "part-00000-00000000.parquet")
     return out_dir
+
+
+# ---------------------------------------------------------------- serving test apps
+SERVED_NAME = "tiny-teacher"  # serve.model_name of the test apps
+SERVE_MAX_TOKENS = 40
+SERVE_MAX_ITEMS = 8
+SERVE_MAX_BYTES = 4096
+
+
+def serve_test_config(tmp_path: str | Path, model: str | Path, loader: str, *extra: str):
+    """A serving config with small limits (``SERVE_*``) on a free port; ``extra`` overrides."""
+    from l2vg_ray.config import load_config
+
+    tmp_path = Path(tmp_path)
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'out'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"serve.model={model}",
+            f"serve.loader={loader}",
+            f"serve.model_name={SERVED_NAME}",
+            "serve.port=0",
+            "serve.max_batch_size=4",  # so that one request of 8 texts spans 2 model batches
+            f"serve.max_items_per_request={SERVE_MAX_ITEMS}",
+            f"serve.max_request_bytes={SERVE_MAX_BYTES}",
+            f"serve.max_tokens_per_text={SERVE_MAX_TOKENS}",
+            "serve.num_cpus=0.5",
+            "serve.ready_timeout_s=120",
+            *extra,
+        ],
+    )
+

@@ -114,7 +114,8 @@ class GuardSettings:
     max_request_bytes: int = 0
     body_timeout_s: float = 0.0
     request_timeout_s: float = 0.0
-    open_paths: tuple[str, ...] = ("/healthz",)
+    # Health and the API docs need no key (the schema holds no data).
+    open_paths: tuple[str, ...] = ("/healthz", "/docs", "/openapi.json", "/redoc")
     on_response: Callable[[str, int, float], None] | None = None
 
 

@@ -16,10 +16,11 @@ import pytest
 
 from l2vg_ray.serve.protocol import decode_base64
 
-MODEL_NAME = "tiny-teacher"
-MAX_TOKENS = 40
-MAX_ITEMS = 8
-MAX_BYTES = 4096
+from l2vg_ray.testing import SERVE_MAX_BYTES as MAX_BYTES
+from l2vg_ray.testing import SERVE_MAX_ITEMS as MAX_ITEMS
+from l2vg_ray.testing import SERVE_MAX_TOKENS as MAX_TOKENS
+from l2vg_ray.testing import SERVED_NAME as MODEL_NAME
+from l2vg_ray.testing import serve_test_config as serve_config
 
 TEXTS = [
     "What is the capital of France?",
@@ -30,29 +31,6 @@ TEXTS = [
 ]
 
 
-def _serve_config(tmp_path, model: str, loader: str, *extra: str):
-    from l2vg_ray.config import load_config
-
-    return load_config(
-        None,
-        [
-            f"output_dir={tmp_path / 'out'}",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"serve.model={model}",
-            f"serve.loader={loader}",
-            f"serve.model_name={MODEL_NAME}",
-            "serve.port=0",
-            "serve.max_batch_size=4",  # so that one request of 8 texts spans 2 model batches
-            f"serve.max_items_per_request={MAX_ITEMS}",
-            f"serve.max_request_bytes={MAX_BYTES}",
-            f"serve.max_tokens_per_text={MAX_TOKENS}",
-            "serve.num_cpus=0.5",
-            "serve.ready_timeout_s=120",
-            *extra,
-        ],
-    )
-
-
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_teacher_dir, tmp_path_factory):
     from ray import serve
@@ -60,7 +38,7 @@ def served(ray_session, tiny_teacher_dir, tmp_path_factory):
     from l2vg_ray.serve.app import run_serve
 
     # The registered `teacher` baseline (load_encoder) on the tiny sentence-transformers model.
-    cfg = _serve_config(
+    cfg = serve_config(
         tmp_path_factory.mktemp("serve"), "teacher", "encoder", f"model.teacher={tiny_teacher_dir}"
     )
     try:
@@ -172,7 +150,9 @@ def test_concurrent_requests_and_large_lists(served, reference):
     np.testing.assert_allclose(big, expected[:MAX_ITEMS], atol=1e-5)
 
 
-def test_metrics_count_requests_batches_and_tokens(served, reference, tiny_teacher_dir, tmp_path):
+def test_metrics_count_requests_batches_and_tokens(
+    served, reference, tiny_teacher_dir, tmp_path
+):
     """Its own app, so that its metrics (tagged by application) start from zero."""
     from ray import serve
 
@@ -180,7 +160,7 @@ def test_metrics_count_requests_batches_and_tokens(served, reference, tiny_teach
     from l2vg_ray.serve.metrics import metrics_url, read_metric
 
     app = "metered"
-    cfg = _serve_config(
+    cfg = serve_config(
         tmp_path,
         "teacher",
         "encoder",
@@ -346,12 +326,14 @@ def test_unknown_route_and_method(served):
     assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
 
 
-def test_model_that_fails_to_load_is_reported_and_leaves_others_serving(served, tmp_path):
+def test_model_that_fails_to_load_is_reported_and_leaves_others_serving(
+    served, tmp_path
+):
     from ray import serve
 
     from l2vg_ray.serve.app import run_serve
 
-    cfg = _serve_config(
+    cfg = serve_config(
         tmp_path,
         tmp_path / "no-such-model",
         "sentence-transformers",
@@ -378,7 +360,7 @@ def served_l2vg(served, tiny_llm_dir, tiny_teacher_dir, tmp_path_factory):
     from l2vg_ray.serve.app import run_serve
 
     tmp = tmp_path_factory.mktemp("serve-l2vg")
-    cfg = _serve_config(
+    cfg = serve_config(
         tmp,
         tmp / "encoder",
         "encoder",  # load_encoder: a trained-encoder folder
