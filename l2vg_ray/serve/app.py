@@ -10,9 +10,10 @@ encoders only), ``GET /v1/models``, ``GET /healthz``; the OpenAPI schema is at `
 
 Each replica loads the encoder in its constructor, so Serve routes traffic only to replicas that
 hold a model, and Serve's own health check (``check_health``) watches it. Texts of concurrent
-requests are gathered by ``@serve.batch`` and run on the replica's model thread (the event loop
-keeps answering meanwhile) in model calls of at most ``serve.max_batch_size`` texts and
-``serve.max_batch_tokens`` padded tokens; a failure while embedding fails only the request it
+requests are gathered by ``@serve.batch`` into model calls of at most ``serve.max_batch_size``
+texts and ``serve.max_batch_tokens`` padded tokens; long calls run on the replica's model
+thread (the event loop keeps answering meanwhile), short ones inline
+(``serve.model_thread_min_chars``); a failure while embedding fails only the request it
 came from. ``serve.batching=false`` makes one model call per request instead. What a request
 may hold (size, time, API key) is enforced by ``l2vg_ray.serve.http.Guard``; validation lives
 in ``l2vg_ray.serve.protocol`` (pure). Prometheus metrics (``l2vg_*``,
@@ -136,6 +137,7 @@ class EmbeddingServer:
         self._model_name = str(s.model_name)
         self._limits = Limits.from_config(s)
         self._batching = bool(s.batching)
+        self._thread_min_chars = int(s.model_thread_min_chars)
         self._batch_size = int(s.max_batch_size)
         self._batch_tokens = int(s.max_batch_tokens)
         self._normalize = bool(s.normalize)
@@ -150,9 +152,11 @@ class EmbeddingServer:
             request_timeout_s=float(s.request_timeout_s),
             on_response=self._metrics.on_response,
         )
-        # Every model and tokenizer call runs on this one thread, one at a time (fast tokenizers
-        # are not safe to share across threads); the event loop stays free for other requests.
+        # Loading, decoding and long embedding calls run on this thread, short embedding calls on
+        # the event loop itself; the lock keeps model and tokenizer calls one at a time (fast
+        # tokenizers are not safe to share across threads).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="l2vg-model")
+        self._model_lock = asyncio.Lock()
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
@@ -181,7 +185,7 @@ class EmbeddingServer:
         return await loop.run_in_executor(self._model_thread, lambda: fn(*args, **kwargs))
 
     def _embed_items(self, items: list[EmbedItem]) -> list[EmbedResult]:
-        self._metrics.batch_texts.observe(len(items))
+        self._metrics.on_model_call(len(items))
         return embed_items(
             self._encoder,
             items,
@@ -191,9 +195,17 @@ class EmbeddingServer:
             normalize=self._normalize,
         )
 
+    async def _run_embed(self, items: list[EmbedItem]) -> list[EmbedResult]:
+        # A long call goes to the model thread (the loop stays free); a short one runs inline,
+        # so that requests arriving meanwhile queue up and fill the next batch.
+        async with self._model_lock:
+            if sum(len(it.text) for it in items) >= self._thread_min_chars:
+                return await self._in_model_thread(self._embed_items, items)
+            return self._embed_items(items)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, items: list[EmbedItem]) -> list[EmbedResult]:
-        return await self._in_model_thread(self._embed_items, items)
+        return await self._run_embed(items)
 
     def _admit(self, n: int) -> None:
         if self._queued + n > self._max_queued:
@@ -237,7 +249,7 @@ class EmbeddingServer:
                     wave = items[s : s + self._batch_size]
                     results += await asyncio.gather(*(self._embed_batch(it) for it in wave))
             else:
-                results = await self._in_model_thread(self._embed_items, items)
+                results = await self._run_embed(items)
         finally:
             self._release(len(items))
         errors = [r for r in results if isinstance(r, APIError)]
@@ -286,9 +298,10 @@ class EmbeddingServer:
             )
         self._admit(len(req.input))
         try:
-            fitted, decoded = await self._in_model_thread(
-                self._decode, req.input, req.instruction or None, max_new
-            )
+            async with self._model_lock:  # generation is long: on the thread, loop stays free
+                fitted, decoded = await self._in_model_thread(
+                    self._decode, req.input, req.instruction or None, max_new
+                )
         finally:
             self._release(len(req.input))
         return JSONResponse(decode_response(decoded, model=model, fitted=fitted))

@@ -5,7 +5,9 @@ exports them, prefixed ``ray_``, on every node's metrics endpoint, where Prometh
 
 - ``l2vg_requests`` (counter, by ``route`` and ``status``): HTTP answers;
 - ``l2vg_request_seconds`` (histogram, by ``route``): time from request to answer;
-- ``l2vg_batch_texts`` (histogram): texts per model call;
+- ``l2vg_batch_texts`` (histogram): texts per model call (Ray records a histogram's sum from
+  bucket midpoints, so exact means come from the two counters below);
+- ``l2vg_model_calls`` and ``l2vg_model_texts`` (counters): model calls and the texts in them;
 - ``l2vg_tokens_embedded`` (counter): tokens read by the model, as ``usage`` reports them;
 - ``l2vg_queued_texts`` (gauge): texts admitted and not yet answered.
 
@@ -42,12 +44,21 @@ class ServeMetrics:
             description="Texts per model call.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
         )
+        self.model_calls = metrics.Counter("l2vg_model_calls", description="Model calls.")
+        self.model_texts = metrics.Counter(
+            "l2vg_model_texts", description="Texts embedded, over all model calls."
+        )
         self.tokens = metrics.Counter(
             "l2vg_tokens_embedded", description="Tokens read by the model (what usage reports)."
         )
         self.queued = metrics.Gauge(
             "l2vg_queued_texts", description="Texts admitted and not yet answered."
         )
+
+    def on_model_call(self, n_texts: int) -> None:
+        self.batch_texts.observe(n_texts)
+        self.model_calls.inc()
+        self.model_texts.inc(n_texts)
 
     def on_response(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})

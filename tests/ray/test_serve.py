@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from l2vg_ray.serve.protocol import decode_base64
-
 from l2vg_ray.testing import SERVE_MAX_BYTES as MAX_BYTES
 from l2vg_ray.testing import SERVE_MAX_ITEMS as MAX_ITEMS
 from l2vg_ray.testing import SERVE_MAX_TOKENS as MAX_TOKENS
@@ -176,8 +175,9 @@ def test_metrics_count_requests_batches_and_tokens(
             "ok": read_metric(text, "l2vg_requests", status="200", **embeddings),
             "bad": read_metric(text, "l2vg_requests", status="400", **embeddings),
             "latency": read_metric(text, "l2vg_request_seconds_count", **embeddings),
-            "calls": read_metric(text, "l2vg_batch_texts_count", application=app),
-            "texts": read_metric(text, "l2vg_batch_texts_sum", application=app),
+            "calls": read_metric(text, "l2vg_model_calls", application=app),
+            "texts": read_metric(text, "l2vg_model_texts", application=app),
+            "histogram": read_metric(text, "l2vg_batch_texts_count", application=app),
             "tokens": read_metric(text, "l2vg_tokens_embedded", application=app),
         }
 
@@ -194,7 +194,7 @@ def test_metrics_count_requests_batches_and_tokens(
                 break
             time.sleep(1)
         assert (got["ok"], got["bad"], got["latency"], got["texts"]) == (3, 1, 4, 9), got
-        assert 1 <= got["calls"] <= 9
+        assert 1 <= got["calls"] <= 9 and got["histogram"] == got["calls"]
         assert got["tokens"] == 3 * sum(reference.count_tokens(texts))
     finally:
         serve.delete(app)

@@ -166,3 +166,17 @@ def test_rayservice_serves_the_build_app_of_the_serve_module():
     overrides = [f"{'serve.' + k if k in fields else k}={v}" for k, v in args.items()]
     load_config(REPO / config.relative_to("/home/ray/l2vg-ray"), overrides)
     assert serve_cfg["http_options"]["host"] == "0.0.0.0"
+
+
+def test_rayservice_exposes_metrics_and_reads_the_api_key_from_a_secret():
+    spec = _load(CLUSTER / "kuberay" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"containerPort": 8080, "name": "metrics"} in container["ports"]
+    from l2vg_ray.serve.app import API_KEY_ENV
+
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (key,) = [e for e in head["env"] if e["name"] == API_KEY_ENV]
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True

@@ -74,6 +74,6 @@ def test_token_counts_include_the_instruction_and_models_state_their_limit(tiny_
     teacher = load_encoder("teacher", tiny_config)
     with_instruction = teacher.count_tokens(texts, instruction="Find:")
     assert with_instruction == teacher.count_tokens([f"Find: {t}" for t in texts])
-    assert all(a > b for a, b in zip(with_instruction, teacher.count_tokens(texts)))
+    assert all(a > b for a, b in zip(with_instruction, teacher.count_tokens(texts), strict=True))
     assert teacher.max_input_tokens == teacher.model.max_seq_length
     assert teacher.tokenizer.is_fast  # serving cuts texts at the tokenizer's offsets
