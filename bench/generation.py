@@ -28,12 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (environment and sys.path)
+
 # Before torch / Ray start: inherited by the Ray workers (see ../shared/ENVIRONMENT.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TOPICS = [
     "the water cycle",

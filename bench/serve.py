@@ -40,10 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import _common  # noqa: F401  (environment and sys.path)
 
 HOST = "127.0.0.1"
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"

@@ -31,10 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import _common  # noqa: F401  (environment and sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = (

@@ -96,7 +96,6 @@ class MeanPooledLLMTeacher:
     """The LLM's last-layer hidden states mean-pooled over the response's own tokens."""
 
     def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         spec = teacher_spec(cfg)
@@ -113,31 +112,42 @@ class MeanPooledLLMTeacher:
         self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(str(cfg["model"]["dtype"])))
         self.model = self.model.to(self.device).eval()
         self.dim = int(self.model.config.get_text_config().hidden_size)
-        self._torch = torch
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # Length-sorted chunks waste less compute on padding; rows go back to their places.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_special_tokens_mask=True,
-                return_tensors="pt",
-            )
-            special = enc.pop("special_tokens_mask")
-            enc = enc.to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
-            # Response tokens only: BOS/EOS (and padding) carry no content of the response.
-            mask = enc["attention_mask"] * (1 - special.to(self.device))
-            out[idx] = mean_pool(hidden, mask).float().cpu().numpy()
-        return out
+        # Response tokens only: BOS/EOS (and padding) carry no content of the response.
+        return pooled_embeddings(self, texts, special_tokens=False)
+
+
+def pooled_embeddings(teacher: Any, texts: list[str], *, special_tokens: bool) -> np.ndarray:
+    """``teacher.model``'s last hidden states mean-pooled per text, float32 (N, teacher.dim).
+
+    Texts go in length-sorted chunks of ``teacher.batch_size`` (less padding), cut at
+    ``teacher.max_length`` tokens; rows come back in input order. ``special_tokens``: whether
+    BOS/EOS count in the mean (LLM2Vec's pooling) or only the text's own tokens do.
+    """
+    import torch
+
+    out = np.zeros((len(texts), teacher.dim), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), teacher.batch_size):
+        idx = order[start : start + teacher.batch_size]
+        enc = teacher.tokenizer(
+            [texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=teacher.max_length,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
+        special = enc.pop("special_tokens_mask")
+        enc = enc.to(teacher.device)
+        with torch.inference_mode():
+            hidden = teacher.model(**enc).last_hidden_state
+        mask = enc["attention_mask"]
+        if not special_tokens:
+            mask = mask * (1 - special.to(teacher.device))
+        out[idx] = mean_pool(hidden.float(), mask).cpu().numpy()
+    return out
 
 
 def make_bidirectional(model: Any) -> Any:
@@ -197,7 +207,6 @@ class LLM2VecTeacher:
     """
 
     def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
-        import torch
         from peft import PeftModel
         from transformers import AutoModel, AutoTokenizer
 
@@ -224,23 +233,10 @@ class LLM2VecTeacher:
         make_bidirectional(model)
         self.model = model.to(self.device).eval()
         self.dim = int(self.model.config.get_text_config().hidden_size)
-        self._torch = torch
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            enc = self.tokenizer(
-                [texts[i].strip() for i in idx], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            ).to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
-            # Every real token counts, BOS included (the official teacher's pooling).
-            out[idx] = mean_pool(hidden.float(), enc["attention_mask"]).cpu().numpy()
-        return out
+        # Every real token counts, BOS included (the official teacher's pooling).
+        return pooled_embeddings(self, [t.strip() for t in texts], special_tokens=True)
 
 
 def build_teacher(cfg: Mapping[str, Any] | Any) -> Teacher:
