@@ -103,14 +103,7 @@ def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dic
         raw.extend(got)
         parts.append({"source": str(part.source), "path": part.path, "name": part.name,
                       **stats.as_dict()})
-    queries, stats = clean_queries(
-        raw,
-        min_chars=qcfg.min_chars,
-        max_query_tokens=qcfg.max_query_tokens,
-        count_tokens=count_tokens,
-        limit=qcfg.limit,
-        seed=qcfg.seed,
-    )
+    queries, stats = _clean(raw, qcfg, count_tokens)
     log.info("Queries from %d sources: %s", len(parts), stats.as_dict())
     return queries, {**stats.as_dict(), "parts": parts}
 
@@ -134,14 +127,11 @@ def shape_texts(raw: Iterable[Any], *, max_words: int | None, template: str | No
         yield template.replace("{text}", text) if template is not None else text
 
 
-def _load_source(
-    qcfg: DictConfig, cache_dir: Path, count_tokens: Callable[[list[str]], list[int]] | None
+def _clean(
+    raw: Iterable[Any], qcfg: DictConfig, count_tokens: Callable[[list[str]], list[int]] | None
 ) -> tuple[list[str], QueryStats]:
-    loader = QUERY_SOURCES.get(qcfg.source)
-    raw = loader(qcfg, cache_dir)
-    if qcfg.max_words is not None or qcfg.template is not None:
-        raw = shape_texts(raw, max_words=qcfg.max_words, template=qcfg.template)
-    queries, stats = clean_queries(
+    """``clean_queries`` with one source's (or the mix's) settings."""
+    return clean_queries(
         raw,
         min_chars=qcfg.min_chars,
         max_query_tokens=qcfg.max_query_tokens,
@@ -149,6 +139,16 @@ def _load_source(
         limit=qcfg.limit,
         seed=qcfg.seed,
     )
+
+
+def _load_source(
+    qcfg: DictConfig, cache_dir: Path, count_tokens: Callable[[list[str]], list[int]] | None
+) -> tuple[list[str], QueryStats]:
+    loader = QUERY_SOURCES.get(qcfg.source)
+    raw = loader(qcfg, cache_dir)
+    if qcfg.max_words is not None or qcfg.template is not None:
+        raw = shape_texts(raw, max_words=qcfg.max_words, template=qcfg.template)
+    queries, stats = _clean(raw, qcfg, count_tokens)
     if not queries:
         raise ValueError(
             f"No queries left from source {qcfg.source!r} after cleaning ({stats.as_dict()}). "
