@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, to_dict
 from l2vg_ray.generate.pipeline import OutputDir, ShardWriter, package_versions, read_done_ids
+from l2vg_ray.ray_utils import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +214,11 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
         )
         provenance = {**settings, "run_id": uuid.uuid4().hex[:12]}
         writer = ShardWriter(out, int(e.rows_per_shard), provenance)
+        progress = ProgressLine("embed", len(ids), unit="texts", done=len(ids) - len(pending))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             if not len(batch[schema.ID]):
                 continue
+            progress.update(len(batch[schema.ID]))
             fingerprint = str(batch[_FINGERPRINT][0])
             provenance["fingerprint"] = fingerprint
             busy += float(np.asarray(batch[_SECONDS]).sum())

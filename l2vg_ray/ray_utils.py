@@ -1,9 +1,11 @@
-"""Connecting to Ray. Only the CLI and the jobs call this (library code never calls ray.init)."""
+"""Connecting to Ray (only the CLI and the jobs call ``init_ray``; library code never calls
+ray.init), and the drivers' one-line progress reports."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,51 @@ def quiet_ray_train_logs() -> None:
     logging.getLogger(context).setLevel(logging.WARNING)
 
 
+def quiet_ray_data_progress() -> None:
+    """Ray Data's progress blocks (several lines per operator, every 10 s, when the output is
+    not a terminal) off in this driver; the stages log their own ``ProgressLine`` instead."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+class ProgressLine:
+    """One log line at most every ``every_s`` seconds: ``what: done/total (pct), rate, ETA``."""
+
+    def __init__(
+        self, what: str, total: int, *, unit: str = "rows", every_s: float = 30.0, done: int = 0
+    ) -> None:
+        self.what, self.total, self.unit, self.every_s = what, int(total), unit, float(every_s)
+        self.start_done = self.done = int(done)
+        self.started = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        now = time.monotonic()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max(1e-9, (now or time.monotonic()) - self.started)
+        rate = (self.done - self.start_done) / elapsed
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = "?" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
+            f"{rate:.2f} {self.unit}/s, ETA {eta_text}"
+        )
+
+
 def init_ray(cluster_cfg, **kwargs) -> None:
     """Connect to ``cluster.address``, else RAY_ADDRESS (inside a Ray job), else start locally."""
     import ray
 
+    quiet_ray_data_progress()
     if ray.is_initialized():
         return
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")

@@ -40,6 +40,7 @@ from pyarrow import fs as pafs
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.ray_utils import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def write_shard(out: OutputDir, index: int, table: pa.Table, provenance: dict[st
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(prov, sort_keys=True)})
     out.write_atomic(name, lambda tmp: pq.write_table(table, tmp, filesystem=out.fs))
-    log.info("Wrote shard %s (%d rows)", name, table.num_rows)
+    log.debug("Wrote shard %s (%d rows)", name, table.num_rows)
     return name
 
 
@@ -429,9 +430,11 @@ def run_generate(cfg: DictConfig) -> dict[str, Any]:
         ds = build_dataset(cfg, [i for i, _ in pending], [q for _, q in pending])
         t0 = time.perf_counter()
         dim: int | None = None
+        progress = ProgressLine("generate", len(ids), done=len(ids) - len(pending))
         for batch in _iter_results(ds):
             if not len(batch[schema.ID]):
                 continue
+            progress.update(len(batch[schema.ID]))
             if dim is None:
                 dim = _embedding_dim(batch)
                 teacher_model = str(batch[schema.TEACHER_MODEL][0])

@@ -25,3 +25,32 @@ def test_quiet_ray_train_logs_raises_the_level_of_the_two_noisy_loggers():
     finally:
         cleaner.logger.setLevel(before[0])
         context.logger.setLevel(before[1])
+
+
+def test_progress_line_logs_at_most_every_interval_with_rate_and_eta(caplog, monkeypatch):
+    from l2vg_ray import ray_utils
+
+    clock = iter([0.0, 10.0, 40.0, 50.0, 80.0]).__next__
+    monkeypatch.setattr(ray_utils.time, "monotonic", clock)
+    p = ray_utils.ProgressLine("generate", 100, every_s=30, done=20)  # started at 0 s
+    with caplog.at_level(logging.INFO, logger=ray_utils.log.name):
+        p.update(10)  # 10 s: not yet due
+        p.update(20)  # 40 s: due -> 50/100, 30 new rows in 40 s
+        p.update(10)  # 50 s: not due again so soon
+        p.update(40)  # 80 s: all done, the stage's summary says the rest
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["generate: 50/100 rows (50%), 0.75 rows/s, ETA 1m06s"]
+
+
+def test_ray_data_progress_blocks_are_turned_off():
+    from ray.data import DataContext
+
+    from l2vg_ray.ray_utils import quiet_ray_data_progress
+
+    ctx = DataContext.get_current()
+    before = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    try:
+        quiet_ray_data_progress()
+        assert not ctx.enable_progress_bars and not ctx.enable_operator_progress_bars
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = before
