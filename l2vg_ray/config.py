@@ -134,6 +134,19 @@ class TeacherConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of a stage (``l2vg_ray.tracking``): off unless ``kind`` is set."""
+
+    kind: Optional[str] = None  # null (off) | mlflow | wandb
+    # mlflow: a tracking URI (http://server:5000, databricks, sqlite:///...); null = a local
+    # store in ${output_dir}/mlruns (sqlite database + artifacts). wandb: unused.
+    uri: Optional[str] = None
+    experiment: str = "l2vg"  # mlflow experiment / wandb project
+    run_name: Optional[str] = None  # null = "<name>-<stage>"
+    log_model: bool = True  # train: upload the trained encoder folder (final/, ~2 MB)
+
+
+@dataclass
 class TrainConfig:
     """Data-parallel optimisation of the special tokens and the two heads (Ray Train)."""
 
@@ -192,6 +205,7 @@ class TrainConfig:
     precision: str = "auto"
     # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = file order.
     shuffle_buffer: int = 1024
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -221,6 +235,7 @@ class EvalConfig:
     # short queries for speed still embeds whole documents here.
     max_length: Optional[int] = None
     seed: int = 0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass

@@ -92,6 +92,7 @@ NOT_HASHED = {
         "cpus_per_worker",
         "gpus_per_worker",
         "resume",
+        "tracking",
     },
     "eval": {
         "output_dir",
@@ -102,6 +103,7 @@ NOT_HASHED = {
         "num_gpus_per_task",
         "max_retries",
         "overwrite",
+        "tracking",
     },
 }
 

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2vg_ray.config import to_dict
+from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
     e = cfg.eval
     InstructionSet.named(str(e.instructions))  # an unknown name fails here, not in every task
+    check_tracking(e.tracking)
     names = suite_task_names(cfg)
     data_dir = None
     if any(n in OFFLINE_TASKS for n in names):
@@ -228,10 +230,15 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     files = write_report(rows, out_dir, meta=meta)
     print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
     summary = summarize(rows)
-    return {
+    result = {
         **meta,
         **summary,
         "scores": {r["task"]: r["main_score"] for r in rows},
         "failed": {r["task"]: r["error"] for r in rows if r["status"] == "failed"},
         "files": files,
     }
+    with tracked(cfg, "eval") as tracker:
+        if tracker is not None:
+            log_evaluation(tracker, cfg, result)
+            result["tracking"] = {"kind": str(e.tracking.kind), "run_id": tracker.run_id}
+    return result

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from l2vg_ray.config import ConfigError, to_dict, validate
 from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
+from l2vg_ray.tracking import check_tracking, log_training, tracked
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
 from l2vg_ray.train.batching import plan_batches, total_steps
@@ -134,6 +135,7 @@ def run_train(cfg: DictConfig) -> dict:
 
     check_train_config(cfg)
     t = cfg.train
+    check_tracking(t.tracking)
     plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
     info = train_data.inspect_dataset(str(t.data_dir))
     teacher_dim = train_data.check_data_against_config(
@@ -205,9 +207,14 @@ def run_train(cfg: DictConfig) -> dict:
     elapsed = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError(f"Run {name!r} finished without a checkpoint under {storage!r}.")
-    return export_run(cfg, result.checkpoint, run_name=name, storage=storage, elapsed_s=elapsed,
-                      extra={"rows": info.num_rows, "teacher_dim": teacher_dim,
-                             "micro_batch": plan.micro_batch})
+    summary = export_run(cfg, result.checkpoint, run_name=name, storage=storage,
+                         elapsed_s=elapsed, extra={"rows": info.num_rows, "teacher_dim": teacher_dim,
+                                                   "micro_batch": plan.micro_batch})
+    with tracked(cfg, "train") as tracker:
+        if tracker is not None:
+            log_training(tracker, cfg, summary)
+            summary["tracking"] = {"kind": str(t.tracking.kind), "run_id": tracker.run_id}
+    return summary
 
 
 def export_run(

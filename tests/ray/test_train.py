@@ -61,7 +61,10 @@ def make_config(out_dir, llm_dir, teacher_dir, data_dir, *extra: str):
 def reference(ray_session, tmp_path_factory, tiny_llm_dir, tiny_teacher_dir, train_data_dir):
     """The uninterrupted 2-worker run every other test compares with."""
     out = tmp_path_factory.mktemp("reference")
-    cfg = make_config(out, tiny_llm_dir, tiny_teacher_dir, train_data_dir)
+    # Tracked in MLflow (a local store under output_dir): test_training_is_tracked_in_mlflow.
+    cfg = make_config(
+        out, tiny_llm_dir, tiny_teacher_dir, train_data_dir, "train.tracking.kind=mlflow"
+    )
     return cfg, trainer.run_train(cfg)
 
 
@@ -98,6 +101,29 @@ def test_two_workers_reduce_the_loss_and_write_curves(reference):
     assert "val_align_mse" in rows[0]
     assert Path(summary["curves_png"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((Path(cfg.train.output_dir) / trainer.SUMMARY_FILE).read_text())["steps"] == STEPS
+
+
+def test_training_is_tracked_in_mlflow(reference):
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary = reference
+    store = Path(cfg.output_dir) / "mlruns" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run_id = summary["tracking"]["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-train-train"
+    assert run.data.params["train.max_steps"] == str(STEPS)
+    assert run.data.params["model.n_compression"] == "2"
+    with open(summary["metrics_csv"], newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == [int(float(r["step"])) for r in rows]
+    assert [m.value for m in history] == pytest.approx([float(r["loss"]) for r in rows])
+    assert {"curves.png", "metrics.csv", "model"} <= {a.path for a in client.list_artifacts(run_id)}
+    model = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert f"model/{ckpt.TRAINABLE_FILE}" in model
 
 
 def test_checkpoint_holds_only_the_trainable_state(reference, tiny_llm_dir):
