@@ -214,6 +214,8 @@ def run_train(cfg: DictConfig) -> dict:
         if tracker is not None:
             log_training(tracker, cfg, summary)
             summary["tracking"] = {"kind": str(t.tracking.kind), "run_id": tracker.run_id}
+            summary_file = Path(str(t.output_dir)) / SUMMARY_FILE
+            summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
 
