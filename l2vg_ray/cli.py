@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from l2vg_ray.config import ConfigError, load_config, to_yaml
 
@@ -187,7 +188,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
-    if result is not None:
+    if result is not None and args.command == "run":
+        # The pipeline printed its summary; the whole result goes to a file, not the log.
+        path = Path(str(cfg.output_dir)) / "pipeline_result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str))
+        print(f"  result: {path}", flush=True)
+    elif result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -370,8 +370,14 @@ def format_summary(result: Mapping[str, Any]) -> str:
     for stage, rec in result["stages"].items():
         took = f" in {rec['seconds']:.1f} s" if "seconds" in rec else ""
         lines.append(f"  {stage:<9} {rec['status']}{took} -> {rec['output']}")
-    scores = (result["stages"].get("eval", {}).get("summary") or {}).get("scores") or {}
-    lines += [f"  score     {task}: {score}" for task, score in scores.items()]
+    ev = result["stages"].get("eval", {}).get("summary") or {}
+    scores = ev.get("scores") or {}
+    lines += [
+        f"  score     {task}: {'failed' if score is None else format(score, '.3f')}"
+        for task, score in scores.items()
+    ]
+    if ev.get("mean_main_score") is not None:
+        lines.append(f"  score     mean of {len(scores)} tasks: {ev['mean_main_score']:.3f}")
     lines.append("  artifacts:")
     lines += [f"    {k}: {v}" for k, v in result["artifacts"].items() if v is not None]
     if "serve" in result:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
     from l2vg_ray.eval.tasks import advbench
 
     torch.set_num_threads(max(1, job.num_threads))
+    # mteb's classifiers on a weak (e.g. smoke-trained) encoder predict some labels never;
+    # sklearn then warns once per fold and label set, dozens of lines that need no action.
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
     t0 = time.perf_counter()
     if job.task == advbench.TASK_NAME:
         return _evaluate_advbench(job, t0)

@@ -112,6 +112,8 @@ def test_training_is_tracked_in_mlflow(reference):
     store = Path(cfg.output_dir) / "mlruns" / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     run_id = summary["tracking"]["run_id"]
+    written = json.loads((Path(cfg.train.output_dir) / "train_summary.json").read_text())
+    assert written["tracking"] == {"kind": "mlflow", "run_id": run_id}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-train-train"
     assert run.data.params["train.max_steps"] == str(STEPS)
