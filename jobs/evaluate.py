@@ -6,34 +6,15 @@
 
 On an autoscaling cluster the pending GPU tasks are what make the autoscaler add GPU workers.
 Tasks that already have results are skipped unless `eval.overwrite=true`.
+
+The same entry point as ``l2vg eval`` (``l2vg_ray.cli.main``): same flags, same behaviour.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import sys
 
-from l2vg_ray import storage
-from l2vg_ray.config import load_config
-from l2vg_ray.eval.runner import run_eval
-from l2vg_ray.ray_utils import init_ray
+from l2vg_ray.cli import main
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="evaluate an encoder or a baseline")
-    parser.add_argument("--config", "-c", help="experiment YAML, e.g. configs/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.suite=mteb-lite")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    cfg = storage.absolute_paths(load_config(args.config, args.overrides))
-    init_ray(cfg.cluster)  # inside `ray job submit`, RAY_ADDRESS points at the cluster
-    summary = run_eval(cfg)
-
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"Evaluation results: {cfg.eval.output_dir}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the guard matters: vLLM engines spawn processes
+    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -6,36 +6,15 @@
 
 Checkpoints go to `cluster.storage_path` (else `train.output_dir`): on a multi-node cluster that
 must be s3://, gs:// or a shared mount. `train.resume=true` continues from the last checkpoint.
+
+The same entry point as ``l2vg train`` (``l2vg_ray.cli.main``): same flags, same behaviour.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import sys
 
-from l2vg_ray import storage
-from l2vg_ray.config import load_config
-from l2vg_ray.ray_utils import init_ray
-from l2vg_ray.train.trainer import run_train
+from l2vg_ray.cli import main
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="train the special tokens and heads")
-    parser.add_argument("--config", "-c", help="experiment YAML, e.g. configs/quickstart.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    overrides = args.overrides + (["train.resume=true"] if args.resume else [])
-    cfg = storage.absolute_paths(load_config(args.config, overrides))
-    init_ray(cfg.cluster)  # inside `ray job submit`, RAY_ADDRESS points at the cluster
-    summary = run_train(cfg)
-
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"Trained encoder under: {cfg.train.output_dir}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the guard matters: vLLM engines spawn processes
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, load_config, to_yaml
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
@@ -142,6 +143,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         return 0
+    # Relative local paths resolved here, on the node that reads the config (inside a Ray job
+    # the workers run elsewhere); hub ids, names and URIs stay as they are.
+    cfg = storage.absolute_paths(cfg)
 
     if args.command == "decode":
         from l2vg_ray.loading import load_encoder
@@ -194,6 +198,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str))
         print(f"  result: {path}", flush=True)
+        if not result.get("ok", True):  # a stage failed: fail the job, a rerun retries it
+            return 1
     elif result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
