@@ -247,7 +247,7 @@ def test_serve_config_file_is_a_valid_serve_config():
 
     from l2vg_ray.serve.app import build_app
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     spec = ServeDeploySchema.model_validate(
         yaml.safe_load((repo / "configs/serve.yaml").read_text())
     )
