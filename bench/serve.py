@@ -37,7 +37,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import _common  # noqa: F401  (environment and sys.path)
@@ -254,7 +256,6 @@ def peer_server(model: str, loader: str, port: int, threads: int, cache_dir: str
 
 
 def run_peer(args: argparse.Namespace) -> list[dict]:
-    import httpx
 
     port = _free_port()
     cmd = [
@@ -272,21 +273,33 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
     ]
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
-    proc = subprocess.Popen(cmd)
+    with server_process(cmd, f"http://{HOST}:{port}/healthz", name="The peer server"):
+        return measure("fastapi-peer", f"http://{HOST}:{port}/v1/embeddings", args, "peer")
+
+
+@contextmanager
+def server_process(
+    cmd: list[str], health_url: str, *, name: str, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
+    """Start a server subprocess, wait (300 s at most) until ``health_url`` answers 200, and
+    stop it on exit."""
+    import httpx
+
+    proc = subprocess.Popen(cmd, env=env)
     try:
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"The peer server exited with code {proc.returncode}.")
+                raise RuntimeError(f"{name} exited with code {proc.returncode}.")
             try:
-                if httpx.get(f"http://{HOST}:{port}/healthz", timeout=2).status_code == 200:
+                if httpx.get(health_url, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("The peer server did not start within 300 s.")
+                raise TimeoutError(f"{name} did not start within 300 s.")
             time.sleep(0.5)
-        return measure("fastapi-peer", f"http://{HOST}:{port}/v1/embeddings", args, "peer")
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -301,7 +314,6 @@ INFINITY = Path(__file__).resolve().parents[1] / ".venv-infinity" / "bin" / "inf
 
 def run_infinity(args: argparse.Namespace) -> list[dict]:
     """Infinity serving the same sentence-transformers folder (torch engine, CPU)."""
-    import httpx
 
     from l2vg_ray.models import resolve_model
 
@@ -318,27 +330,8 @@ def run_infinity(args: argparse.Namespace) -> list[dict]:
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), INFINITY_ANONYMOUS_USAGE_STATS="0",
                HF_HUB_OFFLINE="1", DO_NOT_TRACK="1")  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Infinity exited with code {proc.returncode}.")
-            try:
-                if httpx.get(f"http://{HOST}:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("Infinity did not start within 300 s.")
-            time.sleep(0.5)
+    with server_process(cmd, f"http://{HOST}:{port}/health", name="Infinity", env=env):
         return measure("infinity", f"http://{HOST}:{port}/embeddings", args, args.model)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # ---------------------------------------------------------------- Ray Serve
