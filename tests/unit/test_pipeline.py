@@ -269,3 +269,23 @@ def test_multinode_warnings_name_local_outputs(tmp_path):
     assert any("cluster.storage_path" in w for w in warnings)
     shared = make_cfg(tmp_path, "output_dir=s3://bucket/run", "cluster.storage_path=s3://bucket/ckpt")
     assert storage.warn_if_not_shared(shared, 3) == []
+
+
+def test_resource_fields_are_left_out_of_the_stage_hash_and_the_rest_is_in(tmp_path):
+    """Which keys a stage's hash skips is declared on the config field (resource_field)."""
+    from l2vg_ray.config import TrainConfig, load_config, not_hashed
+
+    skipped = not_hashed(TrainConfig)
+    assert {"num_workers", "output_dir", "tracking", "resume"} <= skipped
+    assert "lr" not in skipped and "batch_size" not in skipped
+
+    def train_hash(*overrides: str) -> str:
+        cfg = load_config(None, [f"output_dir={tmp_path}", *overrides])
+        return pipeline.config_hash(pipeline.stage_fingerprint(cfg, "train", "up"))
+
+    base = train_hash()
+    for override in ("train.num_workers=4", "train.log_every=3", "train.tracking.kind=mlflow",
+                     "model.device=cpu", "train.cpus_per_worker=2"):
+        assert train_hash(override) == base, override
+    for override in ("train.lr=0.5", "train.batch_size=3", "model.n_thought=3"):
+        assert train_hash(override) != base, override
