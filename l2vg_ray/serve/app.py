@@ -8,8 +8,11 @@ Endpoints: ``POST /v1/embeddings`` (OpenAI-compatible, plus an optional ``instru
 ``POST /v1/decode`` (texts -> the text the frozen LLM decodes from their soft prompts; trained
 encoders only), ``GET /v1/models``, ``GET /healthz``; the OpenAPI schema is at ``/docs``.
 
-Each replica loads the encoder in its constructor, so Serve routes traffic only to replicas that
-hold a model, and Serve's own health check (``check_health``) watches it. Texts of concurrent
+Two deployments: ``EmbeddingServer``, the HTTP ingress (FastAPI: auth, limits, parsing, errors;
+no reserved CPU), calls ``EmbeddingModel`` (the encoder, with the CPUs/GPUs and the autoscaling)
+through a deployment handle; a call whose model replica dies is retried once, then answered
+503. Each model replica loads the encoder in its constructor, so Serve routes only to replicas
+that hold a model, and Serve's own health check (``check_health``) watches it. Texts of concurrent
 requests are gathered by ``@serve.batch`` into model calls of at most ``serve.max_batch_size``
 texts and ``serve.max_batch_tokens`` padded tokens; long calls run on the replica's model
 thread (the event loop keeps answering meanwhile), short ones inline
@@ -124,17 +127,26 @@ def _body_schema(model: type) -> dict:
     }
 
 
+def _replica_lost(e: BaseException) -> bool:
+    """Whether a call failed because the model replica went away (killed, crashed, drained)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorUnavailableError))
+
+
 @serve.deployment
-@serve.ingress(api)
-class EmbeddingServer:
-    """One replica: one encoder, one model thread, dynamic batching across requests."""
+class EmbeddingModel:
+    """The model side: one encoder, one model thread, dynamic batching across requests.
+
+    Called by ``EmbeddingServer`` through a deployment handle, once per HTTP request; its
+    replicas carry the CPUs/GPUs and autoscale (``serve.min_replicas`` ... ``max_replicas``).
+    """
 
     def __init__(self, cfg: dict, encoder_factory: EncoderLoader | None = None) -> None:
         import torch
 
         self._cfg = OmegaConf.create(cfg)
         s = self._cfg.serve
-        self._model_name = str(s.model_name)
         self._limits = Limits.from_config(s)
         self._batching = bool(s.batching)
         self._thread_min_chars = int(s.model_thread_min_chars)
@@ -143,15 +155,7 @@ class EmbeddingServer:
         self._normalize = bool(s.normalize)
         self._max_queued = int(s.max_queued_texts)
         self._queued = 0
-        self._request_ids = itertools.count()
         self._metrics = ServeMetrics()
-        api.state.guard = GuardSettings(
-            api_key=str(s.api_key) if s.api_key else None,
-            max_request_bytes=self._limits.max_request_bytes,
-            body_timeout_s=float(s.body_timeout_s),
-            request_timeout_s=float(s.request_timeout_s),
-            on_response=self._metrics.on_response,
-        )
         # Loading, decoding and long embedding calls run on this thread, short embedding calls on
         # the event loop itself; the lock keeps model and tokenizer calls one at a time (fast
         # tokenizers are not safe to share across threads).
@@ -179,6 +183,14 @@ class EmbeddingServer:
     def check_health(self) -> None:
         """Serve's health check: the model thread still takes work."""
         self._model_thread.submit(lambda: None).result(timeout=30)
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "dim": int(self._encoder.dim),
+            "encoder": str(self._encoder.name),
+            "decode": callable(getattr(self._encoder, "decode", None)),
+            "pid": os.getpid(),
+        }
 
     async def _in_model_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -223,6 +235,109 @@ class EmbeddingServer:
         self._queued -= n
         self._metrics.queued.set(self._queued)
 
+    async def embed(self, items: list[EmbedItem]) -> list[EmbedResult] | APIError:
+        """One request's texts -> per text (vector, Fitted) or its APIError."""
+        try:
+            self._admit(len(items))
+        except APIError as e:
+            return e
+        try:
+            if self._batching:
+                # Each text joins a model batch shared with concurrent requests. A long list
+                # enters the queue one batch-worth at a time, so that the texts of requests
+                # arriving meanwhile are batched between its waves instead of waiting behind it.
+                results: list[EmbedResult] = []
+                for s in range(0, len(items), self._batch_size):
+                    wave = items[s : s + self._batch_size]
+                    results += await asyncio.gather(*(self._embed_batch(it) for it in wave))
+            else:
+                results = await self._run_embed(items)
+        finally:
+            self._release(len(items))
+        tokens = sum(r[1].tokens for r in results if not isinstance(r, APIError))
+        if tokens:  # a Ray counter refuses inc(0)
+            self._metrics.tokens.inc(tokens)
+        return results
+
+    def _decode(
+        self, texts: list[str], instruction: str | None, max_new_tokens: int
+    ) -> tuple[list[Fitted], list[str]] | APIError:
+        fitted = fit_texts(self._encoder, texts, instruction, limits=self._limits)
+        errors = [f for f in fitted if isinstance(f, APIError)]
+        if errors:
+            return errors[0]
+        decoded = self._encoder.decode(
+            [f.text for f in fitted], instruction=instruction, max_new_tokens=max_new_tokens
+        )
+        return fitted, decoded
+
+    async def decode(
+        self, texts: list[str], instruction: str | None, max_new_tokens: int
+    ) -> tuple[list[Fitted], list[str]] | APIError:
+        try:
+            self._admit(len(texts))
+        except APIError as e:
+            return e
+        try:
+            async with self._model_lock:  # generation is long: on the thread, loop stays free
+                return await self._in_model_thread(self._decode, texts, instruction, max_new_tokens)
+        finally:
+            self._release(len(texts))
+
+
+@serve.deployment
+@serve.ingress(api)
+class EmbeddingServer:
+    """The HTTP side: auth, limits, parsing, errors and request metrics; the model work goes to
+    ``EmbeddingModel`` through a deployment handle. A call whose model replica dies is retried
+    once (embedding and decoding are idempotent), then answered 503 ``model_unavailable``."""
+
+    def __init__(self, cfg: dict, model: Any) -> None:
+        self._cfg = OmegaConf.create(cfg)
+        s = self._cfg.serve
+        self._model_name = str(s.model_name)
+        self._limits = Limits.from_config(s)
+        self._request_ids = itertools.count()
+        self._metrics = ServeMetrics()
+        api.state.guard = GuardSettings(
+            api_key=str(s.api_key) if s.api_key else None,
+            max_request_bytes=self._limits.max_request_bytes,
+            body_timeout_s=float(s.body_timeout_s),
+            request_timeout_s=float(s.request_timeout_s),
+            on_response=self._metrics.on_response,
+        )
+        self._model = model
+        self._cached_info: dict[str, Any] | None = None
+
+    async def _info(self) -> dict[str, Any]:
+        """The model's dim, name and abilities (asked once; a constructor cannot await)."""
+        if self._cached_info is None:
+            self._cached_info = await self._call("info")
+        return self._cached_info
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                result = await getattr(self._model, method).remote(*args)
+            except Exception as e:
+                if not _replica_lost(e):
+                    raise
+                log.warning(
+                    "A model replica went away during %s (attempt %d): %s",
+                    method,
+                    attempt,
+                    type(e).__name__,
+                )
+                continue
+            if isinstance(result, APIError):
+                raise result
+            return result
+        raise APIError(
+            503,
+            "The model replica serving this request stopped and is being replaced; retry shortly.",
+            code="model_unavailable",
+        )
+
     @api.post(
         "/v1/embeddings",
         response_model=EmbeddingResponse,
@@ -231,52 +346,26 @@ class EmbeddingServer:
     )
     async def embeddings(self, request: Request) -> JSONResponse:
         req = parse_request(EmbeddingRequest, await request.body())
+        info = await self._info()
         model = check_embedding_request(
-            req, limits=self._limits, served_model=self._model_name, dim=self._encoder.dim
+            req, limits=self._limits, served_model=self._model_name, dim=info["dim"]
         )
         rid = next(self._request_ids)
         items = [
             EmbedItem(rid, i, text, req.instruction or None) for i, text in enumerate(req.input)
         ]
-        self._admit(len(items))
-        try:
-            if self._batching:
-                # Each text joins a model batch shared with concurrent requests. A long list
-                # enters the queue one batch-worth at a time, so that the texts of requests
-                # arriving meanwhile are batched between its waves instead of waiting behind it.
-                results = []
-                for s in range(0, len(items), self._batch_size):
-                    wave = items[s : s + self._batch_size]
-                    results += await asyncio.gather(*(self._embed_batch(it) for it in wave))
-            else:
-                results = await self._run_embed(items)
-        finally:
-            self._release(len(items))
+        results = await self._call("embed", items)
         errors = [r for r in results if isinstance(r, APIError)]
         if errors:
             raise errors[0]
-        fitted: list[Fitted] = [f for _, f in results]
-        self._metrics.tokens.inc(sum(f.tokens for f in fitted))
         return JSONResponse(
             embedding_response(
                 np.stack([v for v, _ in results]),
                 model=model,
                 encoding_format=req.encoding_format,
-                fitted=fitted,
+                fitted=[f for _, f in results],
             )
         )
-
-    def _decode(
-        self, texts: list[str], instruction: str | None, max_new_tokens: int
-    ) -> tuple[list[Fitted], list[str]]:
-        fitted = fit_texts(self._encoder, texts, instruction, limits=self._limits)
-        errors = [f for f in fitted if isinstance(f, APIError)]
-        if errors:
-            raise errors[0]
-        decoded = self._encoder.decode(
-            [f.text for f in fitted], instruction=instruction, max_new_tokens=max_new_tokens
-        )
-        return fitted, decoded
 
     @api.post(
         "/v1/decode",
@@ -289,39 +378,41 @@ class EmbeddingServer:
         model, max_new = check_decode_request(
             req, limits=self._limits, served_model=self._model_name
         )
-        if not callable(getattr(self._encoder, "decode", None)):
+        info = await self._info()
+        if not info["decode"]:
             raise APIError(
                 400,
-                f"The served encoder {self._encoder.name!r} cannot decode: only a trained "
+                f"The served encoder {info['encoder']!r} cannot decode: only a trained "
                 f"LLM2Vec-Gen encoder folder can. Use /v1/embeddings.",
                 code="decode_not_supported",
             )
-        self._admit(len(req.input))
-        try:
-            async with self._model_lock:  # generation is long: on the thread, loop stays free
-                fitted, decoded = await self._in_model_thread(
-                    self._decode, req.input, req.instruction or None, max_new
-                )
-        finally:
-            self._release(len(req.input))
+        fitted, decoded = await self._call("decode", req.input, req.instruction or None, max_new)
         return JSONResponse(decode_response(decoded, model=model, fitted=fitted))
 
     @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(self) -> JSONResponse:
+        info = await self._info()
         card = {
             "id": self._model_name,
             "object": "model",
             "created": 0,
             "owned_by": "l2vg-ray",
-            "dim": self._encoder.dim,
-            "encoder": self._encoder.name,
-            "decode": callable(getattr(self._encoder, "decode", None)),
+            "dim": info["dim"],
+            "encoder": info["encoder"],
+            "decode": info["decode"],
         }
         return JSONResponse({"object": "list", "data": [card]})
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": self._model_name, "dim": self._encoder.dim})
+        """200 while a model replica answers (within 10 s), else 503 ``model_unavailable``."""
+        try:
+            info = await asyncio.wait_for(self._call("info"), 10.0)
+        except (asyncio.TimeoutError, APIError):
+            raise APIError(
+                503, "No model replica answered within 10 s.", code="model_unavailable"
+            ) from None
+        return JSONResponse({"status": "ok", "model": self._model_name, "dim": info["dim"]})
 
 
 def deployment_options(serve_cfg: Any) -> dict[str, Any]:
@@ -364,6 +455,18 @@ def deployment_options(serve_cfg: Any) -> dict[str, Any]:
     }
 
 
+def ingress_options(serve_cfg: Any) -> dict[str, Any]:
+    """The HTTP ingress: no reserved CPU (it parses and forwards), as many replicas as the model
+    has at least, and room for every request the model replicas may hold."""
+    s = serve_cfg
+    return {
+        "num_replicas": max(1, int(s.min_replicas)),
+        "ray_actor_options": {"num_cpus": 0.0},
+        "max_ongoing_requests": int(s.max_ongoing_requests) * max(1, int(s.max_replicas)),
+        "logging_config": {"enable_access_log": bool(s.access_log)},
+    }
+
+
 def build_application(
     cfg: DictConfig, *, encoder_factory: EncoderLoader | None = None
 ) -> serve.Application:
@@ -377,7 +480,8 @@ def build_application(
         plain["serve"]["model"] = str(model.resolve())
     # The key travels to the replicas only, never into a saved config.
     plain["serve"]["api_key"] = plain["serve"].get("api_key") or os.environ.get(API_KEY_ENV) or None
-    return EmbeddingServer.options(**options).bind(plain, encoder_factory)
+    model = EmbeddingModel.options(**options).bind(plain, encoder_factory)
+    return EmbeddingServer.options(**ingress_options(cfg.serve)).bind(plain, model)
 
 
 def build_app(args: dict) -> serve.Application:

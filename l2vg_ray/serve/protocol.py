@@ -64,6 +64,18 @@ class APIError(Exception):
     def body(self) -> dict:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
+    def __reduce__(self) -> tuple:  # crosses Ray boundaries (model replica -> HTTP ingress)
+        return (
+            _rebuild_api_error,
+            (self.status, self.message, self.param, self.code, self.type),
+        )
+
+
+def _rebuild_api_error(
+    status: int, message: str, param: str | None, code: str | None, type: str | None
+) -> APIError:
+    return APIError(status, message, param=param, code=code, type=type)
+
 
 def error_body(
     message: str,

@@ -223,6 +223,38 @@ def test_an_instruction_counts_toward_the_budget(app, reference):
     assert r.json()["usage"]["prompt_tokens"] == sum(counts)
 
 
+def test_a_killed_model_replica_is_retried_or_answered_503(app, reference):
+    """SIGKILL the model replica with 3 requests in flight: each is answered by a new replica
+    (the ingress retries once) or with an OpenAI-shaped 503, never a plain-text 500."""
+    import os
+    import signal
+
+    from ray import serve
+
+    model = serve.get_deployment_handle("EmbeddingModel", app_name="hardened")
+    pid = model.info.remote().result()["pid"]
+    texts = [(f"text {i} " + "salt and water " * 240)[:3800] for i in range(256)]
+    with ThreadPoolExecutor(3) as pool:
+        inflight = [pool.submit(_post, app, {"input": texts}, timeout=300) for _ in range(3)]
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        answers = [f.result() for f in inflight]
+    for r in answers:
+        assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+        if r.status_code == 200:
+            assert len(r.json()["data"]) == 256
+        else:
+            assert _error(r, 503)["code"] == "model_unavailable"
+    deadline = time.monotonic() + 180
+    while True:  # recovered: a new replica answers
+        r = _post(app, {"input": POOL[0]}, timeout=60)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    np.testing.assert_allclose(_vectors(r), reference.encode(POOL[:1]), atol=1e-5)
+    assert model.info.remote().result()["pid"] != pid
+
+
 def test_bounded_soak(app, reference):
     """32 clients x 15 s, 10% malformed bodies, 2 slow-body clients: every valid request is
     answered correctly, no 5xx, /healthz answers throughout."""
