@@ -128,8 +128,9 @@ def unauthorized(reason: str) -> APIError:
     )
 
 
-def _bearer_ok(scope: Scope, key: str) -> APIError | None:
-    header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+def auth_error(headers: dict[bytes, bytes], key: str) -> APIError | None:
+    """The 401 for a request without ``Authorization: Bearer <key>``; None when it has it."""
+    header = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     if not header:
         return unauthorized("No API key was sent.")
@@ -168,13 +169,14 @@ class Guard:
             await error_response(err)(scope, receive, tracked_send)
 
         try:
+            headers = dict(scope.get("headers") or ())
             if settings.api_key and route not in settings.open_paths:
-                err = _bearer_ok(scope, settings.api_key)
+                err = auth_error(headers, settings.api_key)
                 if err is not None:
                     await answer(err)
                     return
             limit = settings.max_request_bytes
-            declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+            declared = headers.get(b"content-length", b"")
             if limit and declared.isdigit() and int(declared) > limit:
                 await answer(body_too_large(int(declared), limit))
                 return
