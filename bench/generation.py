@@ -63,11 +63,11 @@ PROMPTS = [t.format(topic) for t in TEMPLATES for topic in TOPICS]  # 64
 class TimedGenerateStage:
     """GenerateStage plus timings: construction + warm-up, and each call, as extra columns."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, **stage_args) -> None:
         from l2vg_ray.generate.backends import GenerateStage
 
         t0 = time.perf_counter()
-        self.stage = GenerateStage(cfg)
+        self.stage = GenerateStage(**stage_args)
         self.stage.backend.generate(PROMPTS[:1])  # warm-up, as standalone
         self.init_s = time.perf_counter() - t0
 
@@ -84,10 +84,10 @@ class TimedGenerateStage:
         return out
 
 
-def build_cfg(backend: str, args) -> dict:
-    from l2vg_ray.config import load_config, to_dict
+def build_cfg(backend: str, args):
+    from l2vg_ray.config import load_config, typed
 
-    return to_dict(
+    return typed(
         load_config(
             None,
             [
@@ -111,7 +111,8 @@ def standalone(backend: str, prompts: list[str], args) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    engine = build_backend(build_cfg(backend, args))
+    cfg = build_cfg(backend, args)
+    engine = build_backend(cfg.model, cfg.generate, cfg.cache_dir)
     engine.generate(prompts[:1])  # warm-up
     startup_s = time.perf_counter() - t0
     texts, tokens = [], 0

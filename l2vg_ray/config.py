@@ -418,20 +418,32 @@ def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any
     return [*layers, (str(path), layer)]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that need no model, data or Ray."""
-    m = cfg.model
+DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a config may name
+
+
+def check_model(m: ModelConfig | DictConfig) -> None:
+    """The ``model`` section's own checks (run by ``validate`` and by the encoder, which may be
+    built from a saved folder's ``ModelConfig`` without a whole config)."""
     if m.n_compression < 1:
         raise ConfigError(f"model.n_compression must be >= 1, got {m.n_compression}.")
     if m.n_thought < 0:
         raise ConfigError(f"model.n_thought must be >= 0, got {m.n_thought}.")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r}; use float32, bfloat16 or float16.")
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r}; use one of {list(DTYPES)}.")
     if m.max_length <= m.n_thought + m.n_compression:
         raise ConfigError(
             f"model.max_length={m.max_length} leaves no room for a query after "
             f"{m.n_thought + m.n_compression} special tokens; raise it."
         )
+    if m.max_response_length < 1:
+        raise ConfigError(
+            f"model.max_response_length must be >= 1 (room for eos), got {m.max_response_length}."
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that need no model, data or Ray."""
+    check_model(cfg.model)
     t = cfg.train
     per_step = t.num_workers * t.grad_accum_steps
     if t.batch_size % per_step != 0:
@@ -462,6 +474,21 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def stage_config(cfg: DictConfig, cls: type):
-    """Turn a sub-config (e.g. ``cfg.train``) into its dataclass instance, resolved."""
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cls(**cfg)
+def typed(cfg: DictConfig | L2VGConfig) -> L2VGConfig:
+    """The resolved, validated config as its dataclasses: the one form that crosses Ray
+    boundaries (actors, tasks, Train workers and Serve replicas read attributes of it, never
+    ``get(key, default)``). Idempotent: an ``L2VGConfig`` is returned as is."""
+    if isinstance(cfg, L2VGConfig):
+        return cfg
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(
+            f"typed() takes the DictConfig of load_config() or an L2VGConfig, got "
+            f"{type(cfg).__name__}. Build configs with l2vg_ray.config.load_config()."
+        )
+    out = OmegaConf.to_object(cfg)
+    if not isinstance(out, L2VGConfig):  # a section was passed (e.g. cfg.train)
+        raise TypeError(
+            f"typed() takes the whole config, got a section ({type(out).__name__}); pass the "
+            f"config load_config() returned."
+        )
+    return out

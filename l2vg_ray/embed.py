@@ -32,7 +32,7 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.config import ConfigError, L2VGConfig, to_dict, typed
 from l2vg_ray.generate.pipeline import OutputDir, ShardWriter, package_versions, read_done_ids
 from l2vg_ray.ray_utils import ProgressLine
 
@@ -124,21 +124,20 @@ def read_corpus(path: str, *, text_column: str, id_column: str | None) -> tuple[
 class EmbedStage:
     """``map_batches`` callable: (id, text) -> (id, [text], embedding). One encoder per actor."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: L2VGConfig) -> None:
         import torch
-        from omegaconf import OmegaConf
 
         from l2vg_ray.generate.backends import cpu_threads
         from l2vg_ray.loading import load_encoder
 
-        e = cfg["embed"]
-        torch.set_num_threads(cpu_threads(float(e["num_cpus_per_actor"])))
-        self.encoder = load_encoder(str(e["model"]), OmegaConf.create(cfg))
+        e = cfg.embed
+        torch.set_num_threads(cpu_threads(float(e.num_cpus_per_actor)))
+        self.encoder = load_encoder(str(e.model), cfg)
         self.fingerprint = self.encoder.fingerprint()
-        self.instruction = e["instruction"] or None
-        self.normalize = bool(e["normalize"])
-        self.keep_text = bool(e["keep_text"])
-        self.batch_size = int(e["batch_size"])
+        self.instruction = e.instruction or None
+        self.normalize = bool(e.normalize)
+        self.keep_text = bool(e.keep_text)
+        self.batch_size = int(e.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         start = time.perf_counter()
@@ -203,12 +202,11 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
     rows, busy, fingerprint, dim = 0, 0.0, None, None
     t0 = time.perf_counter()
     if pending:
-        plain = to_dict(cfg)
         ds = ray.data.from_items(
             [{schema.ID: i, TEXT: t} for i, t in pending],
             override_num_blocks=max(1, math.ceil(len(pending) / int(e.batch_size))),
         ).map_batches(
-            EmbedStage, fn_constructor_kwargs={"cfg": plain}, batch_format="numpy",
+            EmbedStage, fn_constructor_kwargs={"cfg": typed(cfg)}, batch_format="numpy",
             batch_size=int(e.batch_size), compute=ray.data.ActorPoolStrategy(size=int(e.num_actors)),
             num_cpus=float(e.num_cpus_per_actor), num_gpus=float(e.num_gpus_per_actor),
         )

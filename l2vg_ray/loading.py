@@ -6,6 +6,7 @@ them), so none of those imports it back.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from l2vg_ray.encoders import BASELINES, ENCODER_CONFIG_FILE, TextEncoder
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from l2vg_ray.config import L2VGConfig
+
 
 def _register_builtin_baselines() -> None:
     # Imported when first needed: the baselines pull torch and transformers.
@@ -21,7 +24,8 @@ def _register_builtin_baselines() -> None:
 
 
 def load_encoder(
-    spec: str, cfg: DictConfig, *, device: str | None = None, max_length: int | None = None
+    spec: str, cfg: DictConfig | L2VGConfig, *, device: str | None = None,
+    max_length: int | None = None,
 ) -> TextEncoder:
     """An encoder by spec -> TextEncoder. A spec is
 
@@ -33,8 +37,10 @@ def load_encoder(
     ``max_length`` (input tokens per text; None = the encoder's own) overrides the trained
     encoder's ``model.max_length`` and the pooled-LLM baselines'.
     """
+    from l2vg_ray.config import typed
     from l2vg_ray.models import PACKAGED_MODELS, resolve_model
 
+    cfg = typed(cfg)
     spec = str(spec)
     if spec in PACKAGED_MODELS and PACKAGED_MODELS.get(spec).kind == "l2vg-encoder":
         spec = resolve_model(spec, cache_dir=cfg.cache_dir)
@@ -61,7 +67,5 @@ def load_encoder(
         )
     _register_builtin_baselines()  # idempotent: a module is imported once
     if max_length is not None:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.merge(cfg, {"model": {"max_length": int(max_length)}})
+        cfg = replace(cfg, model=replace(cfg.model, max_length=int(max_length)))
     return BASELINES.get(str(spec))(cfg, cfg.cache_dir)

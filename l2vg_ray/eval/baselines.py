@@ -21,7 +21,7 @@ from l2vg_ray.generate.backends import resolve_device, torch_dtype
 from l2vg_ray.generate.teacher import mean_pool
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from l2vg_ray.config import L2VGConfig
 
 POOLINGS = ("mean", "last")
 
@@ -185,12 +185,12 @@ class GenerateThenEncode:
 
 
 @BASELINES.register("teacher")
-def build_teacher(cfg: DictConfig, cache_dir: str | None) -> TextEncoder:
+def build_teacher(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
     device = resolve_device(str(cfg.model.device))
     return SentenceTransformerEncoder(str(cfg.model.teacher), cache_dir=cache_dir, device=device)
 
 
-def _pooled(cfg: DictConfig, cache_dir: str | None, pooling: str) -> PooledLLMEncoder:
+def _pooled(cfg: L2VGConfig, cache_dir: str | None, pooling: str) -> PooledLLMEncoder:
     return PooledLLMEncoder(
         str(cfg.model.llm),
         pooling=pooling,
@@ -202,31 +202,29 @@ def _pooled(cfg: DictConfig, cache_dir: str | None, pooling: str) -> PooledLLMEn
 
 
 @BASELINES.register("mean-pool")
-def build_mean_pool(cfg: DictConfig, cache_dir: str | None) -> TextEncoder:
+def build_mean_pool(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
     return _pooled(cfg, cache_dir, "mean")
 
 
 @BASELINES.register("last-token")
-def build_last_token(cfg: DictConfig, cache_dir: str | None) -> TextEncoder:
+def build_last_token(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
     return _pooled(cfg, cache_dir, "last")
 
 
 @BASELINES.register("generate-then-encode")
-def build_generate_then_encode(cfg: DictConfig, cache_dir: str | None) -> TextEncoder:
-    from l2vg_ray.config import to_dict
+def build_generate_then_encode(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
     from l2vg_ray.generate.backends import build_backend, resolve_backend
 
-    plain = to_dict(cfg)
-    backend_name = resolve_backend(str(cfg.generate.backend))
-    backend = build_backend(plain, backend=backend_name)
-    gen = plain["generate"]
+    gen = cfg.generate
+    backend_name = resolve_backend(str(gen.backend))
+    backend = build_backend(cfg.model, gen, cfg.cache_dir, backend=backend_name)
     settings = {
         "backend": backend_name,
-        "temperature": gen["temperature"],
-        "top_p": gen["top_p"],
-        "max_tokens": gen["max_tokens"],
-        "seed": gen["seed"],
-        "system_prompt": gen["system_prompt"],
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "max_tokens": gen.max_tokens,
+        "seed": gen.seed,
+        "system_prompt": gen.system_prompt,
     }
     return GenerateThenEncode(
         backend, build_teacher(cfg, cache_dir), llm_spec=str(cfg.model.llm), settings=settings

@@ -15,13 +15,13 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from l2vg_ray.config import to_dict
+from l2vg_ray.config import L2VGConfig, typed
 from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class TaskJob:
 
     task: str
     model: str  # trained encoder folder or baseline name
-    cfg: dict  # the full resolved config (to build baselines / load the encoder)
+    cfg: L2VGConfig  # the typed config (to build baselines / load the encoder)
     data_dir: str | None  # prepared offline data (offline tasks only)
     results_dir: str  # mteb ResultCache folder
     cache_dir: str | None  # embedding cache folder; None = no cache
@@ -55,11 +55,12 @@ def _encoder(job: TaskJob):
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
     from l2vg_ray.loading import load_encoder
 
-    key = json.dumps([job.model, job.cache_dir, job.cfg.get("model"), job.cfg.get("generate"),
-                      job.cfg.get("cache_dir"), job.max_length], sort_keys=True, default=str)
+    c = job.cfg
+    key = json.dumps([job.model, job.cache_dir, asdict(c.model), asdict(c.generate), c.cache_dir,
+                      job.max_length], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        encoder = load_encoder(job.model, OmegaConf.create(job.cfg), max_length=job.max_length)
+        encoder = load_encoder(job.model, job.cfg, max_length=job.max_length)
         if job.cache_dir:
             encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         _ENCODERS[key] = encoder
@@ -146,12 +147,12 @@ def _evaluate_advbench(job: TaskJob, t0: float, data: Any = None) -> dict[str, A
 
 def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -> list[TaskJob]:
     e = cfg.eval
-    plain = to_dict(cfg)
+    c = typed(cfg)
     return [
         TaskJob(
             task=name,
             model=str(e.model),
-            cfg=plain,
+            cfg=c,
             data_dir=data_dir,
             results_dir=str(Path(e.output_dir) / "mteb"),
             cache_dir=str(e.cache_dir) if e.cache_dir else None,

@@ -24,13 +24,16 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError
+from l2vg_ray.config import ConfigError, GenerateConfig, L2VGConfig, ModelConfig, typed
 from l2vg_ray.registry import Registry
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +74,21 @@ class GenerationSettings:
     gpu_memory_utilization: float = 0.9
 
     @classmethod
-    def from_config(cls, gen: Any) -> GenerationSettings:
-        get = gen.get if isinstance(gen, Mapping) else lambda k, d=None: getattr(gen, k, d)
-        defaults = cls()
-        template_kwargs = get("chat_template_kwargs", None) or {}
-        if hasattr(template_kwargs, "items"):
-            template_kwargs = tuple(sorted((str(k), v) for k, v in dict(template_kwargs).items()))
+    def from_config(cls, gen: GenerateConfig) -> GenerationSettings:
+        """The engine settings of a ``generate`` section (``GenerateConfig``), validated."""
         s = cls(
-            temperature=float(get("temperature", defaults.temperature)),
-            top_p=float(get("top_p", defaults.top_p)),
-            top_k=int(get("top_k", defaults.top_k) or 0),
-            max_tokens=int(get("max_tokens", defaults.max_tokens)),
-            seed=int(get("seed", defaults.seed)),
-            system_prompt=get("system_prompt", None) or None,
-            sampling=str(get("sampling", defaults.sampling) or defaults.sampling),
-            chat_template_kwargs=tuple(template_kwargs),
-            tensor_parallel_size=int(get("tensor_parallel_size", 1)),
-            gpu_memory_utilization=float(get("gpu_memory_utilization", 0.9)),
+            temperature=float(gen.temperature),
+            top_p=float(gen.top_p),
+            top_k=int(gen.top_k or 0),
+            max_tokens=int(gen.max_tokens),
+            seed=int(gen.seed),
+            system_prompt=gen.system_prompt or None,
+            sampling=str(gen.sampling),
+            chat_template_kwargs=tuple(
+                sorted((str(k), v) for k, v in dict(gen.chat_template_kwargs or {}).items())
+            ),
+            tensor_parallel_size=int(gen.tensor_parallel_size),
+            gpu_memory_utilization=float(gen.gpu_memory_utilization),
         )
         if s.sampling not in SAMPLING_MODES:
             raise ConfigError(
@@ -442,14 +443,9 @@ class PrecomputedBackend:
 
         self.settings = GenerationSettings.from_config(gen)
         self.tokenizer = load_tokenizer(model_path)
-        column = str(gen["response_column"])
+        column = str(gen.response_column)
         cache = Path(str(cache_dir or "~/.cache/l2vg_ray")).expanduser()
-        queries = gen["queries"]
-        if isinstance(queries, Mapping) and not hasattr(queries, "source"):
-            from omegaconf import OmegaConf
-
-            queries = OmegaConf.create(dict(queries))  # a Ray actor gets the plain-dict config
-        self.pairs = read_pairs(queries, cache, column)
+        self.pairs = read_pairs(gen.queries, cache, column)
         self.column = column
         if not self.pairs:
             raise ValueError(
@@ -485,31 +481,21 @@ def resolve_backend(name: str) -> str:
     return chosen
 
 
-def build_backend(cfg: Mapping[str, Any] | Any, *, backend: str | None = None) -> Backend:
-    """The engine for a full (resolved) config: ``model.llm`` resolved offline, ``generate.*``."""
+def build_backend(
+    model: ModelConfig, gen: GenerateConfig, cache_dir: str, *, backend: str | None = None
+) -> Backend:
+    """The engine for ``model.llm`` (resolved offline) with the ``generate`` settings."""
     from l2vg_ray.models import resolve_model
 
-    name = resolve_backend(backend or cfg["generate"]["backend"])
-    path = resolve_model(str(cfg["model"]["llm"]), cache_dir=cfg["cache_dir"])
+    name = resolve_backend(backend or gen.backend)
+    path = resolve_model(str(model.llm), cache_dir=cache_dir)
     return GENERATION_BACKENDS.get(name)(
-        path,
-        gen=cfg["generate"],
-        dtype=str(cfg["model"]["dtype"]),
-        device=str(cfg["model"]["device"]),
-        cache_dir=cfg["cache_dir"],
+        path, gen=gen, dtype=str(model.dtype), device=str(model.device), cache_dir=cache_dir
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data wrapper.
-
-
-def as_plain_dict(cfg: Any) -> dict:
-    if isinstance(cfg, dict):
-        return cfg
-    from l2vg_ray.config import to_dict
-
-    return to_dict(cfg)
 
 
 def cpu_threads(num_cpus: float) -> int:
@@ -526,14 +512,13 @@ class GenerateStage:
     """``map_batches`` callable: QUERY (+ ID, passed through) -> RESPONSE, RESPONSE_TOKENS,
     GENERATOR_MODEL, SAMPLING_PARAMS. Holds one engine per actor across batches."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, model: ModelConfig, generate: GenerateConfig, cache_dir: str) -> None:
         import torch
 
-        cfg = as_plain_dict(cfg)
-        torch.set_num_threads(cpu_threads(float(cfg["generate"]["num_cpus_per_actor"])))
-        self.backend = build_backend(cfg)
-        self.generator_model = str(cfg["model"]["llm"])
-        self.sampling_params = GenerationSettings.from_config(cfg["generate"]).to_json()
+        torch.set_num_threads(cpu_threads(float(generate.num_cpus_per_actor)))
+        self.backend = build_backend(model, generate, cache_dir)
+        self.generator_model = str(model.llm)
+        self.sampling_params = GenerationSettings.from_config(generate).to_json()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
@@ -550,36 +535,38 @@ class GenerateStage:
         return out
 
 
-def generate_stage_kwargs(cfg: Any) -> dict[str, Any]:
+def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
     """``Dataset.map_batches(GenerateStage, batch_format="numpy", **generate_stage_kwargs(cfg))``.
 
     An actor pool of ``generate.num_actors`` engines, each with ``num_cpus_per_actor`` CPUs and
-    ``num_gpus_per_actor`` GPUs (a tensor-parallel vLLM engine needs one GPU per shard).
+    ``num_gpus_per_actor`` GPUs (a tensor-parallel vLLM engine needs one GPU per shard). The
+    actors get the typed ``model`` and ``generate`` sections and the cache folder.
     """
     import ray.data
 
-    plain = as_plain_dict(cfg)
-    g = plain["generate"]
-    num_gpus = float(g["num_gpus_per_actor"])
-    tp = int(g["tensor_parallel_size"])
+    c = typed(cfg)
+    g = c.generate
+    GenerationSettings.from_config(g)  # fail on the driver, before any actor starts
+    num_gpus = float(g.num_gpus_per_actor)
+    tp = int(g.tensor_parallel_size)
     if num_gpus > 0 and tp > num_gpus:
         raise ConfigError(
             f"generate.tensor_parallel_size={tp} needs {tp} GPUs per actor but "
-            f"generate.num_gpus_per_actor={g['num_gpus_per_actor']}. Set "
+            f"generate.num_gpus_per_actor={g.num_gpus_per_actor}. Set "
             f"generate.num_gpus_per_actor={tp}."
         )
-    if int(g["num_actors"]) < 1:
-        raise ConfigError(f"generate.num_actors={g['num_actors']}; it must be >= 1.")
-    if int(g["batch_size"]) < 1:
-        raise ConfigError(f"generate.batch_size={g['batch_size']}; it must be >= 1.")
+    if g.num_actors < 1:
+        raise ConfigError(f"generate.num_actors={g.num_actors}; it must be >= 1.")
+    if g.batch_size < 1:
+        raise ConfigError(f"generate.batch_size={g.batch_size}; it must be >= 1.")
     kwargs: dict[str, Any] = {
-        "fn_constructor_kwargs": {"cfg": plain},
-        "compute": ray.data.ActorPoolStrategy(size=int(g["num_actors"])),
-        "num_cpus": float(g["num_cpus_per_actor"]),
+        "fn_constructor_kwargs": {"model": c.model, "generate": g, "cache_dir": c.cache_dir},
+        "compute": ray.data.ActorPoolStrategy(size=int(g.num_actors)),
+        "num_cpus": float(g.num_cpus_per_actor),
         "num_gpus": num_gpus,
-        "batch_size": int(g["batch_size"]),
+        "batch_size": int(g.batch_size),
     }
-    python = actor_python(g.get("python"))
+    python = actor_python(g.python)
     if python is not None:
         kwargs["runtime_env"] = {"py_executable": python}
     return kwargs

@@ -17,22 +17,24 @@ A teacher has ``.name`` (written to TEACHER_MODEL), ``.dim`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError
+from l2vg_ray.config import ConfigError, L2VGConfig, ModelConfig, TeacherConfig, typed
 from l2vg_ray.generate.backends import (
-    as_plain_dict,
     column_to_list,
     cpu_threads,
     resolve_device,
     torch_dtype,
 )
 from l2vg_ray.registry import Registry
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 class Teacher(Protocol):
@@ -45,34 +47,51 @@ class Teacher(Protocol):
 TEACHERS: Registry[type] = Registry("teacher kind", hint="Set teacher.kind to one of these.")
 
 
-def teacher_spec(cfg: Mapping[str, Any] | Any) -> str:
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a teacher is built from (the typed sections; it travels to the teacher actors)."""
+
+    model: ModelConfig
+    teacher: TeacherConfig
+    cache_dir: str
+
+    @classmethod
+    def of(cls, cfg: TeacherSpec | DictConfig | L2VGConfig) -> TeacherSpec:
+        if isinstance(cfg, TeacherSpec):
+            return cfg
+        c = typed(cfg)
+        return cls(model=c.model, teacher=c.teacher, cache_dir=c.cache_dir)
+
+
+def teacher_spec(cfg: TeacherSpec | DictConfig | L2VGConfig) -> str:
     """The model spec a config's teacher uses: ``teacher.model``, else the kind's default."""
-    kind = str(cfg["teacher"]["kind"])
+    spec = TeacherSpec.of(cfg)
+    kind = str(spec.teacher.kind)
     TEACHERS.get(kind)  # unknown kinds list the known ones
-    if cfg["teacher"]["model"]:
-        return str(cfg["teacher"]["model"])
-    return str(cfg["model"]["llm"] if kind == "mean-pooled-llm" else cfg["model"]["teacher"])
+    if spec.teacher.model:
+        return str(spec.teacher.model)
+    return str(spec.model.llm if kind == "mean-pooled-llm" else spec.model.teacher)
 
 
-def _resolve(spec: str, cfg: Mapping[str, Any] | Any) -> str:
+def _resolve(name: str, spec: TeacherSpec) -> str:
     from l2vg_ray.models import resolve_model
 
-    return resolve_model(spec, cache_dir=cfg["cache_dir"])
+    return resolve_model(name, cache_dir=spec.cache_dir)
 
 
 @TEACHERS.register("sentence-transformers")
 class SentenceTransformerTeacher:
     """A sentence-transformers model; its own modules decide pooling and normalisation."""
 
-    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+    def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.name = teacher_spec(cfg)
-        self.batch_size = int(cfg["teacher"]["batch_size"])
-        self.model = SentenceTransformer(_resolve(self.name, cfg), device=resolve_device(device))
+        self.name = teacher_spec(spec)
+        self.batch_size = int(spec.teacher.batch_size)
+        self.model = SentenceTransformer(_resolve(self.name, spec), device=resolve_device(device))
         # Never longer than the model was built for; teacher.max_length can only shorten it.
         self.model.max_seq_length = min(
-            int(cfg["teacher"]["max_length"]), self.model.max_seq_length
+            int(spec.teacher.max_length), self.model.max_seq_length
         )
         self.dim = int(self.model.get_embedding_dimension())
 
@@ -95,21 +114,21 @@ def mean_pool(hidden: Any, mask: Any) -> Any:
 class MeanPooledLLMTeacher:
     """The LLM's last-layer hidden states mean-pooled over the response's own tokens."""
 
-    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+    def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        spec = teacher_spec(cfg)
-        self.name = f"mean-pooled-llm:{spec}"
-        path = _resolve(spec, cfg)
-        self.batch_size = int(cfg["teacher"]["batch_size"])
-        self.max_length = int(cfg["teacher"]["max_length"])
+        llm = teacher_spec(spec)
+        self.name = f"mean-pooled-llm:{llm}"
+        path = _resolve(llm, spec)
+        self.batch_size = int(spec.teacher.batch_size)
+        self.max_length = int(spec.teacher.max_length)
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # The base model (no LM head): only hidden states are needed.
-        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(str(cfg["model"]["dtype"])))
+        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(str(spec.model.dtype)))
         self.model = self.model.to(self.device).eval()
         self.dim = int(self.model.config.get_text_config().hidden_size)
 
@@ -206,18 +225,18 @@ class LLM2VecTeacher:
     (no instruction), cut at ``teacher.max_length`` tokens, in ``teacher.dtype``.
     """
 
-    def __init__(self, cfg: Mapping[str, Any] | Any, *, device: str = "auto") -> None:
+    def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
         from peft import PeftModel
         from transformers import AutoModel, AutoTokenizer
 
-        adapter = teacher_spec(cfg)
-        second = cfg["teacher"]["adapter"]
+        adapter = teacher_spec(spec)
+        second = spec.teacher.adapter
         self.name = f"llm2vec:{adapter}" + (f"+{second}" if second else "")
-        adapter_path = _resolve(adapter, cfg)
-        base = _resolve(llm2vec_base(adapter_path), cfg)
-        dtype = torch_dtype(str(cfg["teacher"]["dtype"] or cfg["model"]["dtype"]))
-        self.batch_size = int(cfg["teacher"]["batch_size"])
-        self.max_length = int(cfg["teacher"]["max_length"])
+        adapter_path = _resolve(adapter, spec)
+        base = _resolve(llm2vec_base(adapter_path), spec)
+        dtype = torch_dtype(str(spec.teacher.dtype or spec.model.dtype))
+        self.batch_size = int(spec.teacher.batch_size)
+        self.max_length = int(spec.teacher.max_length)
         self.device = resolve_device(device)
         try:  # LLM2Vec adapters ship the tokenizer they were trained with
             self.tokenizer = AutoTokenizer.from_pretrained(adapter_path)
@@ -229,7 +248,7 @@ class LLM2VecTeacher:
         model = make_bidirectional(AutoModel.from_pretrained(base, dtype=dtype))
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
         if second:
-            model = PeftModel.from_pretrained(model, _resolve(str(second), cfg)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, _resolve(str(second), spec)).merge_and_unload()
         make_bidirectional(model)
         self.model = model.to(self.device).eval()
         self.dim = int(self.model.config.get_text_config().hidden_size)
@@ -239,8 +258,9 @@ class LLM2VecTeacher:
         return pooled_embeddings(self, [t.strip() for t in texts], special_tokens=True)
 
 
-def build_teacher(cfg: Mapping[str, Any] | Any) -> Teacher:
-    return TEACHERS.get(str(cfg["teacher"]["kind"]))(cfg, device=str(cfg["model"]["device"]))
+def build_teacher(cfg: TeacherSpec | DictConfig | L2VGConfig) -> Teacher:
+    spec = TeacherSpec.of(cfg)
+    return TEACHERS.get(str(spec.teacher.kind))(spec, device=str(spec.model.device))
 
 
 def _sentence_transformer_dim(folder: Path) -> int | None:
@@ -271,12 +291,13 @@ def _sentence_transformer_dim(folder: Path) -> int | None:
     return None
 
 
-def teacher_dim(cfg: Mapping[str, Any] | Any) -> int:
+def teacher_dim(cfg: TeacherSpec | DictConfig | L2VGConfig) -> int:
     """The teacher's embedding size, read from config files where possible (no weights loaded)."""
-    if cfg["model"]["teacher_dim"]:
-        return int(cfg["model"]["teacher_dim"])
-    kind = str(cfg["teacher"]["kind"])
-    path = Path(_resolve(teacher_spec(cfg), cfg))
+    spec = TeacherSpec.of(cfg)
+    if spec.model.teacher_dim:
+        return int(spec.model.teacher_dim)
+    kind = str(spec.teacher.kind)
+    path = Path(_resolve(teacher_spec(spec), spec))
     if kind == "sentence-transformers":
         dim = _sentence_transformer_dim(path) if path.is_dir() else None
         if dim is not None:
@@ -288,20 +309,19 @@ def teacher_dim(cfg: Mapping[str, Any] | Any) -> int:
     elif kind == "llm2vec":
         from transformers import AutoConfig
 
-        base = _resolve(llm2vec_base(str(path)), cfg)
+        base = _resolve(llm2vec_base(str(path)), spec)
         return int(AutoConfig.from_pretrained(base).get_text_config().hidden_size)
-    return int(build_teacher(cfg).dim)  # an unusual layout: load it once to ask
+    return int(build_teacher(spec).dim)  # an unusual layout: load it once to ask
 
 
 class TeacherStage:
     """``map_batches`` callable: RESPONSE -> TEACHER_EMBEDDING (float32 rows), TEACHER_MODEL."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, spec: TeacherSpec) -> None:
         import torch
 
-        cfg = as_plain_dict(cfg)
-        torch.set_num_threads(cpu_threads(float(cfg["teacher"]["num_cpus_per_actor"])))
-        self.teacher = build_teacher(cfg)
+        torch.set_num_threads(cpu_threads(float(spec.teacher.num_cpus_per_actor)))
+        self.teacher = build_teacher(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
@@ -320,20 +340,21 @@ class TeacherStage:
         return out
 
 
-def teacher_stage_kwargs(cfg: Any) -> dict[str, Any]:
-    """``Dataset.map_batches(TeacherStage, batch_format="numpy", **teacher_stage_kwargs(cfg))``."""
+def teacher_stage_kwargs(cfg: TeacherSpec | DictConfig | L2VGConfig) -> dict[str, Any]:
+    """``Dataset.map_batches(TeacherStage, batch_format="numpy", **teacher_stage_kwargs(cfg))``;
+    the actors get a ``TeacherSpec``."""
     import ray.data
 
-    plain = as_plain_dict(cfg)
-    t = plain["teacher"]
-    TEACHERS.get(str(t["kind"]))  # fail on the driver, before any actor starts
+    spec = TeacherSpec.of(cfg)
+    t = spec.teacher
+    TEACHERS.get(str(t.kind))  # fail on the driver, before any actor starts
     for key in ("num_actors", "batch_size"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"teacher.{key}={t[key]}; it must be >= 1.")
+        if int(getattr(t, key)) < 1:
+            raise ConfigError(f"teacher.{key}={getattr(t, key)}; it must be >= 1.")
     return {
-        "fn_constructor_kwargs": {"cfg": plain},
-        "compute": ray.data.ActorPoolStrategy(size=int(t["num_actors"])),
-        "num_cpus": float(t["num_cpus_per_actor"]),
-        "num_gpus": float(t["num_gpus_per_actor"]),
-        "batch_size": int(t["batch_size"]),
+        "fn_constructor_kwargs": {"spec": spec},
+        "compute": ray.data.ActorPoolStrategy(size=int(t.num_actors)),
+        "num_cpus": float(t.num_cpus_per_actor),
+        "num_gpus": float(t.num_gpus_per_actor),
+        "batch_size": int(t.batch_size),
     }

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from ray import serve
 
-from l2vg_ray.config import ConfigError, ServeConfig, load_config, to_dict
+from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, load_config, typed
 from l2vg_ray.encoders import TextEncoder
 from l2vg_ray.registry import Registry
 from l2vg_ray.serve.http import GuardSettings, install_error_handlers
@@ -61,7 +61,6 @@ from l2vg_ray.serve.protocol import (
     EmbedResult,
     ErrorResponse,
     Fitted,
-    Limits,
     ModelList,
     check_decode_request,
     check_embedding_request,
@@ -77,19 +76,19 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "L2VG_API_KEY"  # the API key when serve.api_key is null
 
 # How a replica turns (cfg) into an encoder; chosen by `serve.loader`.
-EncoderLoader = Callable[[DictConfig], TextEncoder]
+EncoderLoader = Callable[[L2VGConfig], TextEncoder]
 ENCODER_LOADERS: Registry[EncoderLoader] = Registry("serve loader")
 
 
 @ENCODER_LOADERS.register("encoder")
-def _load_with_load_encoder(cfg: DictConfig) -> TextEncoder:
+def _load_with_load_encoder(cfg: L2VGConfig) -> TextEncoder:
     from l2vg_ray.loading import load_encoder
 
     return load_encoder(cfg.serve.model, cfg)
 
 
 @ENCODER_LOADERS.register("sentence-transformers")
-def _load_sentence_transformer(cfg: DictConfig) -> TextEncoder:
+def _load_sentence_transformer(cfg: L2VGConfig) -> TextEncoder:
     from l2vg_ray.encoders import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(str(cfg.serve.model), cache_dir=cfg.cache_dir)
@@ -142,12 +141,11 @@ class EmbeddingModel:
     replicas carry the CPUs/GPUs and autoscale (``serve.min_replicas`` ... ``max_replicas``).
     """
 
-    def __init__(self, cfg: dict, encoder_factory: EncoderLoader | None = None) -> None:
+    def __init__(self, cfg: L2VGConfig, encoder_factory: EncoderLoader | None = None) -> None:
         import torch
 
-        self._cfg = OmegaConf.create(cfg)
-        s = self._cfg.serve
-        self._limits = Limits.from_config(s)
+        self._cfg = cfg
+        self._limits = s = cfg.serve
         self._batching = bool(s.batching)
         self._thread_min_chars = int(s.model_thread_min_chars)
         self._batch_size = int(s.max_batch_size)
@@ -292,11 +290,10 @@ class EmbeddingServer:
     ``EmbeddingModel`` through a deployment handle. A call whose model replica dies is retried
     once (embedding and decoding are idempotent), then answered 503 ``model_unavailable``."""
 
-    def __init__(self, cfg: dict, model: Any) -> None:
-        self._cfg = OmegaConf.create(cfg)
-        s = self._cfg.serve
+    def __init__(self, cfg: L2VGConfig, model: Any) -> None:
+        self._cfg = cfg
+        self._limits = s = cfg.serve
         self._model_name = str(s.model_name)
-        self._limits = Limits.from_config(s)
         self._request_ids = itertools.count()
         self._metrics = ServeMetrics()
         api.state.guard = GuardSettings(
@@ -474,14 +471,17 @@ def build_application(
     if encoder_factory is None:
         ENCODER_LOADERS.get(str(cfg.serve.loader))  # unknown loader: fail here, listing the names
     options = deployment_options(cfg.serve)
-    plain = to_dict(cfg)
-    model = Path(plain["serve"]["model"]).expanduser()
-    if model.exists():  # replicas may run in another working directory
-        plain["serve"]["model"] = str(model.resolve())
+    c = typed(cfg)
+    model = Path(c.serve.model).expanduser()
     # The key travels to the replicas only, never into a saved config.
-    plain["serve"]["api_key"] = plain["serve"].get("api_key") or os.environ.get(API_KEY_ENV) or None
-    model = EmbeddingModel.options(**options).bind(plain, encoder_factory)
-    return EmbeddingServer.options(**ingress_options(cfg.serve)).bind(plain, model)
+    c = dataclasses.replace(c, serve=dataclasses.replace(
+        c.serve,
+        # replicas may run in another working directory
+        model=str(model.resolve()) if model.exists() else c.serve.model,
+        api_key=c.serve.api_key or os.environ.get(API_KEY_ENV) or None,
+    ))
+    model = EmbeddingModel.options(**options).bind(c, encoder_factory)
+    return EmbeddingServer.options(**ingress_options(cfg.serve)).bind(c, model)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -20,7 +20,7 @@ import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -35,6 +35,9 @@ from pydantic import (
     WithJsonSchema,
 )
 from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from l2vg_ray.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +89,6 @@ def error_body(
 ) -> dict:
     """The OpenAI error shape."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (from ``cfg.serve``)."""
-
-    max_items: int = 256
-    max_request_bytes: int = 1_000_000
-    max_tokens_per_text: int = 512
-    truncate: bool = True
-    max_new_tokens: int = 128
-
-    @classmethod
-    def from_config(cls, serve_cfg: Any) -> Limits:
-        return cls(
-            max_items=int(serve_cfg.max_items_per_request),
-            max_request_bytes=int(serve_cfg.max_request_bytes),
-            max_tokens_per_text=int(serve_cfg.max_tokens_per_text),
-            truncate=bool(serve_cfg.truncate),
-            max_new_tokens=int(serve_cfg.max_new_tokens),
-        )
 
 
 # ---------------------------------------------------------------------------- request models
@@ -315,11 +297,11 @@ def check_model(model: str | None, served_model: str) -> str:
     return served_model
 
 
-def check_items(texts: Sequence[str], limits: Limits) -> None:
-    if len(texts) > limits.max_items:
+def check_items(texts: Sequence[str], limits: ServeConfig) -> None:
+    if len(texts) > limits.max_items_per_request:
         raise APIError(
             400,
-            f"'input' has {len(texts)} items, over the limit of {limits.max_items} per "
+            f"'input' has {len(texts)} items, over the limit of {limits.max_items_per_request} per "
             f"request (serve.max_items_per_request). Split it over several requests.",
             param="input",
             code="too_many_items",
@@ -327,7 +309,7 @@ def check_items(texts: Sequence[str], limits: Limits) -> None:
 
 
 def check_embedding_request(
-    req: EmbeddingRequest, *, limits: Limits, served_model: str, dim: int
+    req: EmbeddingRequest, *, limits: ServeConfig, served_model: str, dim: int
 ) -> str:
     """The limits that depend on the server; returns the model name to answer with."""
     check_items(req.input, limits)
@@ -345,7 +327,7 @@ def check_embedding_request(
 
 
 def check_decode_request(
-    req: DecodeRequest, *, limits: Limits, served_model: str
+    req: DecodeRequest, *, limits: ServeConfig, served_model: str
 ) -> tuple[str, int]:
     """Returns (model name, max_new_tokens)."""
     check_items(req.input, limits)
@@ -374,7 +356,7 @@ class Fitted:
     truncated: bool = False
 
 
-def token_budget(encoder: Any, limits: Limits) -> int:
+def token_budget(encoder: Any, limits: ServeConfig) -> int:
     return min(int(limits.max_tokens_per_text), int(encoder.max_input_tokens))
 
 
@@ -383,7 +365,7 @@ def fit_texts(
     texts: Sequence[str],
     instruction: str | None,
     *,
-    limits: Limits,
+    limits: ServeConfig,
     params: Sequence[str] | None = None,
 ) -> list[Fitted | APIError]:
     """Each text within ``token_budget``: kept, cut once (truncate) or an APIError.
@@ -529,7 +511,7 @@ def _embed(
     encoder: Any,
     items: Sequence[EmbedItem],
     *,
-    limits: Limits,
+    limits: ServeConfig,
     max_batch_size: int,
     max_batch_tokens: int,
     normalize: bool,
@@ -571,7 +553,7 @@ def embed_items(
     encoder: Any,
     items: Sequence[EmbedItem],
     *,
-    limits: Limits,
+    limits: ServeConfig,
     max_batch_size: int,
     max_batch_tokens: int,
     normalize: bool,

@@ -25,12 +25,13 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from l2vg_ray.config import ModelConfig, TrainConfig
 from l2vg_ray.encoder.losses import TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
@@ -41,8 +42,25 @@ from l2vg_ray.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection (see trainer.FAULT_ENV): kill this worker process for real.
-FAULT_KEY = "fault"
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a Ray Train worker gets (built and checked once on the driver by
+    ``trainer.run_train``; ``train_loop_config={WORKER_KEY: WorkerConfig(...)}``)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    cache_dir: str
+    plan: BatchPlan
+    total_steps: int
+    teacher_dim: int
+    target_stats: TargetStats | None = None  # the training targets' moments
+    val: ValidationRows | None = None  # held-out rows (rank 0 validates on them)
+    probe: Any = None  # ProbeRows for the ridge-probe reference, or None
+    calibration: tuple[str, ...] = ()  # queries for head_init=calibrated; () = no calibration
+    fault: dict[str, Any] | None = None  # test-only fault injection (trainer.FAULT_ENV)
+
+
+WORKER_KEY = "worker"
 
 
 class TrainableParams(torch.nn.Module):
@@ -60,17 +78,17 @@ class TrainableParams(torch.nn.Module):
         return self.encoder(batch, **weights)
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    if cfg.train.use_gpu:
+def _device(t: TrainConfig) -> torch.device:
+    if t.use_gpu:
         import ray.train.torch
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(t: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU (``train.precision=auto|bf16``), plain fp32 on CPU."""
-    precision = cfg.train.precision
+    precision = t.precision
     if device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if precision == "bf16":
@@ -125,14 +143,12 @@ def _float(x: torch.Tensor | None) -> float:
 
 
 def _references(
-    encoder: Any, config: dict[str, Any], stats: TargetStats | None, val: ValidationRows,
-    batch_size: int,
+    encoder: Any, probe: Any, stats: TargetStats | None, val: ValidationRows, batch_size: int,
 ) -> dict[str, Any]:
     """Zero-vector, mean-vector and ridge-probe references on the held-out rows (once a run)."""
     if stats is None:
         return {}
     refs = validation.trivial_references(stats, torch.tensor(val.teacher))
-    probe = config.get("probe")
     if probe is not None and len(probe):
         refs = validation.probe_reference(
             encoder, refs, probe.queries, probe.teacher, val, batch_size=max(8, batch_size)
@@ -160,24 +176,23 @@ def _val_line(m: dict[str, Any], refs: dict[str, Any]) -> str:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
-    from omegaconf import OmegaConf
 
     from l2vg_ray.encoder import L2VGEncoder
 
-    cfg = OmegaConf.create(config["cfg"])
-    t = cfg.train
-    plan = BatchPlan(*config["plan"])
-    total_steps: int = config["total_steps"]
+    job: WorkerConfig = config[WORKER_KEY]
+    t = job.train
+    plan = job.plan
+    total_steps = job.total_steps
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    device = _device(cfg)
+    device = _device(t)
 
     # Same seed on every rank: identical initial trainable tensors (DDP also broadcasts rank 0's).
     # model.gradient_checkpointing is applied by the encoder itself.
     ckpt.seed_everything(t.seed)
     encoder = L2VGEncoder.from_config(
-        cfg.model, cache_dir=cfg.cache_dir, device=str(device), teacher_dim=config["teacher_dim"]
+        job.model, cache_dir=job.cache_dir, device=str(device), teacher_dim=job.teacher_dim
     )
     params = encoder.trainable_parameters()
     optimizer = build_optimizer(
@@ -191,12 +206,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = ckpt.TrainState()
     ckpt.seed_everything(t.seed + 1000 + rank)  # per-worker streams from here on
 
-    stats = TargetStats.from_lists(config["target_stats"]) if config.get("target_stats") else None
+    stats = job.target_stats
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("calibration"):
+    if checkpoint is None and job.calibration:
         # A fresh run: same queries and model on every rank -> the same calibrated heads.
         scales = encoder.calibrate_heads(
-            config["calibration"],
+            list(job.calibration),
             target_mean=stats.mean if stats is not None else None,
             target_std=math.sqrt(stats.mean_vector_mse) if stats is not None else None,
         )
@@ -244,9 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "align_loss": str(t.align_loss),
         "target_stats": stats.to(device) if stats is not None else None,
     }
-    val_rows: ValidationRows | None = config.get("val")
+    val_rows = job.val
     if rank == 0 and val_rows is not None and len(val_rows) and not state.references:
-        state.references = _references(encoder, config, stats, val_rows, plan.micro_batch)
+        state.references = _references(encoder, job.probe, stats, val_rows, plan.micro_batch)
         state.history.append({"step": 0, **_validate(encoder, val_rows, plan.micro_batch, weights)})
         log.info("step 0: %s", _val_line(state.history[-1], state.references))
     encoder.train()
@@ -266,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = micro == plan.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
             with sync:
-                with _autocast(cfg, device):
+                with _autocast(t, device):
                     out = model(batch, **weights)
                 (out.loss / plan.grad_accum_steps).backward()
             sums += torch.tensor(
@@ -314,7 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         last_ckpt = (state.step - 1) // t.checkpoint_every * t.checkpoint_every
         _maybe_fault(
-            config.get(FAULT_KEY), step=state.step, rank=rank,
+            job.fault, step=state.step, rank=rank,
             last_checkpoint=_checkpoint_name(last_ckpt) if last_ckpt > 0 else None,
         )
         if state.step % t.checkpoint_every == 0 or state.step == total_steps:

@@ -27,13 +27,13 @@ from omegaconf import DictConfig
 if TYPE_CHECKING:
     import ray.train
 
-from l2vg_ray.config import ConfigError, to_dict, validate
+from l2vg_ray.config import ConfigError, typed, validate
 from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
 from l2vg_ray.tracking import check_tracking, log_training, tracked
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
 from l2vg_ray.train.batching import plan_batches, total_steps
-from l2vg_ray.train.loop import FAULT_KEY, train_loop_per_worker
+from l2vg_ray.train.loop import WORKER_KEY, WorkerConfig, train_loop_per_worker
 from l2vg_ray.train.metrics import plot_curves, write_metrics_csv
 from l2vg_ray.train.schedule import SCHEDULERS
 from l2vg_ray.train.state import SNAPSHOT_FILE
@@ -171,17 +171,22 @@ def run_train(cfg: DictConfig) -> dict:
         resources["GPU"] = float(t.gpus_per_worker or 1.0)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker on every (re)start
-    loop_config = {
-        "cfg": to_dict(cfg),
-        "plan": (plan.global_batch, plan.num_workers, plan.grad_accum_steps),
-        "total_steps": steps,
-        "teacher_dim": teacher_dim,
-        "target_stats": stats.as_lists(),
-        "val": val_rows,
-        "probe": probe.head(int(t.probe_rows)),
-        "calibration": probe.queries[: int(t.calibration_rows)] if t.head_init == "calibrated" else [],
-        FAULT_KEY: fault_from_env(),
-    }
+    c = typed(cfg)
+    worker = WorkerConfig(
+        model=c.model,
+        train=c.train,
+        cache_dir=c.cache_dir,
+        plan=plan,
+        total_steps=steps,
+        teacher_dim=teacher_dim,
+        target_stats=stats,
+        val=val_rows,
+        probe=probe.head(int(t.probe_rows)),
+        calibration=tuple(probe.queries[: int(t.calibration_rows)])
+        if t.head_init == "calibrated" else (),
+        fault=fault_from_env(),
+    )
+    loop_config = {WORKER_KEY: worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

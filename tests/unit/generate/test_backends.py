@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.config import ConfigError, GenerateConfig, ModelConfig, QueryConfig
 from l2vg_ray.generate import backends
 from l2vg_ray.generate.backends import (
     GENERATION_BACKENDS,
@@ -28,7 +28,7 @@ from l2vg_ray.testing import TINY_QUERIES
 @pytest.fixture(scope="module")
 def greedy_backend(tiny_generator_llm_dir):
     return TransformersBackend(
-        str(tiny_generator_llm_dir), gen={"max_tokens": 10}, dtype="float32", device="cpu"
+        str(tiny_generator_llm_dir), gen=GenerateConfig(max_tokens=10), dtype="float32", device="cpu"
     )
 
 
@@ -65,12 +65,12 @@ def test_chat_template_kwargs_reach_the_template_in_both_engines(tiny_generator_
     assert not plain[0].endswith("<think></think>") and off[0].endswith("<think></think>")
     # Both engines build their prompts through build_chat_prompts with the settings' kwargs.
     settings = backends.GenerationSettings.from_config(
-        {"chat_template_kwargs": {"enable_thinking": False}}
+        GenerateConfig(chat_template_kwargs={"enable_thinking": False})
     )
     assert settings.template_kwargs == {"enable_thinking": False}
     assert json.loads(settings.to_json())["chat_template_kwargs"] == {"enable_thinking": False}
     backend = TransformersBackend(
-        str(tiny_generator_llm_dir), gen={"max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}},
+        str(tiny_generator_llm_dir), gen=GenerateConfig(max_tokens=2, chat_template_kwargs={"enable_thinking": False}),
         device="cpu",
     )
     backend.tokenizer.chat_template = THINKING_TEMPLATE
@@ -90,9 +90,9 @@ def test_default_settings_keep_the_old_sampling_params_json():
         "max_tokens": 256, "seed": 0, "system_prompt": None, "temperature": 0.0, "top_p": 1.0,
     }
     with pytest.raises(ConfigError, match="generate.sampling"):
-        backends.GenerationSettings.from_config({"sampling": "auto"})
+        backends.GenerationSettings.from_config(GenerateConfig(sampling="auto"))
     with pytest.raises(ConfigError, match="top_k"):
-        backends.GenerationSettings.from_config({"top_k": -1})
+        backends.GenerationSettings.from_config(GenerateConfig(top_k=-1))
 
 
 def test_model_sampling_uses_the_generation_config_and_explicit_ignores_it(
@@ -107,9 +107,9 @@ def test_model_sampling_uses_the_generation_config_and_explicit_ignores_it(
     gc = GenerationConfig.from_pretrained(model_dir)
     gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 1.5, 50, 1.0
     gc.save_pretrained(model_dir)
-    model = TransformersBackend(str(model_dir), gen={"max_tokens": 10, "sampling": "model", "seed": 1},
+    model = TransformersBackend(str(model_dir), gen=GenerateConfig(max_tokens=10, sampling="model", seed=1),
                                 device="cpu")
-    explicit = TransformersBackend(str(model_dir), gen={"max_tokens": 10}, device="cpu")
+    explicit = TransformersBackend(str(model_dir), gen=GenerateConfig(max_tokens=10), device="cpu")
     first = model.generate(TINY_QUERIES[:4])
     assert model.generate(TINY_QUERIES[:4]) == first  # seeded per call
     assert first != greedy_backend.generate(TINY_QUERIES[:4])  # the file's sampling ran
@@ -122,15 +122,15 @@ def test_precomputed_backend_returns_the_sources_responses(tmp_path, tiny_llm_di
     rows = [{"question": " What is rain? ", "answer": "Water falling from clouds."},
             {"question": "Who wrote Hamlet?", "answer": "Shakespeare."}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    gen = {"max_tokens": 8, "response_column": "answer",
-           "queries": {"source": "file", "path": str(path), "column": "question"}}
+    gen = GenerateConfig(max_tokens=8, response_column="answer",
+                         queries=QueryConfig(source="file", path=str(path), column="question"))
     backend = backends.PrecomputedBackend(str(tiny_llm_dir), gen=gen, cache_dir=str(tmp_path))
     out = backend.generate(["Who wrote Hamlet?", "What is rain?"])
     assert [g.text for g in out] == ["Shakespeare.", "Water falling from clouds."]
     assert all(g.n_tokens > 0 for g in out)
     with pytest.raises(ValueError, match="no precomputed response"):
         backend.generate(["Something else?"])
-    gen["response_column"] = "response"
+    gen.response_column = "response"
     with pytest.raises(ValueError, match=r"no column\(s\) \['response'\]"):
         backends.PrecomputedBackend(str(tiny_llm_dir), gen=gen, cache_dir=str(tmp_path))
 
@@ -170,7 +170,7 @@ def test_greedy_is_deterministic_and_batch_size_invariant(greedy_backend):
 
 
 def test_seeded_sampling_repeats_and_differs_from_greedy(tiny_generator_llm_dir, greedy_backend):
-    gen = {"max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 3}
+    gen = GenerateConfig(max_tokens=10, temperature=1.0, top_p=0.9, seed=3)
     sampler = TransformersBackend(str(tiny_generator_llm_dir), gen=gen, device="cpu")
     first = sampler.generate(TINY_QUERIES[:4])
     assert sampler.generate(TINY_QUERIES[:4]) == first
@@ -178,7 +178,7 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(tiny_generator_llm_dir,
 
 
 def test_generate_stage_adds_the_generation_columns(gen_config):
-    stage = GenerateStage(to_dict(gen_config))
+    stage = GenerateStage(**generate_stage_kwargs(gen_config)["fn_constructor_kwargs"])
     queries = TINY_QUERIES[:3]
     ids = [schema.query_id(q) for q in queries]
     out = stage(
@@ -215,8 +215,10 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
     assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
     assert (kw["compute"].min_size, kw["compute"].max_size) == (3, 3)
     assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2.0, 1.0, 4)
-    cfg = kw["fn_constructor_kwargs"]["cfg"]
-    assert type(cfg) is dict and cfg["generate"]["output_dir"].endswith("out/data")  # resolved
+    ctor = kw["fn_constructor_kwargs"]
+    assert set(ctor) == {"model", "generate", "cache_dir"}
+    assert isinstance(ctor["generate"], GenerateConfig) and isinstance(ctor["model"], ModelConfig)
+    assert ctor["generate"].output_dir.endswith("out/data")  # typed and resolved
 
     tiny_config.generate.tensor_parallel_size = 2
     with pytest.raises(ConfigError, match="num_gpus_per_actor=2"):
@@ -239,14 +241,14 @@ def test_backend_names_resolve_and_unknown_ones_list_the_known(monkeypatch):
 def test_vllm_backend_without_vllm_says_how_to_install(tiny_llm_dir, monkeypatch):
     monkeypatch.setattr(backends, "vllm_platform", lambda: None)
     with pytest.raises(ConfigError, match="make vllm-env"):
-        backends.VLLMBackend(str(tiny_llm_dir), gen={})
+        backends.VLLMBackend(str(tiny_llm_dir), gen=GenerateConfig())
 
 
 def test_bad_sampling_settings_are_config_errors():
     with pytest.raises(ConfigError, match="top_p"):
-        backends.GenerationSettings.from_config({"top_p": 0})
+        backends.GenerationSettings.from_config(GenerateConfig(top_p=0))
     with pytest.raises(ConfigError, match="temperature"):
-        backends.GenerationSettings.from_config({"temperature": -1})
+        backends.GenerationSettings.from_config(GenerateConfig(temperature=-1))
 
 
 def test_importing_the_stage_modules_pulls_no_engine():

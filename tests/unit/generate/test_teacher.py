@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.config import ConfigError
 from l2vg_ray.generate.teacher import (
     TEACHERS,
+    TeacherSpec,
     TeacherStage,
     build_teacher,
     mean_pool,
@@ -30,7 +31,7 @@ def test_mean_pool_averages_only_masked_positions():
 
 
 def test_teacher_stage_gives_float32_rows(tiny_config):
-    stage = TeacherStage(to_dict(tiny_config))
+    stage = TeacherStage(**teacher_stage_kwargs(tiny_config)["fn_constructor_kwargs"])
     batch = {
         schema.ID: np.array(["a", "b", "c", "d"], dtype=object),
         schema.RESPONSE: np.array(TEXTS, dtype=object),
@@ -94,7 +95,8 @@ def test_teacher_stage_kwargs_describe_the_actor_pool(tiny_config):
     assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
     assert (kw["compute"].min_size, kw["compute"].max_size) == (2, 2)
     assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (1.0, 0.5, 4)
-    assert type(kw["fn_constructor_kwargs"]["cfg"]) is dict
+    spec = kw["fn_constructor_kwargs"]["spec"]
+    assert isinstance(spec, TeacherSpec) and spec.teacher.num_actors == 2  # typed, resolved
     tiny_config.teacher.batch_size = 0
     with pytest.raises(ConfigError, match="teacher.batch_size=0"):
         teacher_stage_kwargs(tiny_config)

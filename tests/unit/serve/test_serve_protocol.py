@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from l2vg_ray.config import ServeConfig
 from l2vg_ray.serve.protocol import (
     APIError,
     DecodeRequest,
     EmbeddingRequest,
     EmbedItem,
     Fitted,
-    Limits,
     check_decode_request,
     check_embedding_request,
     decode_base64,
@@ -26,8 +26,8 @@ from l2vg_ray.serve.protocol import (
     plan_batches,
 )
 
-LIMITS = Limits(
-    max_items=4, max_request_bytes=200, max_tokens_per_text=5, truncate=True, max_new_tokens=16
+LIMITS = ServeConfig(
+    max_items_per_request=4, max_request_bytes=200, max_tokens_per_text=5, truncate=True, max_new_tokens=16
 )
 
 
@@ -248,7 +248,7 @@ def test_fit_texts_truncates_once_and_counts_the_instruction():
 
 def test_fit_texts_without_truncation_is_413():
     enc = _WordEncoder()
-    limits = Limits(max_items=4, max_tokens_per_text=5, truncate=False)
+    limits = ServeConfig(max_items_per_request=4, max_tokens_per_text=5, truncate=False)
     out = fit_texts(enc, ["a b", "one two three four five six"], None, limits=limits)
     assert out[0] == Fitted("a b", 3)
     assert isinstance(out[1], APIError) and (out[1].status, out[1].param) == (413, "input[1]")
@@ -299,7 +299,7 @@ def test_a_failing_request_fails_alone_in_its_batch():
 
 def test_over_limit_texts_fail_only_their_request_and_are_never_encoded():
     enc = _WordEncoder()
-    limits = Limits(max_items=4, max_tokens_per_text=4, truncate=False)
+    limits = ServeConfig(max_items_per_request=4, max_tokens_per_text=4, truncate=False)
     items = _items((0, 0, "a b", None), (1, 2, "one two three four five six", None))
     out = embed_items(
         enc, items, limits=limits, max_batch_size=8, max_batch_tokens=100, normalize=False

@@ -48,7 +48,7 @@ def test_ddp_holds_and_syncs_only_the_trainable_tensors(encoder, tmp_path):
 
 def test_precision_choice(tiny_config):
     cpu = torch.device("cpu")
-    assert isinstance(_autocast(tiny_config, cpu), contextlib.nullcontext)  # auto on CPU: fp32
+    assert isinstance(_autocast(tiny_config.train, cpu), contextlib.nullcontext)  # auto on CPU: fp32
     tiny_config.train.precision = "bf16"
-    ctx = _autocast(tiny_config, cpu)
+    ctx = _autocast(tiny_config.train, cpu)
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
