@@ -455,10 +455,12 @@ def main() -> None:
         choices=["peer", "ray", "infinity"],
     )
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--output", default=str(RESULTS), help="the JSON file to write")
     p.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if Path(args.output).is_dir():  # fail now, not after the whole run
+        p.error(f"--output {args.output!r} is a folder; give the JSON file (e.g. {RESULTS}).")
     global SENTENCES_PER_TEXT
     SENTENCES_PER_TEXT = args.sentences_per_text
     if args.peer_server:
