@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
     args = p.parse_args()
 
-    from l2vg_ray.generate.pipeline import package_versions
+    from l2vg_ray.dataset import package_versions
     from l2vg_ray.models.resolver import packaged_encoder_dir
 
     run = Path(args.run)

@@ -192,16 +192,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
-    if result is not None and args.command == "run":
-        # The pipeline printed its summary; the whole result goes to a file, not the log.
-        path = Path(str(cfg.output_dir)) / "pipeline_result.json"
+    if result is not None:
+        # The stage logged its summary; the whole result goes to a file, not the log.
+        name = "pipeline" if args.command == "run" else args.command
+        path = Path(str(cfg.output_dir)) / f"{name}_result.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str))
         print(f"  result: {path}", flush=True)
-        if not result.get("ok", True):  # a stage failed: fail the job, a rerun retries it
-            return 1
-    elif result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        if args.command == "run" and not result.get("ok", True):
+            return 1  # a stage failed: fail the job, a rerun retries it
     return 0
 
 

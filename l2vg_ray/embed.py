@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, L2VGConfig, to_dict, typed
-from l2vg_ray.generate.pipeline import OutputDir, ShardWriter, package_versions, read_done_ids
+from l2vg_ray.dataset import OutputDir, ShardWriter, package_versions, read_done_ids
 from l2vg_ray.ray_utils import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,11 @@ class EmbedStage:
     """``map_batches`` callable: (id, text) -> (id, [text], embedding). One encoder per actor."""
 
     def __init__(self, cfg: L2VGConfig) -> None:
-        import torch
-
-        from l2vg_ray.generate.backends import cpu_threads
         from l2vg_ray.loading import load_encoder
+        from l2vg_ray.torch_utils import set_threads
 
         e = cfg.embed
-        torch.set_num_threads(cpu_threads(float(e.num_cpus_per_actor)))
+        set_threads(e.num_cpus_per_actor)
         self.encoder = load_encoder(str(e.model), cfg)
         self.fingerprint = self.encoder.fingerprint()
         self.instruction = e.instruction or None

@@ -10,21 +10,38 @@ import time
 log = logging.getLogger(__name__)
 
 
-def quiet_ray_train_logs() -> None:
-    """Worker setup hook for the local cluster: drop two Ray Train log lines that drown the log.
+# Ray's own INFO lines that say nothing a user acts on (the stages log one progress line each and
+# a summary), kept in Ray's log files: logger -> the lowest level that still reaches the console.
+QUIET_LOGGERS = {
+    # Train v2's placement-group cleaner polls the State API, which needs the dashboard that a
+    # local cluster here runs without: "Failed to query Ray Train Controller actor state" every
+    # few seconds for the whole run.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # (Train's other INFO lines: RunConfig(logging_config=LoggingConfig("WARNING")), trainer.py)
+    # "Dataset ... execution finished in N seconds", and the notice that progress bars are off
+    # (we turned them off: quiet_ray_data_progress)
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    "ray.data._internal.progress": logging.ERROR,
+}
+# Progress bars of the libraries the stages call (transformers' "Loading weights", datasets'
+# map, mteb's tqdm loops), printed once per actor and task: off unless the environment says.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
 
-    - Train v2 logs every ``ray.train.report`` call at INFO ("Reporting training result N: ..."
-      with the whole metrics dict), several lines a minute on top of our own progress line;
-    - its placement-group cleaner polls the State API, which needs the dashboard that a local
-      cluster here runs without, and warns "Failed to query Ray Train Controller actor state"
-      every few seconds for the whole run.
+
+def quiet_ray_logs() -> None:
+    """Worker setup hook (and the driver's own call): ``QUIET_LOGGERS`` to their levels.
+
+    Train v2 also logs every ``ray.train.report`` call at INFO ("Reporting training result N:
+    ..." with the whole metrics dict) from a module that names its logger by its file path.
     """
     import ray
 
-    logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).setLevel(logging.ERROR)
-    # That module names its logger by its file path.
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     context = os.path.join(
         os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"
     )
@@ -82,9 +99,12 @@ def init_ray(cluster_cfg, **kwargs) -> None:
     # Variables already in this process's environment are left out: inside a Ray job the job's
     # runtime_env set them (`l2vg submit` passes cluster.env_vars there), and ray.init rejects a
     # runtime_env that repeats a key of the job's.
-    env_vars = {
-        str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items() if os.environ.get(k) != str(v)
+    wanted = {
+        **{k: v for k, v in QUIET_ENV.items() if k not in os.environ},
+        **{str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items()},
     }
+    env_vars = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
+    os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})  # the driver
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
         log.info("Connecting to the Ray cluster at %s", address)
@@ -93,9 +113,9 @@ def init_ray(cluster_cfg, **kwargs) -> None:
         log.info("Starting a local Ray cluster in-process (num_cpus=%s)", cluster_cfg.num_cpus)
         runtime_env = {
             **(runtime_env or {}),
-            "worker_process_setup_hook": f"{__name__}.quiet_ray_train_logs",
+            "worker_process_setup_hook": f"{__name__}.quiet_ray_logs",
         }
-        quiet_ray_train_logs()
+        quiet_ray_logs()
         ray.init(
             address="local",
             num_cpus=cluster_cfg.num_cpus,

@@ -90,6 +90,20 @@ def makedirs(path: str) -> None:
     fs.create_dir(p, recursive=True)
 
 
+def is_file(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def open_input(path: str):
+    """A binary, seekable file object: the builtin ``open`` for local paths (what pandas and
+    ``io.TextIOWrapper`` read best), the filesystem's random-access file for URIs."""
+    if not is_uri(path):
+        return open(absolute(path), "rb")
+    fs, p = filesystem(path)
+    return fs.open_input_file(p)
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:

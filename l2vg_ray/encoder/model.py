@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from l2vg_ray.config import ModelConfig
+from l2vg_ray.config import ModelConfig, check_model
 from l2vg_ray.encoder.losses import (
     IGNORE_INDEX,
     TargetStats,
@@ -44,12 +44,12 @@ from l2vg_ray.encoder.losses import (
     reconstruction_loss,
 )
 from l2vg_ray.encoders import ENCODER_CONFIG_FILE, with_instruction
+from l2vg_ray.torch_utils import resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
 FORMAT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Seed of the trainable tensors' initialisation: every worker builds identical initial weights.
 _INIT_SEED = 0
 
@@ -89,32 +89,10 @@ def as_model_config(model_cfg: Any) -> ModelConfig:
                 f"Unknown model config keys {unknown}; valid keys are {sorted(known)}."
             )
         cfg = ModelConfig(**dict(model_cfg))
-    if cfg.n_compression < 1:
-        raise ValueError(f"model.n_compression must be >= 1, got {cfg.n_compression}.")
-    if cfg.n_thought < 0:
-        raise ValueError(f"model.n_thought must be >= 0, got {cfg.n_thought}.")
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype={cfg.dtype!r}; use one of {sorted(_DTYPES)}.")
-    if cfg.max_length <= cfg.n_thought + cfg.n_compression:
-        raise ValueError(
-            f"model.max_length={cfg.max_length} leaves no room for a query after "
-            f"{cfg.n_thought + cfg.n_compression} special tokens; raise it."
-        )
-    if cfg.max_response_length < 1:
-        raise ValueError(
-            f"model.max_response_length must be >= 1 (room for eos), got {cfg.max_response_length}."
-        )
+    check_model(cfg)
     return cfg
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """``auto`` (or None) -> cuda when available, else cpu; anything else as torch understands it."""
-    if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"Unknown device {spec!r}; use auto, cpu, cuda or cuda:N.") from None
 
 
 def special_token_strings(n_thought: int, n_compression: int) -> list[str]:
@@ -278,7 +256,7 @@ class L2VGEncoder(nn.Module):
             teacher_dim = teacher_dimension(cfg.teacher, cache_dir=cache_dir)
         path = resolve_model(cfg.llm, cache_dir=cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype))
         llm.to(dev)
         return cls(cfg, llm, tokenizer, teacher_dim=int(teacher_dim))
 

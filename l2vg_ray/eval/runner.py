@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from l2vg_ray.config import L2VGConfig, typed
+from l2vg_ray.torch_utils import cpu_threads
 from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -
             batch_size=int(e.batch_size),
             max_docs=int(e.max_docs),
             seed=int(e.seed),
-            num_threads=max(1, math.floor(float(e.num_cpus_per_task))),
+            num_threads=cpu_threads(e.num_cpus_per_task),
             instructions=str(e.instructions),
             max_length=int(e.max_length) if e.max_length is not None else None,
         )

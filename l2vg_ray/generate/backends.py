@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, GenerateConfig, L2VGConfig, ModelConfig, typed
 from l2vg_ray.registry import Registry
+from l2vg_ray.torch_utils import load_tokenizer, resolve_device, set_threads, torch_dtype
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -222,38 +222,10 @@ def decode_generation(
     return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), tuple(ids))
 
 
-def load_tokenizer(model_path: str) -> Any:
-    """The model's tokenizer, left-padded, with a pad token (EOS when the model has none)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible (Ray hides GPUs an actor did not ask for), else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"model.device={device!r} but no CUDA device is visible here. Use model.device=auto "
-            "or cpu, or give the stage GPUs (generate.num_gpus_per_actor)."
-        )
-    return device
 
 
-def torch_dtype(dtype: str) -> Any:
-    import torch
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"model.dtype={dtype!r}; use one of {sorted(dtypes)}.")
-    return dtypes[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,9 +470,6 @@ def build_backend(
 # Ray Data wrapper.
 
 
-def cpu_threads(num_cpus: float) -> int:
-    """Torch threads for an actor holding ``num_cpus`` of Ray's CPUs (at least one)."""
-    return max(1, math.floor(num_cpus))
 
 
 def column_to_list(batch: Mapping[str, Any], column: str) -> list:
@@ -513,9 +482,7 @@ class GenerateStage:
     GENERATOR_MODEL, SAMPLING_PARAMS. Holds one engine per actor across batches."""
 
     def __init__(self, model: ModelConfig, generate: GenerateConfig, cache_dir: str) -> None:
-        import torch
-
-        torch.set_num_threads(cpu_threads(float(generate.num_cpus_per_actor)))
+        set_threads(generate.num_cpus_per_actor)
         self.backend = build_backend(model, generate, cache_dir)
         self.generator_model = str(model.llm)
         self.sampling_params = GenerationSettings.from_config(generate).to_json()

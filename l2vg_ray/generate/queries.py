@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from l2vg_ray import storage
 from l2vg_ray.config import ConfigError
 from l2vg_ray.registry import Registry
 
@@ -225,27 +226,11 @@ def _token_counter(tokenizer: Any) -> Callable[[list[str]], list[int]] | None:
 # Local files (JSONL / JSON / Parquet / CSV / TSV), local paths or URIs
 
 
-def _open_binary(path: str):
-    """A binary file object for a local path or a pyarrow-filesystem URI."""
-    if "://" in path:
-        from pyarrow import fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        return filesystem.open_input_file(inner)
-    return open(path, "rb")
-
-
 def _check_exists(path: str) -> None:
-    if "://" in path:
-        from pyarrow import fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        if filesystem.get_file_info(inner).type != pafs.FileType.File:
-            raise FileNotFoundError(f"Query file {path!r} does not exist. Check generate.queries.path.")
-    elif not Path(path).is_file():
+    if not storage.is_file(path):
+        where = "" if storage.is_uri(path) else f" (working dir {Path.cwd()})"
         raise FileNotFoundError(
-            f"Query file {path!r} does not exist (working dir {Path.cwd()}). "
-            f"Check generate.queries.path."
+            f"Query file {path!r} does not exist{where}. Check generate.queries.path."
         )
 
 
@@ -280,7 +265,7 @@ def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
 
 def _read_jsonl(path: str, column: str) -> list[Any]:
     values: list[Any] = []
-    with _open_binary(path) as raw:
+    with storage.open_input(path) as raw:
         stream = io.TextIOWrapper(raw, encoding="utf-8")
         for lineno, line in enumerate(stream, start=1):
             if not line.strip():
@@ -313,7 +298,7 @@ def _read_jsonl(path: str, column: str) -> list[Any]:
 
 
 def _read_json_array(path: str, column: str) -> list[Any]:
-    with _open_binary(path) as f:
+    with storage.open_input(path) as f:
         data = f.read()
     if not data.strip():
         return []
@@ -343,7 +328,7 @@ def _read_json_array(path: str, column: str) -> list[Any]:
 def _read_parquet(path: str, column: str) -> list[Any]:
     import pyarrow.parquet as pq
 
-    with _open_binary(path) as f:
+    with storage.open_input(path) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if column not in names:
@@ -355,7 +340,7 @@ def _read_parquet(path: str, column: str) -> list[Any]:
 
 
 def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
-    with _open_binary(path) as raw:
+    with storage.open_input(path) as raw:
         stream = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         reader = csv.DictReader(stream, delimiter=delimiter)
         header = reader.fieldnames
@@ -658,7 +643,7 @@ def read_pairs(qcfg: DictConfig, cache_dir: Path, response_column: str) -> dict[
         path = str(qcfg.path or "")
         _check_exists(path)
         lower = path.lower()
-        with _open_binary(path) as f:
+        with storage.open_input(path) as f:
             if lower.endswith(".parquet"):
                 df = pd.read_parquet(f)
             elif lower.endswith((".jsonl", ".ndjson")):

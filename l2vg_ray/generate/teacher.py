@@ -25,13 +25,9 @@ import numpy as np
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, L2VGConfig, ModelConfig, TeacherConfig, typed
-from l2vg_ray.generate.backends import (
-    column_to_list,
-    cpu_threads,
-    resolve_device,
-    torch_dtype,
-)
+from l2vg_ray.generate.backends import column_to_list
 from l2vg_ray.registry import Registry
+from l2vg_ray.torch_utils import load_tokenizer, resolve_device, set_threads, torch_dtype
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -84,89 +80,39 @@ class SentenceTransformerTeacher:
     """A sentence-transformers model; its own modules decide pooling and normalisation."""
 
     def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
-        from sentence_transformers import SentenceTransformer
+        from l2vg_ray.encoders import SentenceTransformerEncoder
 
         self.name = teacher_spec(spec)
         self.batch_size = int(spec.teacher.batch_size)
-        self.model = SentenceTransformer(_resolve(self.name, spec), device=resolve_device(device))
-        # Never longer than the model was built for; teacher.max_length can only shorten it.
-        self.model.max_seq_length = min(
-            int(spec.teacher.max_length), self.model.max_seq_length
+        self.encoder = SentenceTransformerEncoder(
+            self.name, cache_dir=spec.cache_dir, device=str(resolve_device(device)),
+            max_seq_length=int(spec.teacher.max_length),  # can only shorten the model's own
         )
-        self.dim = int(self.model.get_embedding_dimension())
+        self.model, self.dim = self.encoder.model, self.encoder.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
-        return np.asarray(out, dtype=np.float32)
-
-
-def mean_pool(hidden: Any, mask: Any) -> Any:
-    """Mean of ``hidden`` (B, T, H) over positions where ``mask`` (B, T) is 1; zeros if none."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return self.encoder.encode(list(texts), batch_size=self.batch_size)
 
 
 @TEACHERS.register("mean-pooled-llm")
 class MeanPooledLLMTeacher:
-    """The LLM's last-layer hidden states mean-pooled over the response's own tokens."""
+    """The LLM's last-layer hidden states mean-pooled over the response's own tokens (BOS/EOS
+    attend but are not averaged)."""
 
     def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from l2vg_ray.encoders import PooledLLMEncoder
 
         llm = teacher_spec(spec)
         self.name = f"mean-pooled-llm:{llm}"
-        path = _resolve(llm, spec)
         self.batch_size = int(spec.teacher.batch_size)
-        self.max_length = int(spec.teacher.max_length)
-        self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # The base model (no LM head): only hidden states are needed.
-        self.model = AutoModel.from_pretrained(path, dtype=torch_dtype(str(spec.model.dtype)))
-        self.model = self.model.to(self.device).eval()
-        self.dim = int(self.model.config.get_text_config().hidden_size)
+        self.encoder = PooledLLMEncoder.load(
+            _resolve(llm, spec), name=self.name, device=device, dtype=str(spec.model.dtype),
+            max_length=int(spec.teacher.max_length), special_tokens="exclude",
+        )
+        self.model, self.tokenizer, self.dim = self.encoder.model, self.encoder.tokenizer, self.encoder.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        # Response tokens only: BOS/EOS (and padding) carry no content of the response.
-        return pooled_embeddings(self, texts, special_tokens=False)
-
-
-def pooled_embeddings(teacher: Any, texts: list[str], *, special_tokens: bool) -> np.ndarray:
-    """``teacher.model``'s last hidden states mean-pooled per text, float32 (N, teacher.dim).
-
-    Texts go in length-sorted chunks of ``teacher.batch_size`` (less padding), cut at
-    ``teacher.max_length`` tokens; rows come back in input order. ``special_tokens``: whether
-    BOS/EOS count in the mean (LLM2Vec's pooling) or only the text's own tokens do.
-    """
-    import torch
-
-    out = np.zeros((len(texts), teacher.dim), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(order), teacher.batch_size):
-        idx = order[start : start + teacher.batch_size]
-        enc = teacher.tokenizer(
-            [texts[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=teacher.max_length,
-            return_special_tokens_mask=True,
-            return_tensors="pt",
-        )
-        special = enc.pop("special_tokens_mask")
-        enc = enc.to(teacher.device)
-        with torch.inference_mode():
-            hidden = teacher.model(**enc).last_hidden_state
-        mask = enc["attention_mask"]
-        if not special_tokens:
-            mask = mask * (1 - special.to(teacher.device))
-        out[idx] = mean_pool(hidden.float(), mask).cpu().numpy()
-    return out
+        return self.encoder.encode(list(texts), batch_size=self.batch_size)
 
 
 def make_bidirectional(model: Any) -> Any:
@@ -227,35 +173,35 @@ class LLM2VecTeacher:
 
     def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
         from peft import PeftModel
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        from l2vg_ray.encoders import PooledLLMEncoder
 
         adapter = teacher_spec(spec)
         second = spec.teacher.adapter
         self.name = f"llm2vec:{adapter}" + (f"+{second}" if second else "")
         adapter_path = _resolve(adapter, spec)
         base = _resolve(llm2vec_base(adapter_path), spec)
-        dtype = torch_dtype(str(spec.teacher.dtype or spec.model.dtype))
+        dtype_name = str(spec.teacher.dtype or spec.model.dtype)
         self.batch_size = int(spec.teacher.batch_size)
-        self.max_length = int(spec.teacher.max_length)
-        self.device = resolve_device(device)
         try:  # LLM2Vec adapters ship the tokenizer they were trained with
-            self.tokenizer = AutoTokenizer.from_pretrained(adapter_path)
+            tokenizer = load_tokenizer(adapter_path, padding_side="left")  # as the official collator
         except (OSError, ValueError):
-            self.tokenizer = AutoTokenizer.from_pretrained(base)
-        self.tokenizer.padding_side = "left"  # as the official teacher collator
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = make_bidirectional(AutoModel.from_pretrained(base, dtype=dtype))
+            tokenizer = load_tokenizer(base, padding_side="left")
+        model = make_bidirectional(AutoModel.from_pretrained(base, dtype=torch_dtype(dtype_name)))
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
         if second:
             model = PeftModel.from_pretrained(model, _resolve(str(second), spec)).merge_and_unload()
         make_bidirectional(model)
-        self.model = model.to(self.device).eval()
-        self.dim = int(self.model.config.get_text_config().hidden_size)
+        # Every real token counts, BOS included (the official teacher's pooling).
+        self.encoder = PooledLLMEncoder(
+            model.to(resolve_device(device)), tokenizer, spec=self.name, name=self.name,
+            max_length=int(spec.teacher.max_length), special_tokens="include", dtype=dtype_name,
+        )
+        self.model, self.tokenizer, self.dim = self.encoder.model, self.encoder.tokenizer, self.encoder.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        # Every real token counts, BOS included (the official teacher's pooling).
-        return pooled_embeddings(self, [t.strip() for t in texts], special_tokens=True)
+        return self.encoder.encode([t.strip() for t in texts], batch_size=self.batch_size)
 
 
 def build_teacher(cfg: TeacherSpec | DictConfig | L2VGConfig) -> Teacher:
@@ -318,9 +264,7 @@ class TeacherStage:
     """``map_batches`` callable: RESPONSE -> TEACHER_EMBEDDING (float32 rows), TEACHER_MODEL."""
 
     def __init__(self, spec: TeacherSpec) -> None:
-        import torch
-
-        torch.set_num_threads(cpu_threads(float(spec.teacher.num_cpus_per_actor)))
+        set_threads(spec.teacher.num_cpus_per_actor)
         self.teacher = build_teacher(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -142,7 +142,7 @@ class EmbeddingModel:
     """
 
     def __init__(self, cfg: L2VGConfig, encoder_factory: EncoderLoader | None = None) -> None:
-        import torch
+        from l2vg_ray.torch_utils import set_threads
 
         self._cfg = cfg
         self._limits = s = cfg.serve
@@ -162,7 +162,7 @@ class EmbeddingModel:
         self._embed_batch.set_max_batch_size(self._batch_size)
         self._embed_batch.set_batch_wait_timeout_s(float(s.batch_wait_timeout_s))
         loader = encoder_factory or ENCODER_LOADERS.get(str(s.loader))
-        torch.set_num_threads(max(1, int(round(float(s.num_cpus)))))
+        set_threads(s.num_cpus)
         started = time.perf_counter()
         # Loaded here, so that Serve marks the replica ready (and routes to it) only with a model.
         self._encoder: TextEncoder = self._model_thread.submit(loader, self._cfg).result()
@@ -531,7 +531,9 @@ def _start_serve(
         http_options["request_timeout_s"] = float(request_timeout_s) + 10.0
     serve.start(
         http_options=http_options,
-        logging_config={"enable_access_log": access_log},
+        # The controller's and proxies' own INFO lines (deployments, replicas, routes) go to
+        # Ray's log files; request access logs follow serve.access_log.
+        logging_config={"enable_access_log": access_log, "log_level": "WARNING"},
     )
     return host, port
 

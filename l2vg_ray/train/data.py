@@ -16,79 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from l2vg_ray import schema
+from l2vg_ray import schema, storage
 from l2vg_ray.config import ConfigError
+from l2vg_ray.dataset import DatasetInfo
 from l2vg_ray.train.batching import BatchPlan, micro_batches_per_epoch
 
 # Columns the training loop reads; the rest of the generated schema stays on disk.
 TRAIN_COLUMNS = (schema.QUERY, schema.RESPONSE, schema.TEACHER_EMBEDDING)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    path: str
-    files: tuple[str, ...]  # Parquet files on the path's filesystem, sorted (a fixed read order)
-    num_rows: int
-    teacher_dim: int
-
-
-def _filesystem(path: str):
-    import pyarrow.fs as pafs
-
-    try:
-        return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, ValueError):  # a relative local path
-        from pathlib import Path
-
-        return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def inspect_dataset(path: str) -> DatasetInfo:
-    """Read the Parquet footers under ``path`` (local or URI): files, row count, teacher dim.
-
-    Raises ConfigError naming the path and the fix when the folder is missing, holds no Parquet,
-    lacks a training column, or its teacher column is not a fixed-size float list.
-    """
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    fix = "Run `l2vg generate -c CONFIG` first, or point train.data_dir at the generated data."
-    fs, root = _filesystem(str(path))
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"train.data_dir={str(path)!r} does not exist. {fix}")
-    if info.type == pafs.FileType.File:
-        files = [root] if root.endswith(".parquet") else []
-    else:
-        # Hidden files are in-progress writes (temp files renamed into place when complete).
-        files = sorted(
-            f.path
-            for f in fs.get_file_info(pafs.FileSelector(root))
-            if f.type == pafs.FileType.File
-            and f.base_name.endswith(".parquet")
-            and not f.base_name.startswith(".")
-        )
-    if not files:
-        raise ConfigError(f"train.data_dir={str(path)!r} holds no .parquet files. {fix}")
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    missing = [c for c in TRAIN_COLUMNS if c not in dataset.schema.names]
-    if missing:
-        raise ConfigError(
-            f"The data in {str(path)!r} lacks columns {missing} (it has {dataset.schema.names}). "
-            f"It was not written by `l2vg generate`; regenerate it."
-        )
-    emb_type = dataset.schema.field(schema.TEACHER_EMBEDDING).type
-    if not pa.types.is_fixed_size_list(emb_type):
-        raise ConfigError(
-            f"Column {schema.TEACHER_EMBEDDING!r} in {str(path)!r} has type {emb_type}; expected "
-            f"a fixed-size float list (l2vg_ray.schema.dataset_schema). Regenerate the data."
-        )
-    num_rows = dataset.count_rows()
-    if num_rows == 0:
-        raise ConfigError(f"train.data_dir={str(path)!r} holds 0 rows. {fix}")
-    return DatasetInfo(
-        path=str(path), files=tuple(files), num_rows=num_rows, teacher_dim=emb_type.list_size
-    )
 
 
 def check_data_against_config(
@@ -115,7 +49,7 @@ def read_train_dataset(info: DatasetInfo, *, exclude_ids: frozenset[str] = froze
     (the held-out validation rows)."""
     import ray.data
 
-    fs, _ = _filesystem(info.path)
+    fs, _ = storage.filesystem(info.path)
     # Materialised in the driver, before the workers claim their CPUs: on a small node the
     # workers hold every core and Ray Data excludes them from its budget, so a read task
     # scheduled later would wait forever. Only the three training columns are kept (in the
@@ -149,7 +83,7 @@ def _id_rank(row_id: str, seed: int) -> bytes:
 def _all_ids(info: DatasetInfo) -> list[str]:
     import pyarrow.parquet as pq
 
-    fs, _ = _filesystem(info.path)
+    fs, _ = storage.filesystem(info.path)
     ids: list[str] = []
     for f in info.files:
         ids.extend(pq.read_table(f, columns=[schema.ID], filesystem=fs).column(0).to_pylist())
@@ -202,7 +136,7 @@ def read_validation_rows(info: DatasetInfo, ids: frozenset[str]) -> ValidationRo
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fs, _ = _filesystem(info.path)
+    fs, _ = storage.filesystem(info.path)
     value_set = pa.array(sorted(ids), type=pa.string())
     parts = []
     for f in info.files:
@@ -225,7 +159,7 @@ def read_probe_rows(
 
     if n <= 0:
         return ValidationRows([], [], np.zeros((0, info.teacher_dim), dtype=np.float32))
-    fs, _ = _filesystem(info.path)
+    fs, _ = storage.filesystem(info.path)
     excluded = pa.array(sorted(exclude_ids), type=pa.string())
     parts, have = [], 0
     for f in info.files:
@@ -250,7 +184,7 @@ def target_moments(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fs, _ = _filesystem(info.path)
+    fs, _ = storage.filesystem(info.path)
     excluded = pa.array(sorted(exclude_ids), type=pa.string())
     n, total = 0, np.zeros(info.teacher_dim)
     total_sq = np.zeros(info.teacher_dim)

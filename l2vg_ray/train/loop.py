@@ -33,6 +33,7 @@ import torch
 
 from l2vg_ray.config import ModelConfig, TrainConfig
 from l2vg_ray.encoder.losses import TargetStats
+from l2vg_ray.torch_utils import set_threads
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
 from l2vg_ray.train import validation
@@ -185,7 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = job.total_steps
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    set_threads(t.cpus_per_worker)
     device = _device(t)
 
     # Same seed on every rank: identical initial trainable tensors (DDP also broadcasts rank 0's).

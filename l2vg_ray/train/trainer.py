@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
     import ray.train
 
 from l2vg_ray.config import ConfigError, typed, validate
+from l2vg_ray.dataset import inspect_dataset
 from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
+from l2vg_ray.storage import absolute as storage_absolute
+from l2vg_ray.storage import filesystem as storage_fs
+from l2vg_ray.storage import join as storage_join
 from l2vg_ray.tracking import check_tracking, log_training, tracked
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
@@ -93,15 +98,16 @@ def check_train_config(cfg: DictConfig) -> None:
 
 def storage_path(cfg: DictConfig) -> str:
     """Where Ray Train keeps runs and checkpoints (a URI, or an absolute local path)."""
-    path = cfg.cluster.storage_path or os.path.join(str(cfg.train.output_dir), "ray_results")
-    return path if "://" in str(path) else str(Path(path).expanduser().resolve())
+    return storage_absolute(
+        cfg.cluster.storage_path or storage_join(str(cfg.train.output_dir), "ray_results")
+    )
 
 
 def latest_run_name(storage: str) -> str | None:
     """The newest ``train-*`` run under ``storage`` that holds a checkpoint snapshot."""
     import pyarrow.fs as pafs
 
-    fs, root = train_data._filesystem(storage)
+    fs, root = storage_fs(storage)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return None
     runs = sorted(
@@ -130,14 +136,21 @@ def fault_from_env() -> dict[str, Any] | None:
 
 def run_train(cfg: DictConfig) -> dict:
     """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     check_train_config(cfg)
     t = cfg.train
     check_tracking(t.tracking)
     plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
-    info = train_data.inspect_dataset(str(t.data_dir))
+    info = inspect_dataset(str(t.data_dir))
     teacher_dim = train_data.check_data_against_config(
         info, teacher_dim=cfg.model.teacher_dim, plan=plan
     )
@@ -169,7 +182,9 @@ def run_train(cfg: DictConfig) -> dict:
     resources = {"CPU": float(t.cpus_per_worker)}
     if t.use_gpu:
         resources["GPU"] = float(t.gpus_per_worker or 1.0)
-    ingest = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own use of a deprecated field, nothing to act on
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker on every (re)start
     c = typed(cfg)
     worker = WorkerConfig(
@@ -198,6 +213,9 @@ def run_train(cfg: DictConfig) -> dict:
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            # Ray Train's own INFO lines (worker-group start-up, "Checkpoint successfully
+            # created") only in its log files; our loop logs progress and validation itself.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train_data.read_train_dataset(info, exclude_ids=val_ids | unused)},
         dataset_config=DataConfig(execution_options=ingest),

@@ -14,12 +14,12 @@ import time
 
 import ray
 
-from l2vg_ray import embed
+from l2vg_ray import dataset, embed
 from l2vg_ray.config import load_config
 
 
 def _stall_after_first_shard() -> None:
-    original = embed.OutputDir.write_atomic
+    original = dataset.OutputDir.write_atomic
 
     def write_atomic(self, name, write):
         if not (name.startswith("part-") and self.shards()):
@@ -32,7 +32,7 @@ def _stall_after_first_shard() -> None:
 
         return original(self, name, write_then_stall)
 
-    embed.OutputDir.write_atomic = write_atomic
+    dataset.OutputDir.write_atomic = write_atomic
 
 
 def main(config_path: str, address: str) -> None:

@@ -22,13 +22,8 @@ import pytest
 
 from l2vg_ray import schema
 from l2vg_ray.config import to_yaml
-from l2vg_ray.generate.pipeline import (
-    OutputDir,
-    read_done_ids,
-    read_generated,
-    read_generated_table,
-    run_generate,
-)
+from l2vg_ray.dataset import OutputDir, read_done_ids, read_generated, read_generated_table
+from l2vg_ray.generate.pipeline import run_generate
 from l2vg_ray.generate.queries import load_queries
 
 DRIVER = Path(__file__).with_name("generate_driver.py")

@@ -29,8 +29,9 @@ def test_generation_actors_run_vllm_from_their_own_venv(ray_session, tiny_config
     import pyarrow.parquet as pq
 
     from l2vg_ray import schema
+    from l2vg_ray.dataset import read_generated_table
     from l2vg_ray.generate.backends import TransformersBackend
-    from l2vg_ray.generate.pipeline import read_generated_table, run_generate
+    from l2vg_ray.generate.pipeline import run_generate
     from l2vg_ray.generate.queries import load_queries
 
     cfg = tiny_config

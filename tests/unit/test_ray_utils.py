@@ -5,26 +5,28 @@ from __future__ import annotations
 import importlib
 import logging
 
-from l2vg_ray.ray_utils import quiet_ray_train_logs
+from l2vg_ray.ray_utils import QUIET_LOGGERS, quiet_ray_logs
 
-CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 CONTEXT = "ray.train.v2._internal.execution.context"
 
 
-def test_quiet_ray_train_logs_raises_the_level_of_the_two_noisy_loggers():
-    cleaner = importlib.import_module(CLEANER)
-    context = importlib.import_module(CONTEXT)
-    # The names the hook sets must be the names these modules log under.
-    assert cleaner.logger.name == CLEANER
-    before = (cleaner.logger.level, context.logger.level)
+def test_quiet_ray_logs_raises_the_level_of_loggers_that_exist():
+    modules = {name: importlib.import_module(name) for name in (*QUIET_LOGGERS, CONTEXT)}
+    loggers = {name: m.logger for name, m in modules.items()}
+    # The names the hook sets must be the names these modules log under (the context module
+    # names its logger by its file path, which the hook computes).
+    for name in QUIET_LOGGERS:
+        assert loggers[name].name == name, name
+    before = {name: lg.level for name, lg in loggers.items()}
     try:
-        quiet_ray_train_logs()
-        assert not context.logger.isEnabledFor(logging.INFO)
-        assert not cleaner.logger.isEnabledFor(logging.WARNING)
-        assert context.logger.isEnabledFor(logging.WARNING)
+        quiet_ray_logs()
+        for name, level in QUIET_LOGGERS.items():
+            assert not loggers[name].isEnabledFor(level - 10) and loggers[name].isEnabledFor(level)
+        assert not loggers[CONTEXT].isEnabledFor(logging.INFO)
+        assert loggers[CONTEXT].isEnabledFor(logging.WARNING)
     finally:
-        cleaner.logger.setLevel(before[0])
-        context.logger.setLevel(before[1])
+        for name, lg in loggers.items():
+            lg.setLevel(before[name])
 
 
 def test_progress_line_logs_at_most_every_interval_with_rate_and_eta(caplog, monkeypatch):

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from l2vg_ray.encoders import BASELINES, TextEncoder
-from l2vg_ray.eval.baselines import pool_hidden_states
+from l2vg_ray.encoders import BASELINES, TextEncoder, pool_hidden_states
 from l2vg_ray.loading import load_encoder
 
 

@@ -18,11 +18,11 @@ from l2vg_ray.generate.backends import (
     build_chat_prompts,
     decode_generation,
     generate_stage_kwargs,
-    load_tokenizer,
     resolve_backend,
     stop_token_ids,
 )
 from l2vg_ray.testing import TINY_QUERIES
+from l2vg_ray.torch_utils import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from l2vg_ray.generate.teacher import (
     TeacherSpec,
     TeacherStage,
     build_teacher,
-    mean_pool,
     teacher_dim,
     teacher_spec,
     teacher_stage_kwargs,
 )
 from l2vg_ray.testing import TINY_QUERIES
+from l2vg_ray.torch_utils import mean_pool
 
 TEXTS = ["Paris is the capital of France.", "Two plus two is four.", "", "The sea is wide."]
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from l2vg_ray.dataset import inspect_dataset
 from l2vg_ray.encoder.losses import TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import validation as V
@@ -44,7 +45,7 @@ def test_mse_and_cos():
 def test_validation_ids_are_a_seeded_tenth_at_most_and_stable(tmp_path):
     from l2vg_ray.testing import write_fixture_dataset
 
-    info = train_data.inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
+    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
     ids = train_data.validation_ids(info, val_rows=100, seed=3)
     assert len(ids) == 4  # capped at a tenth of 40 rows
     assert ids == train_data.validation_ids(info, val_rows=100, seed=3)
@@ -88,7 +89,7 @@ def test_max_rows_keeps_a_seeded_subset_of_the_training_rows(tmp_path):
     from l2vg_ray.config import ConfigError
     from l2vg_ray.testing import write_fixture_dataset
 
-    info = train_data.inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
+    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
     val = train_data.validation_ids(info, val_rows=4, seed=0)
     unused = train_data.unused_ids(info, val_ids=val, max_rows=10, seed=0)
     assert len(unused) == 26 and not unused & val

@@ -14,6 +14,7 @@ import torch
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError
+from l2vg_ray.dataset import inspect_dataset
 from l2vg_ray.testing import write_fixture_dataset
 from l2vg_ray.train import batching, metrics, schedule, state, trainer
 from l2vg_ray.train import data as train_data
@@ -77,33 +78,8 @@ def test_bad_batch_plans_name_value_and_fix(batch, workers, accum, match):
 
 
 # ----------------------------------------------------------------------------- data checks
-def test_inspect_dataset_reads_rows_and_teacher_dim(tmp_path):
-    path = write_fixture_dataset(tmp_path / "data", n_rows=10, teacher_dim=16)
-    (path / ".part-00001.parquet.tmp").write_text("half written")  # ignored
-    info = train_data.inspect_dataset(str(path))
-    assert (info.num_rows, info.teacher_dim, len(info.files)) == (10, 16, 1)
-
-
-def test_missing_or_empty_data_dir_fails_with_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist.*l2vg generate"):
-        train_data.inspect_dataset(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="holds no .parquet"):
-        train_data.inspect_dataset(str(tmp_path / "empty"))
-
-
-def test_data_without_training_columns_is_rejected(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (tmp_path / "d").mkdir()
-    pq.write_table(pa.table({schema.QUERY: ["q"]}), tmp_path / "d" / "x.parquet")
-    with pytest.raises(ConfigError, match="lacks columns"):
-        train_data.inspect_dataset(str(tmp_path / "d"))
-
-
 def test_teacher_dim_mismatch_and_too_little_data(tmp_path):
-    info = train_data.inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=6, teacher_dim=16)))
+    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=6, teacher_dim=16)))
     plan = batching.plan_batches(4, 2, 1)
     assert train_data.check_data_against_config(info, teacher_dim=None, plan=plan) == 16
     with pytest.raises(ConfigError, match=r"model.teacher_dim=384 .* 16 dims.*model.teacher_dim=16"):

@@ -1,4 +1,5 @@
-"""Shard writing, reading back and resume bookkeeping of the generation pipeline (no Ray)."""
+"""The generated dataset (l2vg_ray.dataset): shard writing, reading back, resume bookkeeping and
+training's inspection (no Ray)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import pytest
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError
-from l2vg_ray.generate.pipeline import (
+from l2vg_ray.dataset import (
     PROVENANCE_KEY,
     OutputDir,
     ShardWriter,
-    _check_resume_compatible,
     batch_to_table,
+    inspect_dataset,
     read_done_ids,
     read_generated_table,
 )
+from l2vg_ray.generate.pipeline import _check_resume_compatible
+from l2vg_ray.testing import write_fixture_dataset
 
 DIM = 4
 
@@ -126,3 +129,33 @@ def test_output_dir_may_be_a_uri(tmp_path):
     assert len(list((tmp_path / "data").glob("part-*.parquet"))) == 2
     assert read_generated_table(uri).num_rows == 5
     assert len(read_done_ids(OutputDir.from_path(uri))[0]) == 5
+
+
+def test_inspect_dataset_reads_rows_and_teacher_dim(tmp_path):
+    path = write_fixture_dataset(tmp_path / "data", n_rows=10, teacher_dim=16)
+    (path / ".part-00001.parquet.tmp").write_text("half written")  # ignored
+    info = inspect_dataset(str(path))
+    assert (info.num_rows, info.teacher_dim, len(info.files)) == (10, 16, 1)
+
+
+def test_missing_or_empty_data_dir_fails_with_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*l2vg generate"):
+        inspect_dataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"holds no generated shards \(part-\*\.parquet\)"):
+        inspect_dataset(str(tmp_path / "empty"))
+
+
+def test_data_without_training_columns_is_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # The generated dataset's rules (l2vg_ray.dataset.generated_shards): shards are named
+    # part-*.parquet and carry the whole schema; anything else is not training data.
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({schema.QUERY: ["q"]}), tmp_path / "d" / "x.parquet")
+    with pytest.raises(ConfigError, match="holds no generated shards"):
+        inspect_dataset(str(tmp_path / "d"))
+    pq.write_table(pa.table({schema.QUERY: ["q"]}), tmp_path / "d" / "part-00000-0000abcd.parquet")
+    with pytest.raises(ConfigError, match="train.data_dir=.*no 'teacher_embedding' column"):
+        inspect_dataset(str(tmp_path / "d"))
