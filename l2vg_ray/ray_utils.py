@@ -29,6 +29,9 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
+    # vLLM's start-up lines, some 40 per engine: INFO, and warnings about the CPU build's optional
+    # accelerations (triton, tcmalloc) that a generation run does not act on
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
 
 

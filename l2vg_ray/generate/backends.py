@@ -482,8 +482,10 @@ class GenerateStage:
     GENERATOR_MODEL, SAMPLING_PARAMS. Holds one engine per actor across batches."""
 
     def __init__(self, model: ModelConfig, generate: GenerateConfig, cache_dir: str) -> None:
-        set_threads(generate.num_cpus_per_actor)
         self.backend = build_backend(model, generate, cache_dir)
+        if not (self.backend.name == "vllm" and vllm_platform() == "cpu"):
+            # vLLM-CPU binds its own threads to the actor's cores (and refuses a later change)
+            set_threads(generate.num_cpus_per_actor)
         self.generator_model = str(model.llm)
         self.sampling_params = GenerationSettings.from_config(generate).to_json()
 
@@ -533,6 +535,13 @@ def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
         "num_gpus": num_gpus,
         "batch_size": int(g.batch_size),
     }
+    if g.memory_gb_per_actor is not None:
+        if g.memory_gb_per_actor <= 0:
+            raise ConfigError(
+                f"generate.memory_gb_per_actor={g.memory_gb_per_actor}; use null (no reservation) "
+                f"or the GiB one engine holds (e.g. 3)."
+            )
+        kwargs["memory"] = int(g.memory_gb_per_actor * 2**30)
     python = actor_python(g.python)
     if python is not None:
         kwargs["runtime_env"] = {"py_executable": python}

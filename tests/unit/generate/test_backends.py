@@ -220,6 +220,13 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
     assert isinstance(ctor["generate"], GenerateConfig) and isinstance(ctor["model"], ModelConfig)
     assert ctor["generate"].output_dir.endswith("out/data")  # typed and resolved
 
+    tiny_config.generate.memory_gb_per_actor = 1.5  # reserved with Ray, in bytes
+    assert generate_stage_kwargs(tiny_config)["memory"] == int(1.5 * 2**30)
+    tiny_config.generate.memory_gb_per_actor = 0
+    with pytest.raises(ConfigError, match="memory_gb_per_actor=0"):
+        generate_stage_kwargs(tiny_config)
+    tiny_config.generate.memory_gb_per_actor = None
+
     tiny_config.generate.tensor_parallel_size = 2
     with pytest.raises(ConfigError, match="num_gpus_per_actor=2"):
         generate_stage_kwargs(tiny_config)
