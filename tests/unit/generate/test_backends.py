@@ -222,7 +222,7 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
 
     tiny_config.generate.memory_gb_per_actor = 1.5  # reserved with Ray, in bytes
     assert generate_stage_kwargs(tiny_config)["memory"] == int(1.5 * 2**30)
-    tiny_config.generate.memory_gb_per_actor = 0
+    tiny_config.generate.memory_gb_per_actor = 0.0
     with pytest.raises(ConfigError, match="memory_gb_per_actor=0"):
         generate_stage_kwargs(tiny_config)
     tiny_config.generate.memory_gb_per_actor = None
