@@ -127,13 +127,14 @@ def ray_loop(cfg, *, workers: int, cpus_per_worker: float, steps: int) -> dict:
 
     cfg = cfg.copy()
     cfg.train.num_workers = workers
-    cfg.train.cpus_per_worker = cpus_per_worker
+    cfg.train.cpus_per_worker = float(cpus_per_worker)
     cfg.train.max_steps = steps
     cfg.train.checkpoint_every = steps  # one checkpoint (the final one), as in a real run's tail
     cfg.train.output_dir = f"{cfg.train.output_dir}-w{workers}"
     start = time.perf_counter()
     summary = run_train(cfg)
-    history = read_train_state(summary["checkpoint"])["state"].history
+    # Training steps only: the history also holds the step-0 validation row (no step time).
+    history = [h for h in read_train_state(summary["checkpoint"])["state"].history if "time" in h]
     return {
         "stamps": [h["time"] for h in history],
         "losses": [h["loss"] for h in history],
