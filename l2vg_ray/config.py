@@ -110,6 +110,11 @@ class GenerateConfig:
     # Keyword arguments of apply_chat_template, identical in both engines (Qwen3's
     # enable_thinking: false keeps <think> traces out of the responses).
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # vLLM engine settings passed to vllm.LLM as they are (max_num_seqs, max_num_batched_tokens,
+    # enable_prefix_caching, max_model_len, ...): speed and memory, not the text. Unset
+    # max_model_len = what this run needs (the chat template + generate.queries.max_query_tokens
+    # + max_tokens), not the model's whole context, so the KV cache holds more sequences.
+    engine_kwargs: dict[str, Any] = resource_field(default_factory=dict)
     # explicit: temperature / top_p / top_k below (greedy at temperature 0, identical across
     # engines) | model: the model's generation_config.json sampling defaults (the paper's).
     sampling: str = "explicit"
@@ -379,6 +384,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.cluster.env_vars, False)  # a free-form mapping: any variable name
     OmegaConf.set_struct(cfg.generate.chat_template_kwargs, False)  # any template argument
+    OmegaConf.set_struct(cfg.generate.engine_kwargs, False)  # any vllm.LLM argument
     layers: list[tuple[str, Any]] = []
     if path is not None:
         layers.extend(_yaml_layers(Path(path)))

@@ -298,6 +298,28 @@ class TransformersBackend:
         return [decode_generation(self.tokenizer, row, self.stop_ids) for row in new_tokens]
 
 
+# vllm.LLM arguments this backend sets from the config; generate.engine_kwargs may not repeat them.
+_VLLM_OWN_ARGS = {
+    "model": "model.llm", "tokenizer": "model.llm", "dtype": "model.dtype", "seed": "generate.seed",
+    "tensor_parallel_size": "generate.tensor_parallel_size",
+    "generation_config": "generate.sampling", "gpu_memory_utilization":
+    "generate.gpu_memory_utilization",
+}
+_TEMPLATE_MARGIN = 8  # tokens: BPE merges where the query meets the template may add a few
+
+
+def needed_model_len(tokenizer: Any, gen: GenerateConfig) -> int:
+    """The longest sequence a run can make: its chat template around the longest query it keeps
+    (``generate.queries.max_query_tokens``, the largest over a mix's parts) plus ``max_tokens``."""
+    q = gen.queries
+    longest_query = max([int(q.max_query_tokens), *(int(p.max_query_tokens) for p in q.parts)])
+    template = build_chat_prompts(
+        tokenizer, [""], gen.system_prompt or None, dict(gen.chat_template_kwargs or {})
+    )
+    overhead = len(encode_prompts(tokenizer, template)[0])
+    return overhead + longest_query + _TEMPLATE_MARGIN + int(gen.max_tokens)
+
+
 def vllm_platform() -> str | None:
     """``cpu`` / ``cuda`` when an importable vLLM can run here, else None (vLLM not installed,
     or the CUDA build of vLLM on a machine without a GPU)."""
@@ -343,12 +365,19 @@ class VLLMBackend:
         self.settings = s = GenerationSettings.from_config(gen)
         self.tokenizer = load_tokenizer(model_path)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(gen.engine_kwargs or {})
+        repeated = sorted(set(kwargs) & set(_VLLM_OWN_ARGS))
+        if repeated:
+            raise ConfigError(
+                f"generate.engine_kwargs sets {repeated}, which come from the config: use "
+                f"{', '.join(sorted({_VLLM_OWN_ARGS[k] for k in repeated}))} instead."
+            )
+        kwargs.setdefault("max_model_len", needed_model_len(self.tokenizer, gen))
         if platform == "cpu":
             # vLLM-CPU reserves its KV cache up front (default 4 GiB); 1 GiB holds ~20k tokens
             # of a 135M model. Set in the actor's own process, before the engine starts.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            kwargs["enforce_eager"] = True  # compiled mode starts ~3x slower and is not faster
+            kwargs.setdefault("enforce_eager", True)  # compiled mode starts ~3x slower, no faster
             if s.tensor_parallel_size == 1:
                 # The engine core in this process instead of a spawned one (which imports vllm
                 # again): start-up ~10 s instead of ~100 s here, and no spawn of the caller's

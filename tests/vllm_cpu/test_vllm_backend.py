@@ -91,3 +91,18 @@ def test_vllm_stage_in_ray_data_matches_greedy_transformers(
     row = got[schema.query_id(QUERIES[0])]
     assert row[schema.GENERATOR_MODEL] == str(tiny_generator_llm_dir)
     assert '"temperature": 0.0' in row[schema.SAMPLING_PARAMS]
+
+
+def test_engine_kwargs_reach_vllm_and_max_model_len_fits_the_run(tiny_generator_llm_dir):
+    from l2vg_ray.config import ConfigError, GenerateConfig
+    from l2vg_ray.generate.backends import VLLMBackend, needed_model_len
+
+    gen = GenerateConfig(max_tokens=8, engine_kwargs={"max_num_seqs": 3})
+    backend = VLLMBackend(str(tiny_generator_llm_dir), gen=gen, dtype="float32")
+    engine = backend.llm.llm_engine
+    # Unset max_model_len: the run's own bound, not the model's whole context.
+    assert engine.model_config.max_model_len == needed_model_len(backend.tokenizer, gen)
+    assert engine.vllm_config.scheduler_config.max_num_seqs == 3
+    assert backend.generate(QUERIES[:2])[0].n_tokens > 0
+    with pytest.raises(ConfigError, match=r"engine_kwargs sets \['seed'\].*generate.seed"):
+        VLLMBackend(str(tiny_generator_llm_dir), gen=GenerateConfig(engine_kwargs={"seed": 1}))

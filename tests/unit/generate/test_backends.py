@@ -291,3 +291,22 @@ def test_generation_actors_can_run_in_another_interpreter(tiny_config, tmp_path,
     (tmp_path / ".venv-vllm" / "bin" / "python").write_text("")
     assert generate_stage_kwargs(tiny_config)["runtime_env"] == {
         "py_executable": str(tmp_path / ".venv-vllm" / "bin" / "python")}
+
+
+def test_needed_model_len_bounds_the_longest_prompt_of_the_run(tiny_generator_llm_dir):
+    from l2vg_ray.config import QuerySource
+    from l2vg_ray.generate.backends import encode_prompts, needed_model_len
+
+    tok = load_tokenizer(str(tiny_generator_llm_dir))
+    gen = GenerateConfig(max_tokens=16, queries=QueryConfig(max_query_tokens=12))
+    longest = " ".join(["water"] * 40)
+    ids = tok(longest, add_special_tokens=False)["input_ids"][:12]
+    query = tok.decode(ids)  # a query of (about) the most tokens the run keeps
+    prompt = encode_prompts(tok, build_chat_prompts(tok, [query], None))[0]
+    need = needed_model_len(tok, gen)
+    assert len(prompt) + gen.max_tokens <= need <= len(prompt) + gen.max_tokens + 16
+    # A mix's longest part decides; a system prompt adds its tokens.
+    gen.queries.parts = [QuerySource(max_query_tokens=50)]
+    assert needed_model_len(tok, gen) == need + 38
+    gen.system_prompt = "You are a helpful assistant who answers briefly."
+    assert needed_model_len(tok, gen) > need + 38
