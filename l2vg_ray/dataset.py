@@ -122,6 +122,12 @@ def _shard_schema_problem(found: pa.Schema, name: str) -> tuple[int | None, str 
 
 def generated_shards(path: str | Path) -> tuple[OutputDir, list[str], int]:
     """(folder, shard file paths, teacher dim) of a generated dataset; validates every schema."""
+    out, files, dim, _ = _checked_shards(path)
+    return out, files, dim
+
+
+def _checked_shards(path: str | Path) -> tuple[OutputDir, list[str], int, int]:
+    """``generated_shards`` and the row count, from one footer read per shard."""
     out = OutputDir.from_path(path)
     names = out.shards()
     if not names:
@@ -130,9 +136,11 @@ def generated_shards(path: str | Path) -> tuple[OutputDir, list[str], int]:
             f"or point to the folder it wrote (generate.output_dir)."
         )
     dims: set[int] = set()
+    num_rows = 0
     for name in names:
-        found = pq.read_schema(out.join(name), filesystem=out.fs)
-        dim, problem = _shard_schema_problem(found, name)
+        footer = pq.ParquetFile(out.fs.open_input_file(out.join(name)))
+        num_rows += footer.metadata.num_rows
+        dim, problem = _shard_schema_problem(footer.schema_arrow, name)
         if problem:
             raise ValueError(
                 f"Shard {out.uri}/{problem}. It was not written by this version of l2vg "
@@ -144,7 +152,7 @@ def generated_shards(path: str | Path) -> tuple[OutputDir, list[str], int]:
             f"Shards in {out.uri!r} mix teacher dimensions {sorted(dims)}: they come from "
             f"different teachers. Regenerate into a fresh generate.output_dir."
         )
-    return out, [out.join(n) for n in names], dims.pop()
+    return out, [out.join(n) for n in names], dims.pop(), num_rows
 
 
 def read_generated_table(path: str | Path) -> pa.Table:
@@ -287,16 +295,16 @@ def inspect_dataset(path: str, *, key: str = "train.data_dir") -> DatasetInfo:
     and the fix.
     """
     fix = f"Run `l2vg generate -c CONFIG` first, or point {key} at the generated data."
-    fs, root = storage.filesystem(str(path))
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    if not storage.exists(str(path)):
         raise ConfigError(f"{key}={str(path)!r} does not exist. {fix}")
     try:
-        out, files, dim = generated_shards(path)
+        _, files, dim, num_rows = _checked_shards(path)
     except FileNotFoundError:
-        raise ConfigError(f"{key}={str(path)!r} holds no generated shards (part-*.parquet). {fix}") from None
+        raise ConfigError(
+            f"{key}={str(path)!r} holds no generated shards (part-*.parquet). {fix}"
+        ) from None
     except ValueError as e:
         raise ConfigError(f"{key}={str(path)!r}: {e}") from None
-    num_rows = sum(pq.ParquetFile(out.fs.open_input_file(f)).metadata.num_rows for f in files)
     if num_rows == 0:
         raise ConfigError(f"{key}={str(path)!r} holds 0 rows. {fix}")
     return DatasetInfo(path=str(path), files=tuple(files), num_rows=num_rows, teacher_dim=dim)

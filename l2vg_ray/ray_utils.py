@@ -102,12 +102,10 @@ def init_ray(cluster_cfg, **kwargs) -> None:
     # Variables already in this process's environment are left out: inside a Ray job the job's
     # runtime_env set them (`l2vg submit` passes cluster.env_vars there), and ray.init rejects a
     # runtime_env that repeats a key of the job's.
-    wanted = {
-        **{k: v for k, v in QUIET_ENV.items() if k not in os.environ},
-        **{str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items()},
-    }
+    quiet = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    wanted = {**quiet, **{str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items()}}
     env_vars = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
-    os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})  # the driver
+    os.environ.update(quiet)  # the driver too
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
         log.info("Connecting to the Ray cluster at %s", address)

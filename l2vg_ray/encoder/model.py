@@ -93,8 +93,6 @@ def as_model_config(model_cfg: Any) -> ModelConfig:
     return cfg
 
 
-
-
 def special_token_strings(n_thought: int, n_compression: int) -> list[str]:
     """The special tokens appended to every query, in order: thoughts, then compression."""
     return [f"<|l2vg_thought_{i}|>" for i in range(1, n_thought + 1)] + [

@@ -28,6 +28,7 @@ from l2vg_ray.torch_utils import resolve_device
 if TYPE_CHECKING:
     from l2vg_ray.config import L2VGConfig
 
+
 class GenerateThenEncode:
     """LLM response (generation backend) -> teacher embedding of that response."""
 

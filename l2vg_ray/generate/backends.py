@@ -143,6 +143,9 @@ class Backend(Protocol):
     """A generation engine built once (per actor) and called on batches of queries."""
 
     name: str
+    # True when the engine binds its own compute threads (vLLM-CPU), so the stage leaves torch's
+    # thread count alone.
+    owns_threads: bool
 
     def generate(self, queries: list[str]) -> list[Generation]: ...
 
@@ -222,12 +225,6 @@ def decode_generation(
     return Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), tuple(ids))
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Engines.
 
@@ -237,6 +234,7 @@ class TransformersBackend:
     """Batched, left-padded ``generate`` of a Hugging Face causal LM."""
 
     name = "transformers"
+    owns_threads = False
 
     def __init__(
         self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
@@ -343,6 +341,7 @@ class VLLMBackend:
     """``vllm.LLM`` on the same chat-prompt token ids as the transformers backend."""
 
     name = "vllm"
+    owns_threads = False  # set per engine: True on vLLM-CPU
 
     def __init__(
         self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
@@ -373,6 +372,8 @@ class VLLMBackend:
                 f"{', '.join(sorted({_VLLM_OWN_ARGS[k] for k in repeated}))} instead."
             )
         kwargs.setdefault("max_model_len", needed_model_len(self.tokenizer, gen))
+        # vLLM-CPU binds its own threads to the actor's cores (and refuses a later change).
+        self.owns_threads = platform == "cpu"
         if platform == "cpu":
             # vLLM-CPU reserves its KV cache up front (default 4 GiB); 1 GiB holds ~20k tokens
             # of a 135M model. Set in the actor's own process, before the engine starts.
@@ -435,6 +436,7 @@ class PrecomputedBackend:
     """
 
     name = "precomputed"
+    owns_threads = False
 
     def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
                  cache_dir: str | None = None):
@@ -499,8 +501,6 @@ def build_backend(
 # Ray Data wrapper.
 
 
-
-
 def column_to_list(batch: Mapping[str, Any], column: str) -> list:
     values = batch[column]
     return values.tolist() if hasattr(values, "tolist") else list(values)
@@ -512,8 +512,7 @@ class GenerateStage:
 
     def __init__(self, model: ModelConfig, generate: GenerateConfig, cache_dir: str) -> None:
         self.backend = build_backend(model, generate, cache_dir)
-        if not (self.backend.name == "vllm" and vllm_platform() == "cpu"):
-            # vLLM-CPU binds its own threads to the actor's cores (and refuses a later change)
+        if not self.backend.owns_threads:
             set_threads(generate.num_cpus_per_actor)
         self.generator_model = str(model.llm)
         self.sampling_params = GenerationSettings.from_config(generate).to_json()

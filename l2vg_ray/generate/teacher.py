@@ -109,7 +109,8 @@ class MeanPooledLLMTeacher:
             _resolve(llm, spec), name=self.name, device=device, dtype=str(spec.model.dtype),
             max_length=int(spec.teacher.max_length), special_tokens="exclude",
         )
-        self.model, self.tokenizer, self.dim = self.encoder.model, self.encoder.tokenizer, self.encoder.dim
+        self.model, self.tokenizer = self.encoder.model, self.encoder.tokenizer
+        self.dim = self.encoder.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(list(texts), batch_size=self.batch_size)
@@ -198,7 +199,8 @@ class LLM2VecTeacher:
             model.to(resolve_device(device)), tokenizer, spec=self.name, name=self.name,
             max_length=int(spec.teacher.max_length), special_tokens="include", dtype=dtype_name,
         )
-        self.model, self.tokenizer, self.dim = self.encoder.model, self.encoder.tokenizer, self.encoder.dim
+        self.model, self.tokenizer = self.encoder.model, self.encoder.tokenizer
+        self.dim = self.encoder.dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode([t.strip() for t in texts], batch_size=self.batch_size)
