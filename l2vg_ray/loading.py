@@ -23,6 +23,19 @@ def _register_builtin_baselines() -> None:
     import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
 
 
+def saved_encoder_folder(spec: str, cfg: DictConfig | L2VGConfig) -> Path | None:
+    """The folder of an encoder saved by ``l2vg train`` that ``spec`` names (the folder itself or
+    a packaged encoder name, materialised once), or None when ``spec`` names something else."""
+    from l2vg_ray.config import typed
+    from l2vg_ray.models import PACKAGED_MODELS, resolve_model
+
+    spec = str(spec)
+    if spec in PACKAGED_MODELS and PACKAGED_MODELS.get(spec).kind == "l2vg-encoder":
+        spec = resolve_model(spec, cache_dir=typed(cfg).cache_dir)
+    path = Path(spec).expanduser()
+    return path if (path / ENCODER_CONFIG_FILE).is_file() else None
+
+
 def load_encoder(
     spec: str, cfg: DictConfig | L2VGConfig, *, device: str | None = None,
     max_length: int | None = None,
@@ -38,22 +51,20 @@ def load_encoder(
     encoder's ``model.max_length`` and the pooled-LLM baselines'.
     """
     from l2vg_ray.config import typed
-    from l2vg_ray.models import PACKAGED_MODELS, resolve_model
 
     cfg = typed(cfg)
     spec = str(spec)
-    if spec in PACKAGED_MODELS and PACKAGED_MODELS.get(spec).kind == "l2vg-encoder":
-        spec = resolve_model(spec, cache_dir=cfg.cache_dir)
-    path = Path(spec).expanduser()
-    if (path / ENCODER_CONFIG_FILE).is_file():
+    saved = saved_encoder_folder(spec, cfg)
+    if saved is not None:
         from l2vg_ray.encoder import L2VGEncoder
 
-        encoder = L2VGEncoder.load(path, cache_dir=cfg.cache_dir, device=device)
+        encoder = L2VGEncoder.load(saved, cache_dir=cfg.cache_dir, device=device)
         if max_length is not None:
             encoder.set_max_length(max_length)
         return encoder
     from l2vg_ray.encoder.official import is_official_layout, load_official
 
+    path = Path(spec).expanduser()
     if spec.startswith("hf:") or is_official_layout(path):
         encoder = load_official(spec, cache_dir=cfg.cache_dir, device=device)
         if max_length is not None:

@@ -706,25 +706,54 @@ class L2VGEncoder(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the trainable state, base model spec, token counts and numerics."""
-        h = hashlib.sha256()
-        c = self.config
-        h.update(
-            repr(
-                (
-                    FORMAT_VERSION,
-                    c.llm,
-                    c.n_thought,
-                    c.n_compression,
-                    c.dtype,
-                    c.max_length,
-                    self.dim,
-                )
-            ).encode()
-        )
-        for k, v in self.trainable_state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return state_fingerprint(self.config, self.dim, self.trainable_state_dict())
+
+
+def state_fingerprint(config: ModelConfig, dim: int, state: Mapping[str, torch.Tensor]) -> str:
+    """``L2VGEncoder.fingerprint`` from its parts: the model config, the embedding size and the
+    trainable tensors (in ``trainable_state_dict`` order)."""
+    c = config
+    h = hashlib.sha256()
+    h.update(repr((FORMAT_VERSION, c.llm, c.n_thought, c.n_compression, c.dtype, c.max_length,
+                   int(dim))).encode())
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SavedEncoderInfo:
+    """What a saved encoder folder says about itself without loading its LLM."""
+
+    name: str
+    dim: int
+    fingerprint: str
+
+
+TRAINABLE_KEYS = ("special_embeddings", "reconstruction.weight", "reconstruction.bias",
+                  "alignment.weight", "alignment.bias")
+
+
+def saved_encoder_info(path: str | os.PathLike, *, max_length: int | None = None) -> SavedEncoderInfo:
+    """Name, embedding size and fingerprint of a folder written by ``L2VGEncoder.save``, read from
+    its two small files (the base LLM is not loaded): equal to ``L2VGEncoder.load(path)``'s
+    (after ``set_max_length(max_length)``), so an embedding cache can be consulted first."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / ENCODER_CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path / ENCODER_CONFIG_FILE} has format_version "
+                         f"{meta.get('format_version')!r}; this code reads {FORMAT_VERSION}.")
+    cfg = as_model_config(meta["model"])
+    if max_length is not None:
+        cfg = dataclasses.replace(cfg, max_length=int(max_length))
+    raw = load_file(str(path / TRAINABLE_FILE))
+    state = {k: raw[k] for k in TRAINABLE_KEYS}
+    dim = int(state["alignment.weight"].shape[0])
+    return SavedEncoderInfo(name=meta.get("name") or f"l2vg-{Path(str(cfg.llm)).name}", dim=dim,
+                            fingerprint=state_fingerprint(cfg, dim, state))
 
 
 def teacher_dimension(spec: str, *, cache_dir: str | os.PathLike | None = None) -> int:

@@ -16,7 +16,7 @@ import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,16 +130,50 @@ class CachedEncoder:
     """A ``TextEncoder`` that serves repeated (instruction, text) pairs from an ``EmbeddingCache``.
 
     ``hits`` / ``misses`` count texts served from the cache / sent to the wrapped encoder.
+    ``CachedEncoder.deferred`` wraps a loader instead of a loaded encoder: the model is loaded on
+    the first cache miss, so a task whose texts are all cached never loads it (``loaded``).
     """
 
     def __init__(self, encoder: TextEncoder, cache: EmbeddingCache) -> None:
-        self.encoder = encoder
+        self._encoder: TextEncoder | None = encoder
+        self._loader: Callable[[], TextEncoder] | None = None
         self.cache = cache
         self.name = encoder.name
         self.dim = encoder.dim
         self._fingerprint = encoder.fingerprint()
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def deferred(
+        cls, loader: Callable[[], TextEncoder], cache: EmbeddingCache, *, name: str, dim: int,
+        fingerprint: str,
+    ) -> CachedEncoder:
+        """Cache in front of ``loader()``, called once, at the first text the cache lacks.
+        ``name``, ``dim`` and ``fingerprint`` must be the loaded encoder's (checked on load)."""
+        self = cls.__new__(cls)
+        self._encoder, self._loader = None, loader
+        self.cache = cache
+        self.name, self.dim, self._fingerprint = name, int(dim), str(fingerprint)
+        self.hits = self.misses = 0
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the wrapped model is in memory (always, unless built by ``deferred``)."""
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            encoder = self._loader()
+            if encoder.fingerprint() != self._fingerprint or int(encoder.dim) != self.dim:
+                raise RuntimeError(
+                    f"The loaded encoder {encoder.name!r} has fingerprint {encoder.fingerprint()} "
+                    f"and dim {encoder.dim}, but its cache was keyed as {self._fingerprint} / "
+                    f"{self.dim}: the cheap fingerprint disagrees with the model's (a bug).")
+            self._encoder = encoder
+        return self._encoder
 
     def encode(
         self,

@@ -53,16 +53,30 @@ def _encoder(job: TaskJob):
     """The (cached) encoder for this job, loaded once per worker process and reused."""
     from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
-    from l2vg_ray.loading import load_encoder
+    from l2vg_ray.loading import load_encoder, saved_encoder_folder
 
     c = job.cfg
     key = json.dumps([job.model, job.cache_dir, asdict(c.model), asdict(c.generate), c.cache_dir,
                       job.max_length], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        encoder = load_encoder(job.model, job.cfg, max_length=job.max_length)
-        if job.cache_dir:
-            encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
+
+        def load():
+            return load_encoder(job.model, job.cfg, max_length=job.max_length)
+
+        saved = saved_encoder_folder(job.model, c) if job.cache_dir else None
+        if saved is not None:
+            # A trained encoder's fingerprint comes from its small files: the LLM loads only
+            # when the cache misses a text, so a fully cached task never loads it.
+            from l2vg_ray.encoder.model import saved_encoder_info
+
+            info = saved_encoder_info(saved, max_length=job.max_length)
+            encoder = CachedEncoder.deferred(load, EmbeddingCache(job.cache_dir), name=info.name,
+                                             dim=info.dim, fingerprint=info.fingerprint)
+        else:
+            encoder = load()
+            if job.cache_dir:
+                encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         _ENCODERS[key] = encoder
     return _ENCODERS[key]
 
@@ -113,6 +127,7 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
         "n_encoded": getattr(encoder, "misses", 0) - misses0,
         "n_cached": getattr(encoder, "hits", 0) - hits0,
         "encoder": encoder.name,
+        "model_loaded": bool(getattr(encoder, "loaded", True)),
         "fingerprint": encoder.fingerprint(),
         "scores": task_result.scores,
         "error": None,

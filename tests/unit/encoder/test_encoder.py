@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from l2vg_ray.config import ModelConfig
 from l2vg_ray.encoder import L2VGEncoder, L2VGOutput
 from l2vg_ray.encoder.losses import IGNORE_INDEX
-from l2vg_ray.encoder.model import TRAINABLE_FILE
+from l2vg_ray.encoder.model import TRAINABLE_FILE, saved_encoder_info
 from l2vg_ray.encoders import ENCODER_CONFIG_FILE, TextEncoder
 
 TEACHER_DIM = 8
@@ -330,6 +330,13 @@ def test_save_load_round_trips_exactly_with_only_trainable_tensors(tiny_llm_dir,
     assert loaded.fingerprint() == enc.fingerprint()
     assert np.array_equal(loaded.encode(QUERIES), enc.encode(QUERIES))
     assert loaded.special_token_ids == enc.special_token_ids
+
+    # Read from the folder's two small files, without the LLM: the same name, size and key.
+    info = saved_encoder_info(tmp_path / "enc")
+    assert (info.name, info.dim, info.fingerprint) == (loaded.name, loaded.dim, loaded.fingerprint())
+    loaded.set_max_length(16)
+    assert saved_encoder_info(tmp_path / "enc", max_length=16).fingerprint == loaded.fingerprint()
+    assert loaded.fingerprint() != enc.fingerprint()
 
     other = make_encoder(tiny_llm_dir, n_compression=3)
     with pytest.raises(ValueError, match="special_embeddings"):

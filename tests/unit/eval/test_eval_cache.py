@@ -61,6 +61,33 @@ def test_cache_persists_across_instances_and_separates_keys(tmp_path):
     assert other_fp.misses == 1  # another fingerprint never reads these vectors
 
 
+def test_deferred_encoder_loads_only_on_a_miss(tmp_path):
+    enc = CountingEncoder()
+    CachedEncoder(enc, EmbeddingCache(tmp_path)).encode(["x", "y"], instruction="q")
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return enc
+
+    lazy = CachedEncoder.deferred(loader, EmbeddingCache(tmp_path), name=enc.name, dim=enc.dim,
+                                  fingerprint=enc.fingerprint())
+    warm = lazy.encode(["y", "x"], instruction="q")
+    assert loads == [] and not lazy.loaded and lazy.hits == 2  # all cached: never loaded
+    assert len(enc.calls) == 1
+    lazy.encode(["z"], instruction="q")
+    assert loads == [1] and lazy.loaded and enc.calls[-1] == ["z"]
+    lazy.encode(["w"], instruction="q")
+    assert loads == [1]  # loaded once
+    np.testing.assert_array_equal(warm, CachedEncoder(enc, EmbeddingCache(tmp_path)).encode(
+        ["y", "x"], instruction="q"))
+
+    wrong = CachedEncoder.deferred(lambda: enc, EmbeddingCache(tmp_path), name=enc.name,
+                                   dim=enc.dim, fingerprint="not-the-model's")
+    with pytest.raises(RuntimeError, match="fingerprint"):
+        wrong.encode(["new text"])
+
+
 def test_normalize_is_applied_after_lookup(tmp_path):
     cached = CachedEncoder(CountingEncoder(), EmbeddingCache(tmp_path))
     raw = cached.encode(["x"])

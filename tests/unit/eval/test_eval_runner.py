@@ -1,0 +1,40 @@
+"""evaluate_task, the per-task core: a trained encoder whose texts are all cached is never loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+
+def test_fully_cached_task_does_not_load_the_model(tiny_config, tmp_path, monkeypatch):
+    import l2vg_ray.loading
+    from l2vg_ray.config import typed
+    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.eval import runner
+    from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
+
+    model = dataclasses.replace(typed(tiny_config).model, device="cpu")
+    L2VGEncoder.from_config(model, teacher_dim=8).save(tmp_path / "enc")
+    tiny_config.eval.model = str(tmp_path / "enc")
+    tiny_config.eval.overwrite = True  # score again, from the embedding cache
+    tiny_config.eval.max_docs = 20
+    data = write_synthetic_offline_data(tiny_config.cache_dir)
+    (job,) = runner.make_jobs(tiny_config, ["OfflineSTSBenchmark"], data_dir=str(data))
+
+    runner._ENCODERS.clear()
+    first = runner.evaluate_task(job)
+    assert first["model_loaded"] and first["n_encoded"] > 0
+
+    runner._ENCODERS.clear()  # a fresh worker process
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although every text is cached")
+
+    monkeypatch.setattr(l2vg_ray.loading, "load_encoder", no_load)
+    second = runner.evaluate_task(job)
+    assert not second["model_loaded"]
+    assert second["n_encoded"] == 0 and second["n_cached"] == first["n_encoded"] + first["n_cached"]
+    assert second["main_score"] == pytest.approx(first["main_score"])
+    assert second["fingerprint"] == first["fingerprint"]
+    runner._ENCODERS.clear()
