@@ -167,7 +167,7 @@ class L2VGEncoder(nn.Module):
         self.n_thought = config.n_thought
         self.n_compression = config.n_compression
         self.dim = int(teacher_dim)
-        self.name = f"l2vg-{Path(str(config.llm)).name}"
+        self.name = default_name(config.llm)
 
         self.llm.requires_grad_(False)
         self.llm.eval()
@@ -270,18 +270,7 @@ class L2VGEncoder(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg_file = path / ENCODER_CONFIG_FILE
-        if not cfg_file.is_file():
-            raise FileNotFoundError(
-                f"{str(path)!r} holds no {ENCODER_CONFIG_FILE}: not an encoder folder written by "
-                f"L2VGEncoder.save (pass the `final` or a checkpoint folder)."
-            )
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{cfg_file} has format_version {meta.get('format_version')!r}; this code reads "
-                f"version {FORMAT_VERSION}. Re-save it with a matching l2vg-ray version."
-            )
+        meta = read_saved_meta(path)
         cfg = as_model_config(meta["model"])
         enc = cls.from_config(cfg, cache_dir=cache_dir, device=device, teacher_dim=cfg.teacher_dim)
         enc.load_trainable_state_dict(load_file(str(path / TRAINABLE_FILE)))
@@ -731,6 +720,7 @@ class SavedEncoderInfo:
     fingerprint: str
 
 
+# The keys of ``L2VGEncoder.trainable_state_dict``, in its order (the fingerprint's order).
 TRAINABLE_KEYS = ("special_embeddings", "reconstruction.weight", "reconstruction.bias",
                   "alignment.weight", "alignment.bias")
 
@@ -742,18 +732,36 @@ def saved_encoder_info(path: str | os.PathLike, *, max_length: int | None = None
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads((path / ENCODER_CONFIG_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / ENCODER_CONFIG_FILE} has format_version "
-                         f"{meta.get('format_version')!r}; this code reads {FORMAT_VERSION}.")
+    meta = read_saved_meta(path)
     cfg = as_model_config(meta["model"])
     if max_length is not None:
         cfg = dataclasses.replace(cfg, max_length=int(max_length))
     raw = load_file(str(path / TRAINABLE_FILE))
     state = {k: raw[k] for k in TRAINABLE_KEYS}
-    dim = int(state["alignment.weight"].shape[0])
-    return SavedEncoderInfo(name=meta.get("name") or f"l2vg-{Path(str(cfg.llm)).name}", dim=dim,
-                            fingerprint=state_fingerprint(cfg, dim, state))
+    return SavedEncoderInfo(name=meta.get("name") or default_name(cfg.llm), dim=int(cfg.teacher_dim),
+                            fingerprint=state_fingerprint(cfg, cfg.teacher_dim, state))
+
+
+def read_saved_meta(path: Path) -> dict[str, Any]:
+    """The ``l2vg_config.json`` of a folder written by ``L2VGEncoder.save``, its version checked."""
+    cfg_file = path / ENCODER_CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no {ENCODER_CONFIG_FILE}: not an encoder folder written by "
+            f"L2VGEncoder.save (pass the `final` or a checkpoint folder)."
+        )
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_file} has format_version {meta.get('format_version')!r}; this code reads "
+            f"version {FORMAT_VERSION}. Re-save it with a matching l2vg-ray version."
+        )
+    return meta
+
+
+def default_name(llm: str) -> str:
+    """An encoder's name when its folder names none: ``l2vg-<the LLM's last path part>``."""
+    return f"l2vg-{Path(str(llm)).name}"
 
 
 def teacher_dimension(spec: str, *, cache_dir: str | os.PathLike | None = None) -> int:

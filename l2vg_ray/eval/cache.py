@@ -135,14 +135,8 @@ class CachedEncoder:
     """
 
     def __init__(self, encoder: TextEncoder, cache: EmbeddingCache) -> None:
-        self._encoder: TextEncoder | None = encoder
-        self._loader: Callable[[], TextEncoder] | None = None
-        self.cache = cache
-        self.name = encoder.name
-        self.dim = encoder.dim
-        self._fingerprint = encoder.fingerprint()
-        self.hits = 0
-        self.misses = 0
+        self._start(cache, name=encoder.name, dim=encoder.dim, fingerprint=encoder.fingerprint())
+        self._encoder = encoder
 
     @classmethod
     def deferred(
@@ -152,11 +146,17 @@ class CachedEncoder:
         """Cache in front of ``loader()``, called once, at the first text the cache lacks.
         ``name``, ``dim`` and ``fingerprint`` must be the loaded encoder's (checked on load)."""
         self = cls.__new__(cls)
-        self._encoder, self._loader = None, loader
+        self._start(cache, name=name, dim=dim, fingerprint=fingerprint)
+        self._loader = loader
+        return self
+
+    def _start(self, cache: EmbeddingCache, *, name: str, dim: int, fingerprint: str) -> None:
+        self._encoder: TextEncoder | None = None
+        self._loader: Callable[[], TextEncoder] | None = None
         self.cache = cache
         self.name, self.dim, self._fingerprint = name, int(dim), str(fingerprint)
-        self.hits = self.misses = 0
-        return self
+        self.hits = 0
+        self.misses = 0
 
     @property
     def loaded(self) -> bool:

@@ -60,21 +60,20 @@ def _encoder(job: TaskJob):
                       job.max_length], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-
-        def load():
-            return load_encoder(job.model, job.cfg, max_length=job.max_length)
-
         saved = saved_encoder_folder(job.model, c) if job.cache_dir else None
         if saved is not None:
             # A trained encoder's fingerprint comes from its small files: the LLM loads only
             # when the cache misses a text, so a fully cached task never loads it.
             from l2vg_ray.encoder.model import saved_encoder_info
 
+            def load():  # the folder, already resolved from a packaged name
+                return load_encoder(str(saved), c, max_length=job.max_length)
+
             info = saved_encoder_info(saved, max_length=job.max_length)
             encoder = CachedEncoder.deferred(load, EmbeddingCache(job.cache_dir), name=info.name,
                                              dim=info.dim, fingerprint=info.fingerprint)
         else:
-            encoder = load()
+            encoder = load_encoder(job.model, c, max_length=job.max_length)
             if job.cache_dir:
                 encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         _ENCODERS[key] = encoder
