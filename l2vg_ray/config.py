@@ -255,6 +255,11 @@ class EvalConfig:
     max_retries: int = resource_field(1)
     overwrite: bool = resource_field(False)  # False = only-missing: tasks with results are skipped
     max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
+    # Within-task sharding: a retrieval / reranking task with at least this many documents has
+    # its corpus embedded by eval.shards workers at once into the embedding cache (needs
+    # eval.cache_dir), then scores from cache hits; 0 = never. Scores equal an unsharded run's.
+    shard_min_docs: int = resource_field(50000)
+    shards: int = resource_field(0)  # workers per sharded corpus; 0 = eval.max_concurrency
     # Input tokens per text at evaluation, for the trained encoder and the pooled-LLM
     # baselines alike; null = model.max_length (the training length). A recipe that trains on
     # short queries for speed still embeds whole documents here.

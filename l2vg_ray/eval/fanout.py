@@ -9,7 +9,7 @@ the other jobs finish.
 
 Why tasks and not actors: a task per job is exactly one unit of autoscaler demand and retry,
 and Ray reuses worker processes between tasks of the same function, so the encoder memoised in
-the worker process (``runner._encoder``) is loaded once per process, as an actor would hold it.
+the worker process (``worker.job_encoder``) is loaded once per process, as an actor would hold it.
 """
 
 from __future__ import annotations

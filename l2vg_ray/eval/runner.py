@@ -14,70 +14,17 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from l2vg_ray.config import L2VGConfig, typed
+from l2vg_ray.config import typed
+from l2vg_ray.eval.worker import TaskJob, job_encoder, loads_so_far
 from l2vg_ray.torch_utils import cpu_threads
 from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskJob:
-    """Everything one Ray task needs (plain, picklable)."""
-
-    task: str
-    model: str  # trained encoder folder or baseline name
-    cfg: L2VGConfig  # the typed config (to build baselines / load the encoder)
-    data_dir: str | None  # prepared offline data (offline tasks only)
-    results_dir: str  # mteb ResultCache folder
-    cache_dir: str | None  # embedding cache folder; None = no cache
-    overwrite: bool
-    batch_size: int
-    max_docs: int
-    seed: int
-    num_threads: int
-    instructions: str = "project"  # named instruction set (InstructionSet.named)
-    max_length: int | None = None  # input tokens per text (eval.max_length); None = the model's
-
-
-_ENCODERS: dict[str, Any] = {}
-
-
-def _encoder(job: TaskJob):
-    """The (cached) encoder for this job, loaded once per worker process and reused."""
-    from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
-    from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
-    from l2vg_ray.loading import load_encoder, saved_encoder_folder
-
-    c = job.cfg
-    key = json.dumps([job.model, job.cache_dir, asdict(c.model), asdict(c.generate), c.cache_dir,
-                      job.max_length], sort_keys=True, default=str)
-    if key not in _ENCODERS:
-        _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        saved = saved_encoder_folder(job.model, c) if job.cache_dir else None
-        if saved is not None:
-            # A trained encoder's fingerprint comes from its small files: the LLM loads only
-            # when the cache misses a text, so a fully cached task never loads it.
-            from l2vg_ray.encoder.model import saved_encoder_info
-
-            def load():  # the folder, already resolved from a packaged name
-                return load_encoder(str(saved), c, max_length=job.max_length)
-
-            info = saved_encoder_info(saved, max_length=job.max_length)
-            encoder = CachedEncoder.deferred(load, EmbeddingCache(job.cache_dir), name=info.name,
-                                             dim=info.dim, fingerprint=info.fingerprint)
-        else:
-            encoder = load_encoder(job.model, c, max_length=job.max_length)
-            if job.cache_dir:
-                encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
-        _ENCODERS[key] = encoder
-    return _ENCODERS[key]
 
 
 def evaluate_task(job: TaskJob) -> dict[str, Any]:
@@ -95,10 +42,10 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
     from sklearn.exceptions import UndefinedMetricWarning
 
     warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
-    t0 = time.perf_counter()
+    t0, loads0 = time.perf_counter(), loads_so_far()
     if job.task == advbench.TASK_NAME:
         return _evaluate_advbench(job, t0)
-    encoder = _encoder(job)
+    encoder = job_encoder(job)
     hits0, misses0 = getattr(encoder, "hits", 0), getattr(encoder, "misses", 0)
     task = build_task(job.task, data_dir=job.data_dir, max_docs=job.max_docs, seed=job.seed)
     model = MTEBEncoder(encoder, instructions=InstructionSet.named(job.instructions),
@@ -127,6 +74,7 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
         "n_cached": getattr(encoder, "hits", 0) - hits0,
         "encoder": encoder.name,
         "model_loaded": bool(getattr(encoder, "loaded", True)),
+        "model_loads": loads_so_far() - loads0,
         "fingerprint": encoder.fingerprint(),
         "scores": task_result.scores,
         "error": None,
@@ -139,7 +87,7 @@ def _evaluate_advbench(job: TaskJob, t0: float, data: Any = None) -> dict[str, A
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.tasks import advbench
 
-    encoder = _encoder(job)
+    encoder = job_encoder(job)
     result_file = (Path(job.results_dir) / model_slug(job.model)
                    / f"{advbench.TASK_NAME}-{job.instructions}-{encoder.fingerprint()}.json")
     if result_file.is_file() and not job.overwrite:
@@ -209,6 +157,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.fanout import fan_out
     from l2vg_ray.eval.report import markdown_table, summarize, write_report
+    from l2vg_ray.eval.shard import prefill_large_corpora
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
@@ -225,6 +174,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     log.info("Evaluating %s on %d tasks of suite %r (%d at a time)", e.model, len(jobs), e.suite,
              e.max_concurrency)
     t0 = time.perf_counter()
+    sharded = prefill_large_corpora(
+        jobs, min_docs=int(e.shard_min_docs), shards=int(e.shards) or int(e.max_concurrency),
+        num_cpus=float(e.num_cpus_per_task), num_gpus=float(e.num_gpus_per_task),
+        max_retries=int(e.max_retries), task_types={n: _task_type(n) for n in names})
     outcomes = fan_out(
         evaluate_task,
         jobs,
@@ -239,7 +192,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     for o in outcomes:
         if o.ok:
-            rows.append(o.value)
+            rows.append({**o.value, "corpus_shards": sharded.get(o.key)} if o.key in sharded
+                        else o.value)
         else:
             rows.append({"task": o.key, "type": _task_type(o.key), "status": "failed",
                          "main_score": None, "metric": None, "seconds": round(o.seconds, 2),

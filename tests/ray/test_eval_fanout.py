@@ -70,3 +70,27 @@ def test_fan_out_core(ray_session):
     assert [o.key for o in out] == ["a", "b", "c", "d"]
     assert [o.value for o in out if o.ok] == [1, 4, 16]
     assert not out[2].ok and "ValueError: three is not allowed" in out[2].error
+
+
+def test_large_corpus_is_sharded_over_workers(ray_session, eval_cfg, tmp_path):
+    """A corpus over eval.shard_min_docs is embedded by 2 Ray tasks first; same scores."""
+    from l2vg_ray.eval.runner import run_eval
+
+    eval_cfg.eval.tasks = ["OfflineSQuADRetrieval", "OfflineSTSBenchmark"]
+    eval_cfg.eval.batch_size = 1  # batch-invariant encoding: scores comparable exactly
+    eval_cfg.eval.shard_min_docs = 0
+    plain = run_eval(eval_cfg)
+    eval_cfg.eval.output_dir = str(tmp_path / "sharded")
+    eval_cfg.eval.cache_dir = str(tmp_path / "sharded-cache")
+    eval_cfg.eval.shard_min_docs = 5
+    eval_cfg.eval.shards = 2
+    sharded = run_eval(eval_cfg)
+    assert sharded["scores"] == plain["scores"]
+    rows = {r["task"]: r for r in json.loads(open(sharded["files"]["json"]).read())["results"]}
+    plain_rows = {r["task"]: r for r in json.loads(open(plain["files"]["json"]).read())["results"]}
+    assert rows["OfflineSQuADRetrieval"]["corpus_shards"] == 2
+    assert "corpus_shards" not in rows["OfflineSTSBenchmark"]  # not a corpus task
+    # The task encoded only its queries: its documents were the shards' cache entries.
+    assert rows["OfflineSQuADRetrieval"]["n_encoded"] < plain_rows["OfflineSQuADRetrieval"]["n_encoded"]
+    assert (rows["OfflineSQuADRetrieval"]["n_cached"] - plain_rows["OfflineSQuADRetrieval"]["n_cached"]
+            == plain_rows["OfflineSQuADRetrieval"]["n_encoded"] - rows["OfflineSQuADRetrieval"]["n_encoded"])

@@ -11,7 +11,7 @@ def test_fully_cached_task_does_not_load_the_model(tiny_config, tmp_path, monkey
     import l2vg_ray.loading
     from l2vg_ray.config import typed
     from l2vg_ray.encoder import L2VGEncoder
-    from l2vg_ray.eval import runner
+    from l2vg_ray.eval import runner, worker
     from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
 
     model = dataclasses.replace(typed(tiny_config).model, device="cpu")
@@ -22,19 +22,21 @@ def test_fully_cached_task_does_not_load_the_model(tiny_config, tmp_path, monkey
     data = write_synthetic_offline_data(tiny_config.cache_dir)
     (job,) = runner.make_jobs(tiny_config, ["OfflineSTSBenchmark"], data_dir=str(data))
 
-    runner._ENCODERS.clear()
+    worker.release()
     first = runner.evaluate_task(job)
-    assert first["model_loaded"] and first["n_encoded"] > 0
+    assert first["model_loaded"] and first["n_encoded"] > 0 and first["model_loads"] == 1
+    again = runner.evaluate_task(job)  # the same worker process holds the model
+    assert again["model_loads"] == 0 and again["main_score"] == pytest.approx(first["main_score"])
 
-    runner._ENCODERS.clear()  # a fresh worker process
+    worker.release()  # a fresh worker process
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded although every text is cached")
 
     monkeypatch.setattr(l2vg_ray.loading, "load_encoder", no_load)
     second = runner.evaluate_task(job)
-    assert not second["model_loaded"]
+    assert not second["model_loaded"] and second["model_loads"] == 0
     assert second["n_encoded"] == 0 and second["n_cached"] == first["n_encoded"] + first["n_cached"]
     assert second["main_score"] == pytest.approx(first["main_score"])
     assert second["fingerprint"] == first["fingerprint"]
-    runner._ENCODERS.clear()
+    worker.release()
