@@ -12,7 +12,9 @@ the same batches for every measurement. Four numbers, measured side by side in o
 - Ray Data: ``GenerateStage`` in a 1-actor pool (``num_cpus`` = the standalone thread count) over
   the same rows, timed from the first batch entering the built, warmed-up actor to the last row
   back in the driver (steady state; the one-time worker start and engine build are reported
-  apart, as ``actor_init_s`` and ``wall_s``).
+  apart, as ``actor_init_s`` and ``wall_s``);
+- Ray Data, vLLM with ``generate.max_concurrent_batches`` = ``--concurrent-batches``: several
+  batches in flight per actor, their requests sharing the engine's steps (``EngineLoop``).
 
 Tokens are response tokens (stop token excluded), counted identically for both engines. Writes
 ``bench/results/generation.json``.
@@ -84,7 +86,7 @@ class TimedGenerateStage:
         return out
 
 
-def build_cfg(backend: str, args):
+def build_cfg(backend: str, args, concurrent: int = 1):
     from l2vg_ray.config import load_config, typed
 
     return typed(
@@ -99,6 +101,7 @@ def build_cfg(backend: str, args):
                 f"generate.batch_size={args.batch_size}",
                 "generate.num_actors=1",
                 f"generate.num_cpus_per_actor={args.threads}",
+                f"generate.max_concurrent_batches={concurrent}",
             ],
         )
     )
@@ -136,13 +139,13 @@ def standalone(backend: str, prompts: list[str], args) -> dict:
     }
 
 
-def in_ray_data(backend: str, prompts: list[str], args) -> dict:
+def in_ray_data(backend: str, prompts: list[str], args, concurrent: int = 1) -> dict:
     import ray.data
 
     from l2vg_ray import schema
     from l2vg_ray.generate.backends import generate_stage_kwargs
 
-    cfg = build_cfg(backend, args)
+    cfg = build_cfg(backend, args, concurrent)
     rows = [{schema.ID: schema.query_id(q), schema.QUERY: q} for q in prompts]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // args.batch_size))
     ds = ds.map_batches(TimedGenerateStage, batch_format="numpy", **generate_stage_kwargs(cfg))
@@ -156,8 +159,9 @@ def in_ray_data(backend: str, prompts: list[str], args) -> dict:
     # row back in the driver. The one-time worker start and engine build are reported apart.
     seconds = t_end - min(float(r["_t_start"]) for r in out)
     by_query = {r[schema.QUERY]: r[schema.RESPONSE] for r in out}
+    label = f"{backend} x{concurrent}" if concurrent > 1 else backend
     print(
-        f"  {backend:12s} Ray Data:   {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s "
+        f"  {label:12s} Ray Data:   {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s "
         f"(actor start-up {init_s:.1f} s, inside the actor's calls {calls_s:.1f} s)",
         flush=True,
     )
@@ -188,6 +192,13 @@ def compute_ratios(results: dict[str, dict]) -> dict[str, float]:
         "ray_overhead_vllm": 1 - vl_ray["tok_s"] / vl["tok_s"],
         "ray_time_outside_calls_transformers": 1 - hf_ray["seconds_in_calls"] / hf_ray["seconds"],
         "ray_time_outside_calls_vllm": 1 - vl_ray["seconds_in_calls"] / vl_ray["seconds"],
+        **({
+            "vllm_concurrent_over_transformers_ray":
+                results["vllm_ray_concurrent"]["tok_s"] / hf_ray["tok_s"],
+            "vllm_concurrent_over_vllm_ray": results["vllm_ray_concurrent"]["tok_s"] / vl_ray["tok_s"],
+            "vllm_concurrent_ray_over_vllm_standalone":
+                results["vllm_ray_concurrent"]["tok_s"] / vl["tok_s"],
+        } if "vllm_ray_concurrent" in results else {}),
     }
 
 
@@ -198,6 +209,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads = actor num_cpus")
+    parser.add_argument("--concurrent-batches", type=int, default=4,
+                        help="generate.max_concurrent_batches of the last Ray Data run (1 = skip it)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
     args = parser.parse_args()
     if args.quick:
@@ -232,6 +245,9 @@ def main() -> None:
     try:
         results["transformers_ray"] = in_ray_data("transformers", prompts, args)
         results["vllm_ray"] = in_ray_data("vllm", prompts, args)
+        if args.concurrent_batches > 1:
+            results["vllm_ray_concurrent"] = in_ray_data("vllm", prompts, args,
+                                                         args.concurrent_batches)
     finally:
         ray.shutdown()
     results["vllm_standalone"] = standalone("vllm", prompts, args)
@@ -259,8 +275,17 @@ def main() -> None:
         f"{ratios['ray_time_outside_calls_transformers']:.2%}, vLLM "
         f"{ratios['ray_time_outside_calls_vllm']:.2%}"
     )
+    same_concurrent = None
+    if "vllm_ray_concurrent" in results:
+        same_concurrent = sum(a == b for a, b in zip(results["transformers_ray"]["texts"],
+                                                     results["vllm_ray_concurrent"]["texts"], strict=True))
+        print(f"vLLM with {args.concurrent_batches} concurrent batches in Ray Data: "
+              f"{ratios['vllm_concurrent_over_transformers_ray']:.2f}x transformers, "
+              f"{ratios['vllm_concurrent_over_vllm_ray']:.2f}x one batch at a time, "
+              f"{ratios['vllm_concurrent_ray_over_vllm_standalone']:.2f}x standalone vLLM")
     print(
         f"greedy texts identical (vLLM vs transformers): standalone {same}/{n}, Ray Data {same_ray}/{n}"
+        + (f", Ray Data concurrent {same_concurrent}/{n}" if same_concurrent is not None else "")
     )
 
     import torch
@@ -278,7 +303,9 @@ def main() -> None:
         "quick": args.quick,
         "results": {k: {m: v for m, v in r.items() if m != "texts"} for k, r in results.items()},
         "ratios": ratios,
-        "greedy_identical": {"standalone": same, "ray": same_ray, "of": n},
+        "concurrent_batches": args.concurrent_batches,
+        "greedy_identical": {"standalone": same, "ray": same_ray, "ray_concurrent": same_concurrent,
+                             "of": n},
         "targets": {"vllm_over_transformers": 3.0, "ray_overhead_max": 0.15},
         "machine": {
             "cpu_count": os.cpu_count(),

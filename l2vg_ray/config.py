@@ -125,6 +125,11 @@ class GenerateConfig:
     seed: int = 0
     batch_size: int = resource_field(16)  # rows per map_batches call
     num_actors: int = resource_field(1)
+    # map_batches calls one generation actor runs at once. With vLLM (> 1), every call's
+    # requests join one engine, stepped by whichever call is waiting, so the engine never drains
+    # between batches (the tail of one batch overlaps the next, as ray.data.llm's
+    # max_concurrent_batches); other engines run their calls one at a time.
+    max_concurrent_batches: int = resource_field(1)
     num_cpus_per_actor: float = resource_field(1.0)
     num_gpus_per_actor: float = resource_field(0.0)
     # Memory Ray reserves per generation actor (GiB), so the scheduler and Ray Data's memory check

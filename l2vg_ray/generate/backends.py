@@ -17,11 +17,16 @@ arguments (actor pool size, per-actor CPUs/GPUs, batch size) so that tests can c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
+import queue
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -146,6 +151,9 @@ class Backend(Protocol):
     # True when the engine binds its own compute threads (vLLM-CPU), so the stage leaves torch's
     # thread count alone.
     owns_threads: bool
+    # True when generate() may be called from several threads at once (their requests share the
+    # engine); otherwise the stage runs one call at a time.
+    concurrent: bool
 
     def generate(self, queries: list[str]) -> list[Generation]: ...
 
@@ -235,6 +243,7 @@ class TransformersBackend:
 
     name = "transformers"
     owns_threads = False
+    concurrent = False
 
     def __init__(
         self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
@@ -336,12 +345,76 @@ def vllm_platform() -> str | None:
     return None
 
 
+class EngineLoop:
+    """Requests from any number of threads, served by one vLLM ``LLMEngine``.
+
+    ``run(prompts)`` queues its requests and then, until they are all finished, steps the engine
+    whenever no other caller is stepping it: the engine always holds every waiting caller's
+    requests, so a batch's last few sequences share steps with the next batch's first ones
+    instead of running alone. Only the stepping thread touches the engine (requests wait in a
+    queue until it adds them), and an engine error fails the requests in flight, not the loop.
+    """
+
+    def __init__(self, engine: Any, params: Any) -> None:
+        self.engine = engine
+        self.params = params  # SamplingParams with output_kind FINAL_ONLY: one output each
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: dict[str, Future] = {}
+        self._ids = itertools.count()
+        self._step_lock = threading.Lock()
+
+    def run(self, prompt_token_ids: Sequence[Sequence[int]]) -> list[Any]:
+        """The finished ``RequestOutput`` of every prompt, in order."""
+        futures = []
+        for ids in prompt_token_ids:
+            future: Future = Future()
+            self._inbox.put((f"l2vg-{next(self._ids)}", list(ids), future))
+            futures.append(future)
+        while not all(f.done() for f in futures):
+            if self._step_lock.acquire(timeout=0.05):
+                try:
+                    self._step()
+                finally:
+                    self._step_lock.release()
+        return [f.result() for f in futures]
+
+    def _step(self) -> None:
+        while True:
+            try:
+                request_id, ids, future = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self.engine.add_request(request_id, {"prompt_token_ids": ids}, self.params)
+                self._waiting[request_id] = future
+            except Exception as e:  # this request is refused (e.g. too long); others go on
+                future.set_exception(e)
+        if not self.engine.has_unfinished_requests():
+            return
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # every request in flight fails with it; the loop goes on
+            failed, self._waiting = self._waiting, {}
+            for future in failed.values():
+                future.set_exception(e)
+            with contextlib.suppress(Exception):
+                self.engine.abort_request(list(failed))
+            return
+        for out in outputs:
+            if out.finished:
+                self._waiting.pop(out.request_id).set_result(out)
+
+
 @GENERATION_BACKENDS.register("vllm")
 class VLLMBackend:
-    """``vllm.LLM`` on the same chat-prompt token ids as the transformers backend."""
+    """``vllm.LLM`` on the same chat-prompt token ids as the transformers backend.
+
+    With ``generate.max_concurrent_batches > 1`` concurrent calls share the engine through an
+    ``EngineLoop``; otherwise each call is one ``LLM.generate``."""
 
     name = "vllm"
     owns_threads = False  # set per engine: True on vLLM-CPU
+    concurrent = False  # set per engine: True with max_concurrent_batches > 1
 
     def __init__(
         self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
@@ -412,14 +485,27 @@ class VLLMBackend:
                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1, **common
             )
 
+        self.loop = None
+        if int(gen.max_concurrent_batches) > 1:
+            from vllm.sampling_params import RequestOutputKind
+
+            params = self.sampling.clone()
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            self.loop = EngineLoop(self.llm.llm_engine, params)
+            self.concurrent = True
+
     def generate(self, queries: list[str]) -> list[Generation]:
         if not queries:
             return []
         prompts = build_chat_prompts(
             self.tokenizer, queries, self.settings.system_prompt, self.settings.template_kwargs
         )
-        requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
-        outputs = self.llm.generate(requests, self.sampling, use_tqdm=False)
+        ids = encode_prompts(self.tokenizer, prompts)
+        if self.loop is not None:
+            outputs = self.loop.run(ids)
+        else:
+            outputs = self.llm.generate([{"prompt_token_ids": i} for i in ids], self.sampling,
+                                        use_tqdm=False)
         return [
             decode_generation(self.tokenizer, list(o.outputs[0].token_ids), self.stop_ids)
             for o in outputs
@@ -436,6 +522,7 @@ class PrecomputedBackend:
     """
 
     name = "precomputed"
+    concurrent = False
     owns_threads = False
 
     def __init__(self, model_path: str, *, gen: Any, dtype: str = "float32", device: str = "auto",
@@ -516,13 +603,18 @@ class GenerateStage:
             set_threads(generate.num_cpus_per_actor)
         self.generator_model = str(model.llm)
         self.sampling_params = GenerationSettings.from_config(generate).to_json()
+        # Ray Data may run several calls at once (max_concurrent_batches); an engine that is
+        # not built for it gets them one at a time.
+        self._one_at_a_time = (contextlib.nullcontext() if getattr(self.backend, "concurrent", False)
+                               else threading.Lock())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
             batch = {c: batch[c].to_numpy() for c in batch.columns}
         schema.require_columns(batch.keys(), [schema.QUERY], stage="GenerateStage")
         queries = [str(q) for q in column_to_list(batch, schema.QUERY)]
-        outputs = self.backend.generate(queries)
+        with self._one_at_a_time:
+            outputs = self.backend.generate(queries)
         n = len(queries)
         out = dict(batch)
         out[schema.RESPONSE] = np.array([o.text for o in outputs], dtype=object)
@@ -556,9 +648,15 @@ def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
         raise ConfigError(f"generate.num_actors={g.num_actors}; it must be >= 1.")
     if g.batch_size < 1:
         raise ConfigError(f"generate.batch_size={g.batch_size}; it must be >= 1.")
+    k = int(g.max_concurrent_batches)
+    if k < 1:
+        raise ConfigError(f"generate.max_concurrent_batches={k}; it must be >= 1 (1 = one call "
+                          f"at a time per actor).")
+    pool = {"max_tasks_in_flight_per_actor": k + 1, "max_concurrent_calls_per_actor": k,
+            "enable_true_multi_threading": True} if k > 1 else {}
     kwargs: dict[str, Any] = {
         "fn_constructor_kwargs": {"model": c.model, "generate": g, "cache_dir": c.cache_dir},
-        "compute": ray.data.ActorPoolStrategy(size=int(g.num_actors)),
+        "compute": ray.data.ActorPoolStrategy(size=int(g.num_actors), **pool),
         "num_cpus": float(g.num_cpus_per_actor),
         "num_gpus": num_gpus,
         "batch_size": int(g.batch_size),

@@ -40,9 +40,12 @@ QUERIES = [
 ]
 
 
+@pytest.mark.parametrize("concurrent_batches", [1, 3])
 def test_vllm_stage_in_ray_data_matches_greedy_transformers(
-    ray_session, tiny_generator_llm_dir, tmp_path
+    ray_session, tiny_generator_llm_dir, tmp_path, concurrent_batches
 ):
+    """One engine per actor, held across batches; with 3 concurrent batches their requests
+    share its steps (EngineLoop), and every greedy text is still transformers' own."""
     import ray.data
 
     from l2vg_ray import schema
@@ -65,6 +68,7 @@ def test_vllm_stage_in_ray_data_matches_greedy_transformers(
             "generate.max_tokens=16",
             "generate.batch_size=4",  # 3 batches through one engine: it is held across batches
             "generate.num_actors=1",
+            f"generate.max_concurrent_batches={concurrent_batches}",
         ],
     )
     rows = [{schema.ID: schema.query_id(q), schema.QUERY: q} for q in QUERIES]

@@ -227,6 +227,16 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
         generate_stage_kwargs(tiny_config)
     tiny_config.generate.memory_gb_per_actor = None
 
+    assert kw["compute"].max_concurrent_calls_per_actor is None  # one call at a time
+    tiny_config.generate.max_concurrent_batches = 3  # three calls share each actor's engine
+    pool = generate_stage_kwargs(tiny_config)["compute"]
+    assert (pool.max_concurrent_calls_per_actor, pool.max_tasks_in_flight_per_actor) == (3, 4)
+    assert pool.enable_true_multi_threading
+    tiny_config.generate.max_concurrent_batches = 0
+    with pytest.raises(ConfigError, match="max_concurrent_batches=0"):
+        generate_stage_kwargs(tiny_config)
+    tiny_config.generate.max_concurrent_batches = 1
+
     tiny_config.generate.tensor_parallel_size = 2
     with pytest.raises(ConfigError, match="num_gpus_per_actor=2"):
         generate_stage_kwargs(tiny_config)
