@@ -12,7 +12,10 @@
                             predicting the mean teacher vector scores, 0 is a perfect match,
                             whatever the teacher's scale (the default)
   ``standardized-mse``      MSE per dimension / that dimension's variance, averaged: every
-                            dimension counts as much as every other; 1.0 = the mean vector
+                            dimension counts as much as every other; 1.0 = the mean vector.
+                            Variances are floored at ``VAR_FLOOR`` x their mean: a teacher
+                            can have constant dimensions (all-MiniLM-L6-v2 has three with
+                            variance 0 over the laptop targets), which would weigh ~1e12
   ``cosine``                1 - cosine(student, teacher), averaged over rows: scale-free
   ========================  ================================================================
 
@@ -112,6 +115,7 @@ ALIGNMENT_LOSSES: Registry[AlignmentLoss] = Registry(
 # Kinds that scale by the targets' statistics (the trainer computes them from the data).
 NEEDS_STATS = ("normalized-mse", "standardized-mse")
 _EPS = 1e-12
+VAR_FLOOR = 0.01  # standardized-mse: no dimension weighs more than 100x an average one
 
 
 def _need(stats: TargetStats | None, kind: str) -> TargetStats:
@@ -141,7 +145,8 @@ def _standardized_mse(
     student: torch.Tensor, teacher: torch.Tensor, stats: TargetStats | None
 ) -> torch.Tensor:
     var = _need(stats, "standardized-mse").var.to(student.device)
-    return (((student - teacher) ** 2) / var.clamp(min=_EPS)).mean()
+    floor = (var.mean() * VAR_FLOOR).clamp(min=_EPS)
+    return (((student - teacher) ** 2) / var.clamp(min=floor)).mean()
 
 
 @ALIGNMENT_LOSSES.register("cosine")

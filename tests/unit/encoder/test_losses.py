@@ -99,6 +99,18 @@ def test_alignment_standardized_mse_weights_each_dimension_by_its_variance():
     assert alignment_loss(s2, _T, kind="standardized-mse", stats=_STATS).item() == pytest.approx(0.25)
 
 
+def test_standardized_mse_floors_a_constant_dimension():
+    from l2vg_ray.encoder.losses import VAR_FLOOR, TargetStats
+
+    # Dimension 1 is constant in the targets (variance 0), as three of MiniLM's are.
+    stats = TargetStats(mean=torch.zeros(2), var=torch.tensor([2.0, 0.0]))
+    s, t = torch.tensor([[1.0, 0.1]]), torch.tensor([[0.0, 0.0]])
+    floor = VAR_FLOOR * 1.0  # VAR_FLOOR x the mean variance (2 + 0) / 2
+    expected = (1.0 / 2.0 + 0.01 / floor) / 2
+    got = alignment_loss(s, t, kind="standardized-mse", stats=stats).item()
+    assert got == pytest.approx(expected) and got < 1.0
+
+
 def test_alignment_cosine_is_one_minus_cosine():
     # row 0: cos([1,0],[0,0]) = 0 (zero teacher vector, eps-guarded) -> 1
     # row 1: cos([0,2],[2,2]) = 1/sqrt(2) -> 1 - 0.7071
