@@ -122,11 +122,13 @@ def prefill_large_corpora(
     opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
     counts = fan_out(count_corpus, candidates, keys=[j.task for j in candidates],
                      max_concurrency=shards, **opts)
-    large = [j for j, c in zip(candidates, counts, strict=True) if c.ok and c.value >= min_docs]
+    large = []
     for j, c in zip(candidates, counts, strict=True):
         if c.ok:
             log.info("%s: %d documents%s", j.task, c.value,
                      f", sharded over {shards} workers" if c.value >= min_docs else "")
+            if c.value >= min_docs:
+                large.append(j)
     if not large:
         return {}
     work = [ShardJob(j, i, shards) for j in large for i in range(shards)]
@@ -135,7 +137,7 @@ def prefill_large_corpora(
                    on_done=lambda o: log.info("%s: %s", o.key,
                                               f"{o.value} encoded" if o.ok else "FAILED"),
                    **opts)
-    failed = {o.key.split("[", 1)[0] for o in done if not o.ok}
+    failed = {s.job.task for s, o in zip(work, done, strict=True) if not o.ok}
     if failed:
         log.warning("Corpus shards failed for %s: those tasks encode what is missing themselves.",
                     ", ".join(sorted(failed)))

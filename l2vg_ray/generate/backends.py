@@ -605,7 +605,7 @@ class GenerateStage:
         self.sampling_params = GenerationSettings.from_config(generate).to_json()
         # Ray Data may run several calls at once (max_concurrent_batches); an engine that is
         # not built for it gets them one at a time.
-        self._one_at_a_time = (contextlib.nullcontext() if getattr(self.backend, "concurrent", False)
+        self._one_at_a_time = (contextlib.nullcontext() if self.backend.concurrent
                                else threading.Lock())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
