@@ -265,6 +265,12 @@ class EvalConfig:
     # eval.cache_dir), then scores from cache hits; 0 = never. Scores equal an unsharded run's.
     shard_min_docs: int = resource_field(50000)
     shards: int = resource_field(0)  # workers per sharded corpus; 0 = eval.max_concurrency
+    # Encoder actors: 0 = each task process loads and holds its own encoder (one device does
+    # both encoding and mteb's scoring); N > 0 = N Ray actors (num_cpus/gpus_per_task each)
+    # hold the model for the whole suite, and the tasks (eval.scoring_cpus each, no GPU) only
+    # score, sending their cache misses to them: classifier fits overlap with encoding.
+    encoders: int = resource_field(0)
+    scoring_cpus: float = resource_field(1.0)  # CPUs per task when eval.encoders > 0
     # Input tokens per text at evaluation, for the trained encoder and the pooled-LLM
     # baselines alike; null = model.max_length (the training length). A recipe that trains on
     # short queries for speed still embeds whole documents here.

@@ -160,8 +160,9 @@ class CachedEncoder:
 
     @property
     def loaded(self) -> bool:
-        """Whether the wrapped model is in memory (always, unless built by ``deferred``)."""
-        return self._encoder is not None
+        """Whether the wrapped model is in this process's memory (always, unless built by
+        ``deferred`` or wrapping a remote encoder)."""
+        return self._encoder is not None and bool(getattr(self._encoder, "loaded", True))
 
     @property
     def encoder(self) -> TextEncoder:

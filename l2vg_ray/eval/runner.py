@@ -10,6 +10,7 @@ back, not recomputed) and return one row of the results table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -157,6 +158,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.fanout import fan_out
     from l2vg_ray.eval.report import markdown_table, summarize, write_report
+    from l2vg_ray.eval.service import actor_loads, encoder_actors
     from l2vg_ray.eval.shard import prefill_large_corpora
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
@@ -171,23 +173,35 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         # Once, in the driver: the Ray tasks then only read Parquet files.
         data_dir = str(prepare_offline_data(cfg.cache_dir))
     jobs = make_jobs(cfg, names, data_dir=data_dir)
-    log.info("Evaluating %s on %d tasks of suite %r (%d at a time)", e.model, len(jobs), e.suite,
-             e.max_concurrency)
+    n_encoders = int(e.encoders)
+    if n_encoders < 0:
+        raise ValueError(f"eval.encoders={n_encoders}: use 0 (each task loads its encoder) or the "
+                         f"number of encoder actors.")
+    log.info("Evaluating %s on %d tasks of suite %r (%d at a time%s)", e.model, len(jobs), e.suite,
+             e.max_concurrency, f", {n_encoders} encoder actors" if n_encoders else "")
+    # With encoder actors the tasks only score: CPUs, no GPU; else each task also encodes.
+    task_res = ({"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0} if n_encoders else
+                {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)})
     t0 = time.perf_counter()
-    sharded = prefill_large_corpora(
-        jobs, min_docs=int(e.shard_min_docs), shards=int(e.shards) or int(e.max_concurrency),
-        num_cpus=float(e.num_cpus_per_task), num_gpus=float(e.num_gpus_per_task),
-        max_retries=int(e.max_retries), task_types={n: _task_type(n) for n in names})
-    outcomes = fan_out(
-        evaluate_task,
-        jobs,
-        keys=names,
-        num_cpus=float(e.num_cpus_per_task),
-        num_gpus=float(e.num_gpus_per_task),
-        max_concurrency=int(e.max_concurrency),
-        max_retries=int(e.max_retries),
-        on_done=lambda o: log.info("%s %s (%.1fs)", o.key, "done" if o.ok else "FAILED", o.seconds),
-    )
+    with encoder_actors(jobs[0], n_encoders, num_cpus=float(e.num_cpus_per_task),
+                        num_gpus=float(e.num_gpus_per_task)) as actors:
+        jobs = [dataclasses.replace(j, encoders=actors) for j in jobs]
+        sharded = prefill_large_corpora(
+            jobs, min_docs=int(e.shard_min_docs),
+            shards=int(e.shards) or n_encoders or int(e.max_concurrency),
+            max_retries=int(e.max_retries), task_types={n: _task_type(n) for n in names},
+            **task_res)
+        outcomes = fan_out(
+            evaluate_task,
+            jobs,
+            keys=names,
+            max_concurrency=int(e.max_concurrency),
+            max_retries=int(e.max_retries),
+            on_done=lambda o: log.info("%s %s (%.1fs)", o.key, "done" if o.ok else "FAILED",
+                                       o.seconds),
+            **task_res,
+        )
+        loads_in_actors = actor_loads(actors)
     wall = time.perf_counter() - t0
     rows = []
     for o in outcomes:
@@ -201,7 +215,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(e.output_dir) / model_slug(str(e.model))
     meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
             "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions),
-            "max_length": e.max_length}
+            "max_length": e.max_length, "encoders": n_encoders}
+    if n_encoders:
+        meta["encoder_actor_loads"] = loads_in_actors
     files = write_report(rows, out_dir, meta=meta)
     print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
     summary = summarize(rows)

@@ -4,14 +4,20 @@
 cache) and hands the same object to every later task of that process that names the same
 encoder: Ray reuses worker processes between tasks, so a worker loads its model once. Both
 the per-task core (``runner.evaluate_task``) and the corpus shards (``shard.embed_shard``)
-use it, so a shard's worker process also keeps the model for the tasks that follow.
+use it, so a shard's worker process also keeps the model for the tasks that follow. With
+encoder actors (``job.encoders``, ``eval.encoders`` > 0) it holds no model: a ``RemoteEncoder``
+sends the cache misses to the actors (``service.py`` starts them).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 from l2vg_ray.config import L2VGConfig
 
@@ -33,6 +39,9 @@ class TaskJob:
     num_threads: int
     instructions: str = "project"  # named instruction set (InstructionSet.named)
     max_length: int | None = None  # input tokens per text (eval.max_length); None = the model's
+    # Encoder actors (eval.encoders > 0, ``service.encoder_actors``): the task sends its cache
+    # misses to them instead of loading the model itself. Empty = load it in this process.
+    encoders: tuple[Any, ...] = ()
 
 
 _ENCODERS: dict[str, Any] = {}
@@ -41,42 +50,93 @@ _ENCODERS: dict[str, Any] = {}
 _LOADS = [0]
 
 
-def _load(model: str, c: L2VGConfig, max_length: int | None):
+def load_job_model(job: TaskJob):
+    """The job's encoder, freshly loaded (no cache in front); counted in ``loads_so_far``."""
+    from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
     from l2vg_ray.loading import load_encoder
 
     _LOADS[0] += 1
-    return load_encoder(model, c, max_length=max_length)
+    return load_encoder(job.model, job.cfg, max_length=job.max_length)
+
+
+def saved_identity(job: TaskJob) -> tuple[str, int, str] | None:
+    """(name, dim, fingerprint) of a trained encoder's folder, from its small files (the LLM is
+    not loaded); None when the job's model is not a saved encoder (a baseline)."""
+    from l2vg_ray.encoder.model import saved_encoder_info
+    from l2vg_ray.loading import saved_encoder_folder
+
+    saved = saved_encoder_folder(job.model, job.cfg)
+    if saved is None:
+        return None
+    info = saved_encoder_info(saved, max_length=job.max_length)
+    return info.name, int(info.dim), info.fingerprint
 
 
 def job_encoder(job: TaskJob):
-    """The (cached) encoder for this job, loaded once per worker process and reused."""
-    from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
+    """The (cached) encoder for this job, loaded once per worker process and reused; with
+    encoder actors (``job.encoders``), a cache in front of them and no model here."""
     from l2vg_ray.eval.cache import CachedEncoder, EmbeddingCache
-    from l2vg_ray.loading import saved_encoder_folder
 
     c = job.cfg
     key = json.dumps([job.model, job.cache_dir, asdict(c.model), asdict(c.generate), c.cache_dir,
-                      job.max_length], sort_keys=True, default=str)
+                      job.max_length, [str(a) for a in job.encoders]], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        saved = saved_encoder_folder(job.model, c) if job.cache_dir else None
-        if saved is not None:
+        identity = saved_identity(job) if job.cache_dir and not job.encoders else None
+        if job.encoders:
+            encoder = RemoteEncoder.connect(job.encoders)
+            if job.cache_dir:
+                encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
+        elif identity is not None:
             # A trained encoder's fingerprint comes from its small files: the LLM loads only
             # when the cache misses a text, so a fully cached task never loads it.
-            from l2vg_ray.encoder.model import saved_encoder_info
-
-            def load():  # the folder, already resolved from a packaged name
-                return _load(str(saved), c, job.max_length)
-
-            info = saved_encoder_info(saved, max_length=job.max_length)
-            encoder = CachedEncoder.deferred(load, EmbeddingCache(job.cache_dir), name=info.name,
-                                             dim=info.dim, fingerprint=info.fingerprint)
+            name, dim, fingerprint = identity
+            encoder = CachedEncoder.deferred(lambda: load_job_model(job), EmbeddingCache(job.cache_dir),
+                                             name=name, dim=dim, fingerprint=fingerprint)
         else:
-            encoder = _load(job.model, c, job.max_length)
+            encoder = load_job_model(job)
             if job.cache_dir:
                 encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         _ENCODERS[key] = encoder
     return _ENCODERS[key]
+
+
+class RemoteEncoder:
+    """A ``TextEncoder`` whose encode calls run on encoder actors, in turn (round robin)."""
+
+    loaded = False  # no model in this process (the results row's ``model_loaded``)
+
+    def __init__(self, actors: Sequence[Any], identity: tuple[str, int, str]) -> None:
+        if not actors:
+            raise ValueError("RemoteEncoder needs at least one encoder actor.")
+        self.actors = list(actors)
+        self.name, self.dim, self._fingerprint = identity[0], int(identity[1]), identity[2]
+        # Start at a different actor in each task process, so tasks spread over the actors.
+        self._turn = itertools.cycle(np.random.default_rng().permutation(len(self.actors)))
+
+    @classmethod
+    def connect(cls, actors: Sequence[Any]) -> RemoteEncoder:
+        import ray
+
+        return cls(actors, tuple(ray.get(actors[0].identity.remote())))
+
+    def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
+               normalize: bool = False, show_progress: bool = False) -> np.ndarray:
+        import ray
+
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string; wrap it: [text].")
+        texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        actor = self.actors[next(self._turn)]
+        out = ray.get(actor.encode.remote(texts, instruction, int(batch_size)))
+        if normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
 
 
 def loads_so_far() -> int:

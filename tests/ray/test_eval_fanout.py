@@ -94,3 +94,39 @@ def test_large_corpus_is_sharded_over_workers(ray_session, eval_cfg, tmp_path):
     assert rows["OfflineSQuADRetrieval"]["n_encoded"] < plain_rows["OfflineSQuADRetrieval"]["n_encoded"]
     assert (rows["OfflineSQuADRetrieval"]["n_cached"] - plain_rows["OfflineSQuADRetrieval"]["n_cached"]
             == plain_rows["OfflineSQuADRetrieval"]["n_encoded"] - rows["OfflineSQuADRetrieval"]["n_encoded"])
+
+
+def test_encoder_actors_hold_the_model_and_tasks_only_score(ray_session, eval_cfg, tmp_path):
+    """eval.encoders=1: one actor loads the model once for every task; the tasks (no model of
+    their own) send it their texts, and the scores equal the in-process path's exactly."""
+    from l2vg_ray.eval.runner import run_eval
+
+    eval_cfg.eval.tasks = ["OfflineSTSBenchmark", "OfflineSNIPSIntentClassification",
+                           "OfflineTRECClustering", "OfflineSQuADRetrieval"]
+    eval_cfg.eval.cache_dir = ""  # no cache: every text goes to an encoder: nothing served from a cache
+    plain = run_eval(eval_cfg)
+    eval_cfg.eval.output_dir = str(tmp_path / "actors")
+    eval_cfg.eval.encoders = 1
+    eval_cfg.eval.scoring_cpus = 0.5  # 1 actor (1 CPU) + 2 scoring tasks on the 2-CPU cluster
+    served = run_eval(eval_cfg)
+    assert served["scores"] == plain["scores"]
+    assert set(served["failed"]) == {"OfflineSNIPSIntentClassification"}  # still isolated
+    assert served["encoders"] == 1 and served["encoder_actor_loads"] == 1
+    rows = [r for r in json.loads(open(served["files"]["json"]).read())["results"] if r["status"] == "ok"]
+    assert len(rows) == 3
+    assert all(r["model_loads"] == 0 and not r["model_loaded"] for r in rows)
+
+
+def test_encoder_actors_fill_the_cache_the_tasks_read(ray_session, eval_cfg, tmp_path):
+    """With a cache, a task's misses are encoded by the actor and stored: a rerun is all hits."""
+    from l2vg_ray.eval.runner import run_eval
+
+    eval_cfg.eval.tasks = ["OfflineSTSBenchmark", "OfflineSQuADRetrieval"]
+    eval_cfg.eval.encoders = 1
+    eval_cfg.eval.scoring_cpus = 0.5
+    first = run_eval(eval_cfg)
+    eval_cfg.eval.overwrite = True
+    second = run_eval(eval_cfg)
+    assert second["scores"] == pytest.approx(first["scores"])
+    rows = json.loads(open(second["files"]["json"]).read())["results"]
+    assert all(r["n_encoded"] == 0 and r["n_cached"] > 0 for r in rows)

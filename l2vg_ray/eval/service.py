@@ -1,0 +1,98 @@
+"""Encoder actors (``eval.encoders`` > 0): the model lives in a few actors, the tasks only score.
+
+    run_eval -> encoder_actors(job, n)   n Ray actors, each with eval.num_cpus/gpus_per_task;
+                                         each loads the model at its first text, keeps it
+             -> fan_out(evaluate_task)   one Ray task per mteb task, eval.scoring_cpus each and
+                                         no GPU: mteb runs here; its cache misses go to an actor
+
+mteb's scoring (classifier fits over n_experiments, k-means, retrieval search) does not need the
+model, so while one task fits its classifiers on CPU another task's texts keep the actors (the
+GPUs) busy: scoring overlaps with encoding, and the model is loaded once per actor for the
+whole suite. With ``eval.encoders: 0`` (the default) each task process holds its own encoder
+instead (``worker.job_encoder``), which is the better shape where one device does both.
+
+Scores equal the in-process path's: a task sends the same texts, in the same encode calls, to an
+encoder that runs with the same thread count. A dead actor is restarted once by Ray and its call
+retried; a call that still fails fails its task only (the fan-out reports it).
+
+``EncoderServer`` is the actor's body (no Ray inside it); ``worker.RemoteEncoder`` the
+``TextEncoder`` a task sees; ``encoder_actors`` the Ray part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from l2vg_ray.eval.worker import TaskJob
+
+
+class EncoderServer:
+    """Holds one encoder (no cache: the calling task consults it), loaded at the first call."""
+
+    def __init__(self, job: TaskJob) -> None:
+        self.job = job
+        self._encoder: Any = None
+        self.loads = 0
+
+    def _loaded(self):
+        if self._encoder is None:
+            import torch
+
+            from l2vg_ray.eval.worker import load_job_model
+
+            torch.set_num_threads(max(1, self.job.num_threads))
+            self._encoder = load_job_model(self.job)
+            self.loads += 1
+        return self._encoder
+
+    def identity(self) -> tuple[str, int, str]:
+        """(name, dim, fingerprint); a saved encoder's come from its small files, unloaded."""
+        from l2vg_ray.eval.worker import saved_identity
+
+        known = saved_identity(self.job)
+        if known is not None:
+            return known
+        e = self._loaded()
+        return e.name, int(e.dim), e.fingerprint()
+
+    def encode(self, texts: list[str], instruction: str | None, batch_size: int) -> np.ndarray:
+        out = self._loaded().encode(texts, instruction=instruction, batch_size=batch_size,
+                                    normalize=False)
+        return np.asarray(out, dtype=np.float32)
+
+    def load_count(self) -> int:
+        return self.loads
+
+
+@contextlib.contextmanager
+def encoder_actors(job: TaskJob, n: int, *, num_cpus: float, num_gpus: float,
+                   ) -> Iterator[tuple[Any, ...]]:
+    """``n`` encoder actors for ``job``'s model (none for ``n <= 0``), killed on exit."""
+    import ray
+
+    if n <= 0:
+        yield ()
+        return
+    server = ray.remote(EncoderServer).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=1)
+    actors = tuple(server.remote(job) for _ in range(n))
+    try:
+        yield actors
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def actor_loads(actors: Sequence[Any]) -> int:
+    """Models the live actors have loaded (one each that encoded a text; a restarted actor
+    counts from its restart)."""
+    import ray
+
+    if not actors:
+        return 0
+    return int(sum(ray.get([a.load_count.remote() for a in actors])))
