@@ -264,7 +264,8 @@ class EvalConfig:
     # its corpus embedded by eval.shards workers at once into the embedding cache (needs
     # eval.cache_dir), then scores from cache hits; 0 = never. Scores equal an unsharded run's.
     shard_min_docs: int = resource_field(50000)
-    shards: int = resource_field(0)  # workers per sharded corpus; 0 = eval.max_concurrency
+    # Workers per sharded corpus; 0 = eval.encoders (with encoder actors), else max_concurrency.
+    shards: int = resource_field(0)
     # Encoder actors: 0 = each task process loads and holds its own encoder (one device does
     # both encoding and mteb's scoring); N > 0 = N Ray actors (num_cpus/gpus_per_task each)
     # hold the model for the whole suite, and the tasks (eval.scoring_cpus each, no GPU) only

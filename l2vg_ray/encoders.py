@@ -54,11 +54,16 @@ class TextEncoder(Protocol):
         ...
 
 
-def with_instruction(texts: Sequence[str], instruction: str | None) -> list[str]:
-    """``instruction`` prefixed to every text, the way the encoders here read an instruction."""
+def text_list(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list of strings; one bare string is refused (it would split into letters)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string; wrap it: [text].")
-    texts = [str(t) for t in texts]
+    return [str(t) for t in texts]
+
+
+def with_instruction(texts: Sequence[str], instruction: str | None) -> list[str]:
+    """``instruction`` prefixed to every text, the way the encoders here read an instruction."""
+    texts = text_list(texts)
     return [f"{instruction} {t}" for t in texts] if instruction else texts
 
 

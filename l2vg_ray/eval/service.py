@@ -37,7 +37,6 @@ class EncoderServer:
     def __init__(self, job: TaskJob) -> None:
         self.job = job
         self._encoder: Any = None
-        self.loads = 0
 
     def _loaded(self):
         if self._encoder is None:
@@ -47,26 +46,25 @@ class EncoderServer:
 
             torch.set_num_threads(max(1, self.job.num_threads))
             self._encoder = load_job_model(self.job)
-            self.loads += 1
         return self._encoder
 
     def identity(self) -> tuple[str, int, str]:
-        """(name, dim, fingerprint); a saved encoder's come from its small files, unloaded."""
-        from l2vg_ray.eval.worker import saved_identity
-
-        known = saved_identity(self.job)
-        if known is not None:
-            return known
+        """(name, dim, fingerprint) of the loaded encoder (a task asks only for a baseline: a
+        trained encoder's it reads from the folder's small files itself)."""
         e = self._loaded()
         return e.name, int(e.dim), e.fingerprint()
 
-    def encode(self, texts: list[str], instruction: str | None, batch_size: int) -> np.ndarray:
+    def encode(self, texts: list[str], instruction: str | None, batch_size: int,
+               normalize: bool = False) -> np.ndarray:
         out = self._loaded().encode(texts, instruction=instruction, batch_size=batch_size,
-                                    normalize=False)
+                                    normalize=normalize)
         return np.asarray(out, dtype=np.float32)
 
     def load_count(self) -> int:
-        return self.loads
+        """Models this actor's process has loaded (``worker.loads_so_far``)."""
+        from l2vg_ray.eval.worker import loads_so_far
+
+        return loads_so_far()
 
 
 @contextlib.contextmanager

@@ -82,14 +82,15 @@ def job_encoder(job: TaskJob):
                       job.max_length, [str(a) for a in job.encoders]], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
-        identity = saved_identity(job) if job.cache_dir and not job.encoders else None
+        # A trained encoder's identity comes from its small files, so the cache can be
+        # consulted before any model loads (here or in an encoder actor).
+        identity = saved_identity(job) if job.cache_dir else None
         if job.encoders:
-            encoder = RemoteEncoder.connect(job.encoders)
+            encoder = RemoteEncoder.connect(job.encoders, identity)
             if job.cache_dir:
                 encoder = CachedEncoder(encoder, EmbeddingCache(job.cache_dir))
         elif identity is not None:
-            # A trained encoder's fingerprint comes from its small files: the LLM loads only
-            # when the cache misses a text, so a fully cached task never loads it.
+            # The LLM loads only when the cache misses a text: a fully cached task never loads it.
             name, dim, fingerprint = identity
             encoder = CachedEncoder.deferred(lambda: load_job_model(job), EmbeddingCache(job.cache_dir),
                                              name=name, dim=dim, fingerprint=fingerprint)
@@ -115,25 +116,25 @@ class RemoteEncoder:
         self._turn = itertools.cycle(np.random.default_rng().permutation(len(self.actors)))
 
     @classmethod
-    def connect(cls, actors: Sequence[Any]) -> RemoteEncoder:
+    def connect(cls, actors: Sequence[Any], identity: tuple[str, int, str] | None = None,
+                ) -> RemoteEncoder:
+        """Over ``actors``; without a known ``identity`` (a baseline), one actor is asked (it
+        loads the model to answer)."""
         import ray
 
-        return cls(actors, tuple(ray.get(actors[0].identity.remote())))
+        return cls(actors, identity or tuple(ray.get(actors[0].identity.remote())))
 
     def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
                normalize: bool = False, show_progress: bool = False) -> np.ndarray:
         import ray
 
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not one string; wrap it: [text].")
-        texts = [str(t) for t in texts]
+        from l2vg_ray.encoders import text_list
+
+        texts = text_list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         actor = self.actors[next(self._turn)]
-        out = ray.get(actor.encode.remote(texts, instruction, int(batch_size)))
-        if normalize:
-            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return ray.get(actor.encode.remote(texts, instruction, int(batch_size), bool(normalize)))
 
     def fingerprint(self) -> str:
         return self._fingerprint
