@@ -8,7 +8,10 @@
    embedding cache (worker start-up and encoder loading included);
 3. fan-out (warm): the same again (``eval.overwrite=true``), every embedding from the cache;
    model loads counted in both (the rows' ``model_loads``: one per worker process is the target);
-4. one large retrieval task (``OfflineSQuADRetrieval`` at ``--shard-docs`` documents), cold cache:
+4. encoder actors (``--encoders`` actors hold the model, each task scores on
+   ``--scoring-cpus`` CPUs and sends its cache misses to them), cold cache then warm: the loads are
+   the actors' (``encoder_actor_loads``), and mteb's scoring overlaps with encoding;
+5. one large retrieval task (``OfflineSQuADRetrieval`` at ``--shard-docs`` documents), cold cache:
    1 worker vs ``--workers`` workers with its corpus sharded over them (``eval.shard_min_docs``).
 Ratios are measured side by side in this one run and written to bench/results/eval.json.
 """
@@ -33,13 +36,17 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
     import torch
 
     from l2vg_ray.eval import baselines  # noqa: F401
-    from l2vg_ray.eval.adapter import MTEBEncoder
+    from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
     from l2vg_ray.eval.suites import build_task
     from l2vg_ray.loading import load_encoder
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    model = MTEBEncoder(load_encoder(str(cfg.eval.model), cfg), batch_size=int(cfg.eval.batch_size))
+    # The same encoder, instructions and input length as run_eval's tasks, so scores compare.
+    spec = str(cfg.eval.model)
+    model = MTEBEncoder(load_encoder(spec, cfg, max_length=cfg.eval.max_length),
+                        instructions=InstructionSet.named(str(cfg.eval.instructions)),
+                        batch_size=int(cfg.eval.batch_size), spec=spec)
     tasks = [build_task(n, data_dir=data_dir, max_docs=int(cfg.eval.max_docs), seed=int(cfg.eval.seed))
              for n in names]
     result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False, co2_tracker=False,
@@ -49,6 +56,7 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
 
 
 def _rows(run: dict) -> list[dict]:
+    """The run's results rows (read at once: a later run into the same output_dir rewrites them)."""
     return json.loads(Path(run["files"]["json"]).read_text())["results"]
 
 
@@ -76,6 +84,30 @@ def large_task(cfg, args, work: Path) -> dict:
     return out
 
 
+def encoder_actors(cfg, args, work: Path) -> dict:
+    """The suite with ``--encoders`` encoder actors and light scoring tasks: cold, then warm."""
+    from omegaconf import OmegaConf
+
+    from l2vg_ray.eval.runner import run_eval
+
+    c = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
+        f"eval.encoders={args.encoders}", f"eval.scoring_cpus={args.scoring_cpus}",
+        f"eval.cache_dir={work / 'embeddings-actors'}", f"eval.output_dir={work / 'actors'}",
+    ]))
+    out: dict = {"encoders": args.encoders, "scoring_cpus": args.scoring_cpus}
+    for label in ("cold", "warm"):
+        t0 = time.perf_counter()
+        run = run_eval(c)
+        rows = _rows(run)
+        out[label] = {"seconds": round(time.perf_counter() - t0, 2), "n_failed": run["n_failed"],
+                      "task_model_loads": sum(int(r.get("model_loads") or 0) for r in rows),
+                      "encoder_actor_loads": run.get("encoder_actor_loads"), "scores": run["scores"]}
+        print(f"encoder actors, {label}: {out[label]['seconds']}s, actor loads "
+              f"{out[label]['encoder_actor_loads']}, task loads {out[label]['task_model_loads']}")
+    out["speedup_warm_vs_cold"] = round(out["cold"]["seconds"] / out["warm"]["seconds"], 2)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
@@ -86,7 +118,11 @@ def main() -> int:
                         "(e.g. l2vg-smollm2-135m-laptop)")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--shard-docs", type=int, default=2000,
-                   help="documents of the large retrieval task (0 = skip part 4)")
+                   help="documents of the large retrieval task (0 = skip part 5)")
+    p.add_argument("--encoders", type=int, default=1,
+                   help="encoder actors of part 4 (0 = skip part 4)")
+    p.add_argument("--scoring-cpus", type=float, default=0.5,
+                   help="CPUs per scoring task in part 4")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = p.parse_args()
 
@@ -115,18 +151,20 @@ def main() -> int:
     init_ray(cfg.cluster, log_to_driver=False)
     t0 = time.perf_counter()
     cold = run_eval(cfg)
-    cold_s = time.perf_counter() - t0
+    cold_s, cold_rows = time.perf_counter() - t0, _rows(cold)
     t0 = time.perf_counter()
     warm = run_eval(cfg)
-    warm_s = time.perf_counter() - t0
+    warm_s, warm_rows = time.perf_counter() - t0, _rows(warm)
 
     # What a warm run cannot skip: mteb's scoring (classifier fits, k-means), per task.
-    warm_task_s = {r["task"]: r["seconds"] for r in _rows(warm) if r["status"] == "ok"}
-    loads = {name: sum(int(r.get("model_loads") or 0) for r in _rows(run)) for name, run in
-             (("cold", cold), ("warm", warm))}
+    warm_task_s = {r["task"]: r["seconds"] for r in warm_rows if r["status"] == "ok"}
+    loads = {name: sum(int(r.get("model_loads") or 0) for r in rows) for name, rows in
+             (("cold", cold_rows), ("warm", warm_rows))}
+    actors = encoder_actors(cfg, args, work) if args.encoders else None
     large = large_task(cfg, args, work) if args.shard_docs else None
 
-    agree = all(abs(cold["scores"][n] - seq_scores[n]) < 1e-3 for n in seq_scores if cold["scores"].get(n) is not None)
+    diffs = {n: abs(cold["scores"][n] - seq_scores[n]) for n in seq_scores if cold["scores"].get(n) is not None}
+    agree = bool(diffs) and max(diffs.values()) < 1e-3
     result = {
         "benchmark": f"eval offline suite, {args.model}",
         "model": args.model,
@@ -142,11 +180,16 @@ def main() -> int:
         "warm_seconds_per_task": warm_task_s,
         "model_loads": loads,
         "model_loads_per_worker": round(loads["cold"] / max(args.workers, 1), 2),
+        "encoder_actors": actors,
         "large_task": large,
         "targets": {"fanout_vs_sequential": 1.8, "warm_vs_cold": 10.0, "model_loads_per_worker": 1.0,
+                    "encoder_actor_loads_per_actor": 1.0,
                     "large_task_sharded_vs_one_worker": 0.9 * args.workers},
         "scores_match_sequential": agree,
-        "n_failed": cold["n_failed"] + warm["n_failed"],
+        "max_abs_diff_vs_sequential": round(max(diffs.values()), 6) if diffs else None,
+        "encoder_actor_scores_equal_fanout": (actors["cold"]["scores"] == cold["scores"]) if actors else None,
+        "n_failed": cold["n_failed"] + warm["n_failed"]
+                    + (actors["cold"]["n_failed"] + actors["warm"]["n_failed"] if actors else 0),
         "scores": cold["scores"],
         "host": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "python": platform.python_version()},
     }
