@@ -210,6 +210,7 @@ def main() -> None:
         "ratio_ray2_vs_ray1": rates["ray-2"] / rates["ray-1"] if "ray-2" in rates else None,
         "losses": {k: v["losses"] for k, v in results.items()},
         "run_train_s": {k: v.get("run_train_s") for k, v in results.items()},
+        "targets": {"ray1_vs_plain": 0.9, "at_step_s": [0.05, 0.5]},
         "memory": "see bench/results/model_memory.json (bench/model_memory.py): one-copy vs two-copy",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "ray": ray.__version__,
