@@ -55,16 +55,25 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
     return time.perf_counter() - t0, scores
 
 
-def _rows(run: dict) -> list[dict]:
-    """The run's results rows (read at once: a later run into the same output_dir rewrites them)."""
-    return json.loads(Path(run["files"]["json"]).read_text())["results"]
+def _timed_run(cfg) -> tuple[float, dict, list[dict]]:
+    """``run_eval(cfg)``: its seconds, its result and its rows (read at once: a later run into
+    the same output_dir rewrites them)."""
+    from l2vg_ray.eval.runner import run_eval
+
+    t0 = time.perf_counter()
+    run = run_eval(cfg)
+    seconds = time.perf_counter() - t0
+    return seconds, run, json.loads(Path(run["files"]["json"]).read_text())["results"]
+
+
+def _model_loads(rows: list[dict]) -> int:
+    """Models the tasks of one run loaded (the rows' ``model_loads``)."""
+    return sum(int(r.get("model_loads") or 0) for r in rows)
 
 
 def large_task(cfg, args, work: Path) -> dict:
     """One big retrieval task, cold cache each time: 1 worker, then sharded over --workers."""
     from omegaconf import OmegaConf
-
-    from l2vg_ray.eval.runner import run_eval
 
     out: dict = {"task": "OfflineSQuADRetrieval", "max_docs": args.shard_docs}
     for label, workers, min_docs in (("one_worker", 1, 0), ("sharded", args.workers, 1)):
@@ -73,10 +82,8 @@ def large_task(cfg, args, work: Path) -> dict:
             f"eval.max_concurrency={workers}", f"eval.shards={workers}", f"eval.shard_min_docs={min_docs}",
             f"eval.output_dir={work / ('large-' + label)}", f"eval.cache_dir={work / ('large-cache-' + label)}",
         ]))
-        t0 = time.perf_counter()
-        run = run_eval(c)
-        (row,) = _rows(run)
-        out[label] = {"seconds": round(time.perf_counter() - t0, 2), "score": row["main_score"],
+        seconds, _, (row,) = _timed_run(c)
+        out[label] = {"seconds": round(seconds, 2), "score": row["main_score"],
                       "n_encoded_by_task": row["n_encoded"], "corpus_shards": row.get("corpus_shards")}
         print(f"large task, {label}: {out[label]}")
     out["speedup_sharded_vs_one_worker"] = round(out["one_worker"]["seconds"] / out["sharded"]["seconds"], 2)
@@ -88,19 +95,15 @@ def encoder_actors(cfg, args, work: Path) -> dict:
     """The suite with ``--encoders`` encoder actors and light scoring tasks: cold, then warm."""
     from omegaconf import OmegaConf
 
-    from l2vg_ray.eval.runner import run_eval
-
     c = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
         f"eval.encoders={args.encoders}", f"eval.scoring_cpus={args.scoring_cpus}",
         f"eval.cache_dir={work / 'embeddings-actors'}", f"eval.output_dir={work / 'actors'}",
     ]))
     out: dict = {"encoders": args.encoders, "scoring_cpus": args.scoring_cpus}
     for label in ("cold", "warm"):
-        t0 = time.perf_counter()
-        run = run_eval(c)
-        rows = _rows(run)
-        out[label] = {"seconds": round(time.perf_counter() - t0, 2), "n_failed": run["n_failed"],
-                      "task_model_loads": sum(int(r.get("model_loads") or 0) for r in rows),
+        seconds, run, rows = _timed_run(c)
+        out[label] = {"seconds": round(seconds, 2), "n_failed": run["n_failed"],
+                      "task_model_loads": _model_loads(rows),
                       "encoder_actor_loads": run.get("encoder_actor_loads"), "scores": run["scores"]}
         print(f"encoder actors, {label}: {out[label]['seconds']}s, actor loads "
               f"{out[label]['encoder_actor_loads']}, task loads {out[label]['task_model_loads']}")
@@ -127,7 +130,6 @@ def main() -> int:
     args = p.parse_args()
 
     from l2vg_ray.config import load_config
-    from l2vg_ray.eval.runner import run_eval
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
     from l2vg_ray.ray_utils import init_ray
@@ -149,17 +151,12 @@ def main() -> int:
     print(f"sequential mteb.evaluate: {seq_s:.1f}s")
 
     init_ray(cfg.cluster, log_to_driver=False)
-    t0 = time.perf_counter()
-    cold = run_eval(cfg)
-    cold_s, cold_rows = time.perf_counter() - t0, _rows(cold)
-    t0 = time.perf_counter()
-    warm = run_eval(cfg)
-    warm_s, warm_rows = time.perf_counter() - t0, _rows(warm)
+    cold_s, cold, cold_rows = _timed_run(cfg)
+    warm_s, warm, warm_rows = _timed_run(cfg)
 
     # What a warm run cannot skip: mteb's scoring (classifier fits, k-means), per task.
     warm_task_s = {r["task"]: r["seconds"] for r in warm_rows if r["status"] == "ok"}
-    loads = {name: sum(int(r.get("model_loads") or 0) for r in rows) for name, rows in
-             (("cold", cold_rows), ("warm", warm_rows))}
+    loads = {"cold": _model_loads(cold_rows), "warm": _model_loads(warm_rows)}
     actors = encoder_actors(cfg, args, work) if args.encoders else None
     large = large_task(cfg, args, work) if args.shard_docs else None
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from l2vg_ray.config import L2VGConfig
+from l2vg_ray.encoders import text_list
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,6 @@ class RemoteEncoder:
     def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32,
                normalize: bool = False, show_progress: bool = False) -> np.ndarray:
         import ray
-
-        from l2vg_ray.encoders import text_list
 
         texts = text_list(texts)
         if not texts:
