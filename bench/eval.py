@@ -132,6 +132,7 @@ def main() -> int:
     from l2vg_ray.config import load_config
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
+    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
     from l2vg_ray.ray_utils import init_ray
 
     max_docs = args.max_docs or (60 if args.quick else None)
@@ -144,7 +145,10 @@ def main() -> int:
     ] + ([f"eval.max_docs={max_docs}"] if max_docs else [])
     cfg = load_config(args.config, overrides)
     names = suite_task_names(cfg)
-    data_dir = str(prepare_offline_data(cfg.cache_dir))
+    prepared = prepare_offline_data(cfg.cache_dir, sorted({OFFLINE_TASKS.get(t).data_file for t in names}))
+    if prepared.missing:
+        raise SystemExit(f"offline data missing, cannot benchmark: {prepared.missing}")
+    data_dir = str(prepared.folder)
     print(f"offline suite: {len(names)} tasks, max_docs={cfg.eval.max_docs}, model={cfg.eval.model}")
 
     seq_s, seq_scores = sequential(cfg, names, data_dir)

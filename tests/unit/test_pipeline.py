@@ -206,6 +206,22 @@ def test_stage_reporting_failures_gets_no_marker_and_is_retried(tmp_path):
     assert again.ran() == ["eval"] and result["ok"] is True
 
 
+def test_tasks_without_data_are_a_warning_and_a_rerun_adds_them(tmp_path, capsys):
+    fakes = FakeStages()
+    runners = fakes.runners()
+    missing = {"B": {"dataset": "b", "package": "gone==1.0", "reason": "not served", "fix": "place it"}}
+    runners["eval"] = lambda cfg: {"scores": {"A": 0.5, "B": None}, "failed": {},
+                                   "missing": missing, "n_ok": 1, "mean_main_score": 0.5}
+    result = pipeline.run_pipeline(make_cfg(tmp_path), runners=runners)
+    assert result["ok"] is True  # the run succeeds, with a warning
+    assert result["stages"]["eval"]["status"] == "ran without some data"
+    assert "B: no data" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "eval" / pipeline.SUCCESS).exists()
+    again = FakeStages()
+    run(make_cfg(tmp_path), again)
+    assert again.ran() == ["eval"]  # retried once the data may be there
+
+
 def test_refuses_to_delete_a_folder_holding_other_stages(tmp_path):
     cfg = make_cfg(tmp_path, f"eval.output_dir={tmp_path / 'out'}")
     run(cfg, FakeStages())

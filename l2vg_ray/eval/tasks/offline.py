@@ -86,14 +86,19 @@ class OfflineTaskMixin:
         )
         super().__init__(seed=42, **kwargs)  # mteb's own seed (classifier / k-means sampling)
 
+    @staticmethod
+    def view(df: pd.DataFrame) -> pd.DataFrame:
+        """The task's rows from the data set's table (a task may select or reshape them)."""
+        return df
+
     def _table(self) -> pd.DataFrame:
         path = self.data_dir / f"{self.data_file}.parquet"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing. Prepare the offline data first: "
+                f"{path} is missing. Prepare the offline data first: `l2vg data --fetch`, or "
                 "l2vg_ray.eval.tasks.data.prepare_offline_data(cfg.cache_dir)."
             )
-        return pd.read_parquet(path)
+        return self.view(pd.read_parquet(path))
 
 
 def _classification_dataset(test: pd.DataFrame, train: pd.DataFrame) -> DatasetDict:
@@ -160,6 +165,16 @@ class OfflineSMSSpamClassification(_OfflineClassification):
     metadata = _metadata(
         "OfflineSMSSpamClassification", "Classification", "accuracy",
         "SMS messages, spam vs ham.", "https://archive.ics.uci.edu/dataset/228/sms+spam+collection",
+    )
+
+
+@OFFLINE_TASKS.register("OfflineDisasterTweetsClassification")
+class OfflineDisasterTweetsClassification(_OfflineClassification):
+    data_file = "disaster_tweets"
+    metadata = _metadata(
+        "OfflineDisasterTweetsClassification", "Classification", "accuracy",
+        "Tweets about a real disaster (1) or not (0), from Kaggle's NLP with Disaster Tweets.",
+        "https://www.kaggle.com/competitions/nlp-getting-started", domains=["Social"],
     )
 
 
@@ -231,14 +246,8 @@ class OfflineSTSBenchmark(OfflineTaskMixin, AbsTaskSTS):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineVitaminCPairClassification")
-class OfflineVitaminCPairClassification(OfflineTaskMixin, AbsTaskPairClassification):
-    data_file = "vitaminc"
-    metadata = _metadata(
-        "OfflineVitaminCPairClassification", "PairClassification", "similarity_ap",
-        "VitaminC: does the evidence support (1) or refute (0) the claim? From BIG-bench "
-        "vitaminc_fact_verification (evaluation only).", "https://github.com/TalSchuster/VitaminC",
-    )
+class _OfflinePairClassification(OfflineTaskMixin, AbsTaskPairClassification):
+    """Rows (sentence1, sentence2, label 0/1)."""
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
@@ -258,26 +267,51 @@ class OfflineVitaminCPairClassification(OfflineTaskMixin, AbsTaskPairClassificat
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineSQuADRetrieval")
-class OfflineSQuADRetrieval(OfflineTaskMixin, AbsTaskRetrieval):
-    data_file = "squad"
+@OFFLINE_TASKS.register("OfflineVitaminCPairClassification")
+class OfflineVitaminCPairClassification(_OfflinePairClassification):
+    data_file = "vitaminc"
     metadata = _metadata(
-        "OfflineSQuADRetrieval", "Retrieval", "ndcg_at_10",
-        "SQuAD v1.1 dev: retrieve the paragraph that answers a question. From BIG-bench "
-        "squad_shifts (evaluation only).", "https://rajpurkar.github.io/SQuAD-explorer/",
+        "OfflineVitaminCPairClassification", "PairClassification", "similarity_ap",
+        "VitaminC: does the evidence support (1) or refute (0) the claim? From BIG-bench "
+        "vitaminc_fact_verification (evaluation only).", "https://github.com/TalSchuster/VitaminC",
     )
+
+
+@OFFLINE_TASKS.register("OfflineSNLIPairClassification")
+class OfflineSNLIPairClassification(_OfflinePairClassification):
+    data_file = "snli"
+    metadata = _metadata(
+        "OfflineSNLIPairClassification", "PairClassification", "similarity_ap",
+        "SNLI 1.0 test: does the premise entail (1) or contradict (0) the hypothesis? Neutral "
+        "pairs are left out (pair classification is binary).", "https://nlp.stanford.edu/projects/snli/",
+    )
+
+    @staticmethod
+    def view(df: pd.DataFrame) -> pd.DataFrame:
+        df = df[df["label"].isin(["entailment", "contradiction"])]
+        return df.assign(label=(df["label"] == "entailment").astype(int)).reset_index(drop=True)
+
+
+class _OfflineRetrieval(OfflineTaskMixin, AbsTaskRetrieval):
+    """Rows (query_id, query, doc_id, doc[, title]): each query has one relevant document.
+
+    The corpus is a seeded sample of ``max_docs`` documents; the queries are a seeded sample of
+    ``max_docs`` of the queries whose document is in it.
+    """
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
         df = self._table()
-        paragraphs = df.drop_duplicates("doc_id")[["doc_id", "title", "doc"]]
-        corpus = _sample(paragraphs, self.max_docs, self.sample_seed)
-        queries = _sample(df[df["doc_id"].isin(set(corpus["doc_id"]))], self.max_docs, self.sample_seed)
+        docs = df.drop_duplicates("doc_id")
+        corpus = _sample(docs, self.max_docs, self.sample_seed)
+        queries = _sample(df[df["doc_id"].isin(set(corpus["doc_id"]))].drop_duplicates("query_id"),
+                          self.max_docs, self.sample_seed)
+        columns = {"id": corpus["doc_id"].tolist(), "text": corpus["doc"].tolist()}
+        if "title" in corpus.columns:
+            columns["title"] = corpus["title"].tolist()
         split = RetrievalSplitData(
-            corpus=Dataset.from_dict(
-                {"id": corpus["doc_id"].tolist(), "title": corpus["title"].tolist(), "text": corpus["doc"].tolist()}
-            ),
+            corpus=Dataset.from_dict(columns),
             queries=Dataset.from_dict({"id": queries["query_id"].tolist(), "text": queries["query"].tolist()}),
             relevant_docs={q: {d: 1} for q, d in zip(queries["query_id"], queries["doc_id"], strict=True)},
             top_ranked=None,
@@ -286,20 +320,52 @@ class OfflineSQuADRetrieval(OfflineTaskMixin, AbsTaskRetrieval):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineQuestionSelectionReranking")
-class OfflineQuestionSelectionReranking(OfflineTaskMixin, AbsTaskRetrieval):
-    data_file = "question_selection"
+@OFFLINE_TASKS.register("OfflineSQuADRetrieval")
+class OfflineSQuADRetrieval(_OfflineRetrieval):
+    data_file = "squad"
     metadata = _metadata(
-        "OfflineQuestionSelectionReranking", "Reranking", "map_at_1000",
-        "Rank 4 candidate questions for a (short answer, context) pair. From BIG-bench "
-        "question_selection (evaluation only).", "https://github.com/google/BIG-bench",
+        "OfflineSQuADRetrieval", "Retrieval", "ndcg_at_10",
+        "SQuAD v1.1 dev: retrieve the paragraph that answers a question. From BIG-bench "
+        "squad_shifts (evaluation only).", "https://rajpurkar.github.io/SQuAD-explorer/",
     )
+
+
+@OFFLINE_TASKS.register("OfflineSNLIRetrieval")
+class OfflineSNLIRetrieval(_OfflineRetrieval):
+    data_file = "snli"
+    metadata = _metadata(
+        "OfflineSNLIRetrieval", "Retrieval", "ndcg_at_10",
+        "SNLI 1.0 test: retrieve the premise (an image caption) that a human-written entailed "
+        "hypothesis was written for, among the test premises.", "https://nlp.stanford.edu/projects/snli/",
+    )
+
+    @staticmethod
+    def view(df: pd.DataFrame) -> pd.DataFrame:
+        df = df[df["label"] == "entailment"]
+        return pd.DataFrame({"query_id": df["pair_id"], "query": df["sentence2"],
+                             "doc_id": df["premise_id"], "doc": df["sentence1"]}).reset_index(drop=True)
+
+
+@OFFLINE_TASKS.register("OfflineMovieDialogRetrieval")
+class OfflineMovieDialogRetrieval(_OfflineRetrieval):
+    data_file = "movie_dialog"
+    metadata = _metadata(
+        "OfflineMovieDialogRetrieval", "Retrieval", "ndcg_at_10",
+        "Cornell Movie-Dialogs: retrieve the reply a film character gave to a statement, among "
+        "other replies (a response, not a paraphrase, is relevant).",
+        "https://www.cs.cornell.edu/~cristian/Cornell_Movie-Dialogs_Corpus.html", domains=["Fiction"],
+    )
+
+
+class _OfflineReranking(OfflineTaskMixin, AbsTaskRetrieval):
+    """Rows (query, candidates, relevance): each query ranks its own candidates only."""
+
+    queries_per_doc = 4  # ~max_docs documents in all: max_docs / (candidates per query) queries
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
-        # Each query brings its candidates: ~max_docs documents in all.
-        df = _sample(self._table(), max(1, self.max_docs // 4), self.sample_seed)
+        df = _sample(self._table(), max(1, self.max_docs // self.queries_per_doc), self.sample_seed)
         doc_ids, doc_texts, relevant, top_ranked, query_ids = [], [], {}, {}, []
         for i, row in enumerate(df.itertuples(index=False)):
             qid = f"q{i}"
@@ -317,6 +383,38 @@ class OfflineQuestionSelectionReranking(OfflineTaskMixin, AbsTaskRetrieval):
         )
         self.dataset = {"default": {"test": split}}
         self.data_loaded = True
+
+
+@OFFLINE_TASKS.register("OfflineQuestionSelectionReranking")
+class OfflineQuestionSelectionReranking(_OfflineReranking):
+    data_file = "question_selection"
+    metadata = _metadata(
+        "OfflineQuestionSelectionReranking", "Reranking", "map_at_1000",
+        "Rank 4 candidate questions for a (short answer, context) pair. From BIG-bench "
+        "question_selection (evaluation only).", "https://github.com/google/BIG-bench",
+    )
+
+
+@OFFLINE_TASKS.register("OfflineSNLIReranking")
+class OfflineSNLIReranking(_OfflineReranking):
+    data_file = "snli"
+    queries_per_doc = 3
+    metadata = _metadata(
+        "OfflineSNLIReranking", "Reranking", "map_at_1000",
+        "SNLI 1.0 test: rank the hypotheses written for a premise; the entailed one is relevant, "
+        "the neutral and the contradicting ones (often near-copies of the premise) are not.",
+        "https://nlp.stanford.edu/projects/snli/",
+    )
+
+    @staticmethod
+    def view(df: pd.DataFrame) -> pd.DataFrame:
+        rows = []
+        for _, g in df.sort_values("pair_id").groupby("premise_id", sort=True):
+            relevance = (g["label"] == "entailment").astype(float).tolist()
+            if len(g) >= 2 and 0 < sum(relevance) < len(g):
+                rows.append({"query": g["sentence1"].iloc[0], "candidates": g["sentence2"].tolist(),
+                             "relevance": relevance})
+        return pd.DataFrame(rows)
 
 
 def build_offline_task(name: str, *, data_dir: str | Path, max_docs: int, seed: int):

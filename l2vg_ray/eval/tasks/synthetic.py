@@ -46,7 +46,20 @@ def synthetic_tables(n: int = 24, seed: int = 0) -> dict[str, pd.DataFrame]:
                 "candidates": [f"What about the {_TOPICS[t][i % 5]}?" for t in topics] + ["Why?"],
                 "relevance": [1.0 if t == topics[i % 3] else 0.0 for t in topics] + [0.0]}
                for i in range(n // 2)]
+    snli_rows = []
+    for p in range(n // 3):
+        topic = topics[p % 3]
+        premise = _sentence(rng, topic)
+        for label, t in (("entailment", topic), ("neutral", topics[(p + 1) % 3]),
+                         ("contradiction", topics[(p + 2) % 3])):
+            snli_rows.append({"premise_id": f"c{p}", "pair_id": f"c{p}{label[0]}", "sentence1": premise,
+                              "sentence2": _sentence(rng, t), "label": label})
+    dialog = [{"query_id": f"s{i}", "query": _sentence(rng, topics[i % 3]), "doc_id": f"r{i}",
+               "doc": _sentence(rng, topics[i % 3])} for i in range(n)]
     return {
+        "disaster_tweets": binary,
+        "snli": pd.DataFrame(snli_rows),
+        "movie_dialog": pd.DataFrame(dialog),
         "stsb": pd.DataFrame({"sentence1": [a for a, _ in pairs], "sentence2": [b for _, b in pairs],
                               "score": [float(i % 6) for i in range(n)]}),
         "trec": trec,

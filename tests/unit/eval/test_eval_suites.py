@@ -21,7 +21,8 @@ def _cfg(**over):
 
 
 def test_registered_suites():
-    assert SUITES.names() == ["advbench-ir", "bright", "list", "mteb-eng-v2", "mteb-lite", "offline"]
+    assert SUITES.names() == ["advbench-ir", "bright", "list", "mteb-eng-v2", "mteb-lite", "offline",
+                              "offline-all", "offline-bigbench"]
     assert suite_task_names(_cfg(suite="advbench-ir")) == ["AdvBench-IR"]
     with pytest.raises(ValueError, match="Known: advbench-ir, bright, list, mteb-eng-v2, mteb-lite, offline"):
         suite_task_names(_cfg(suite="mteb-tiny"))
@@ -42,9 +43,24 @@ def test_benchmark_suites_resolve_from_mteb():
 
 
 def test_offline_suite_matches_task_registry():
+    from l2vg_ray.eval.tasks.data import OFFLINE_DATASETS
+
     names = suite_task_names(_cfg(suite="offline"))
-    assert sorted(names) == OFFLINE_TASKS.names()
-    assert len(names) == 11
+    assert sorted(suite_task_names(_cfg(suite="offline-all"))) == OFFLINE_TASKS.names()
+    assert len(names) == 12
+    # The default suite: every task type, two retrieval corpora from independent archives, and
+    # nothing from the archive the registry stopped serving.
+    types = {OFFLINE_TASKS.get(n).metadata.type for n in names}
+    assert types == {"STS", "Classification", "Clustering", "PairClassification", "Reranking",
+                     "Retrieval"}
+    archive = {n: OFFLINE_DATASETS.get(OFFLINE_TASKS.get(n).data_file).requirement for n in names}
+    assert "bigbench==1.0.0" not in archive.values()
+    retrieval = [n for n in names if OFFLINE_TASKS.get(n).metadata.type == "Retrieval"]
+    assert len({archive[n] for n in retrieval}) >= 2
+    bigbench = suite_task_names(_cfg(suite="offline-bigbench"))
+    assert {archive_of for n in bigbench
+            for archive_of in [OFFLINE_DATASETS.get(OFFLINE_TASKS.get(n).data_file).requirement]} \
+        == {"bigbench==1.0.0"}
 
 
 def test_list_suite():
@@ -58,7 +74,7 @@ def test_list_suite():
 
 
 def test_suite_yaml_lists_are_lists():
-    for key in ("mteb-lite", "offline"):
+    for key in ("mteb-lite", "offline", "offline-bigbench"):
         assert all(isinstance(n, str) and " " not in n for n in suite_lists()[key])
 
 

