@@ -18,6 +18,16 @@ The peak memory of a training step vs a two-LLM-copy design is ``bench/model_mem
     python bench/train.py              # SmolLM2-135M-Instruct, quickstart lengths (minutes)
 
 Writes ``bench/results/train.json`` (``train_quick.json`` with ``--quick``).
+
+    python bench/train.py --frozen-prefix [--quick]
+
+The frozen-prefix arm: one training step (forward, backward, AdamW) of the encoder with the query
+prefix run once without gradient (``model.frozen_prefix=true``, after) against the one-pass
+reference (before), same seeded init and batches, each in a fresh process so that its peak RSS
+is its own (the peak is reset after the model loads: /proc/self/clear_refs). Shapes: the laptop
+step (SmolLM2-135M, batch 8, 64-token queries of which 20 special tokens, 32-token responses),
+the same alignment-only, and 512-token queries (batch 2), with and without the decoder pass.
+Writes ``bench/results/train_frozen_prefix.json`` (``..._quick.json``).
 """
 
 from __future__ import annotations
@@ -143,6 +153,132 @@ def ray_loop(cfg, *, workers: int, cpus_per_worker: float, steps: int) -> dict:
     }
 
 
+# --- the frozen-prefix arm -------------------------------------------------------------------
+
+PREFIX_SHAPES = {  # name: (batch, max_length incl. 20 special tokens, max_response_length, recon)
+    "laptop_step": (8, 64, 32, True),
+    "align_only": (8, 64, 32, False),
+    "long_query": (2, 512, 32, True),
+    "long_query_align_only": (2, 512, 32, False),
+}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prefix_arm(spec: dict) -> dict:
+    """One configuration in this (fresh) process: step times, losses, peak RSS of the steps."""
+    import numpy as np
+    import torch
+
+    from l2vg_ray.config import ModelConfig
+    from l2vg_ray.encoder import L2VGEncoder
+
+    torch.set_num_threads(spec["threads"])
+    batch_size, max_length, max_response, recon = spec["shape"]
+    enc = L2VGEncoder.from_config(ModelConfig(
+        llm=spec["llm"], teacher="unused", n_thought=10, n_compression=10, max_length=max_length,
+        max_response_length=max_response, device="cpu", frozen_prefix=spec["frozen_prefix"],
+    ), teacher_dim=spec["teacher_dim"])
+    rng = np.random.default_rng(0)
+    words = np.array(WORDS)
+    # Texts longer than the limits, so every row is cut to the same length: equal steps.
+    queries = [" ".join(rng.choice(words, max_length * 2)) for _ in range(batch_size)]
+    responses = [" ".join(rng.choice(words, max_response * 2)) for _ in range(batch_size)]
+    teacher = rng.standard_normal((batch_size, spec["teacher_dim"])).astype(np.float32)
+    batch = enc.prepare_batch(queries, responses, teacher)
+    opt = torch.optim.AdamW(enc.trainable_parameters(), lr=1e-4)
+    enc.train()
+    times, losses = [], []
+    for step in range(spec["warmup"] + spec["steps"]):
+        if step == spec["warmup"]:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on: the steps'
+            rss_before = _rss_mb("VmRSS")
+        t0 = time.perf_counter()
+        out = enc(batch, recon_weight=1.0 if recon else 0.0)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(out.loss.detach()))
+    timed = times[spec["warmup"]:]
+    return {"step_s_median": float(np.median(timed)), "step_s": timed, "losses": losses,
+            "query_tokens": int(batch["query_input_ids"].shape[1]),
+            "response_tokens": int(batch["response_input_ids"].shape[1]),
+            "rss_before_steps_mb": round(rss_before, 1),
+            "peak_rss_steps_mb": round(_rss_mb("VmHWM"), 1)}
+
+
+def frozen_prefix_bench(args) -> None:
+    import multiprocessing as mp
+
+    import torch
+
+    steps = args.steps or (6 if args.quick else 8)
+    if args.quick:
+        from l2vg_ray.testing import build_tiny_llm
+
+        llm = str(build_tiny_llm(Path(tempfile.mkdtemp(prefix="l2vg-bench-")) / "tiny-llm"))
+    else:
+        llm = "smollm2-135m-instruct"
+        from l2vg_ray.models import resolve_model
+
+        resolve_model(llm)  # materialised once, before the timed processes
+    ctx = mp.get_context("spawn")
+    runs: dict = {}
+    for name, shape in PREFIX_SHAPES.items():
+        for variant, frozen in (("before", False), ("after", True)):
+            spec = {"llm": llm, "shape": shape, "frozen_prefix": frozen, "threads": args.threads,
+                    "teacher_dim": 384, "steps": steps, "warmup": args.warmup}
+            with ctx.Pool(1) as pool:
+                runs.setdefault(name, {})[variant] = pool.apply(prefix_arm, (spec,))
+            r = runs[name][variant]
+            print(f"{name:22s} {variant:6s} {r['step_s_median']:7.3f} s/step  peak RSS "
+                  f"{r['peak_rss_steps_mb']:7.0f} MB  (queries {r['query_tokens']} tokens)", flush=True)
+    ratios, rel_diff = {}, {}
+    for name, r in runs.items():
+        ratios[name] = r["before"]["step_s_median"] / r["after"]["step_s_median"]
+        rel_diff[name] = max(abs(a - b) / max(abs(b), 1e-12)
+                             for a, b in zip(r["after"]["losses"], r["before"]["losses"], strict=True))
+    out = {
+        "benchmark": "train_frozen_prefix",
+        "quick": args.quick,
+        "settings": {"llm": "tiny-random-llama" if args.quick else llm, "threads": args.threads,
+                     "steps": steps, "warmup_steps_excluded": args.warmup, "dtype": "float32",
+                     "device": "cpu", "special_tokens": "10 + 10",
+                     "shapes": {k: dict(zip(("batch", "max_length", "max_response_length",
+                                             "reconstruction"), v, strict=True))
+                                for k, v in PREFIX_SHAPES.items()}},
+        "steps_per_s": {k: {v: 1.0 / r[v]["step_s_median"] for v in ("before", "after")}
+                        for k, r in runs.items()},
+        "peak_rss_steps_mb": {k: {v: r[v]["peak_rss_steps_mb"] for v in ("before", "after")}
+                              for k, r in runs.items()},
+        "ratio_laptop_step": ratios["laptop_step"],
+        "ratio_align_only": ratios["align_only"],
+        "ratio_long_query": ratios["long_query"],
+        "ratio_long_query_align_only": ratios["long_query_align_only"],
+        "max_rel_loss_diff": max(rel_diff.values()),
+        "rel_loss_diff": rel_diff,
+        "runs": runs,
+        "targets": {"ratio_align_only": 1.3, "ratio_laptop_step": 1.05, "ratio_long_query": 1.8,
+                    "max_rel_loss_diff": 1e-4, "peak_rss": "lower at every shape"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "loadavg_1m_at_end": os.getloadavg()[0]},
+    }
+    path = RESULTS / ("train_frozen_prefix_quick.json" if args.quick else "train_frozen_prefix.json")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    for k in PREFIX_SHAPES:
+        b, a = out["peak_rss_steps_mb"][k]["before"], out["peak_rss_steps_mb"][k]["after"]
+        print(f"{k:22s} after/before {ratios[k]:5.2f}x steps/s   peak RSS {b:6.0f} -> {a:6.0f} MB")
+    print(f"max relative loss difference {out['max_rel_loss_diff']:.2e} (target <= 1e-4)")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model, few steps")
@@ -153,7 +289,12 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=5,
                    help="steps between ray.train.report calls (quickstart: 5)")
     p.add_argument("--skip-two-workers", action="store_true")
+    p.add_argument("--frozen-prefix", action="store_true",
+                   help="the frozen-prefix arm instead (train_frozen_prefix.json)")
     args = p.parse_args()
+    if args.frozen_prefix:
+        frozen_prefix_bench(args)
+        return
 
     import ray
     import torch

@@ -57,6 +57,11 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = resource_field("auto")  # auto (cuda when present) | cpu | cuda | cuda:N
     gradient_checkpointing: bool = resource_field(False)
+    # Training steps run the query prefix (everything before the special tokens) once without
+    # gradient and reuse its keys and values: under causal attention nothing trainable reaches
+    # it, so the losses and gradients are today's (to float rounding) at a lower cost. Off = one
+    # pass over the whole query with gradient (the reference the tests compare against).
+    frozen_prefix: bool = resource_field(True)
 
 
 @dataclass

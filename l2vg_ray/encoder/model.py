@@ -22,6 +22,7 @@ padding its batch needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -52,6 +53,24 @@ TRAINABLE_FILE = "trainable.safetensors"
 FORMAT_VERSION = 1
 # Seed of the trainable tensors' initialisation: every worker builds identical initial weights.
 _INIT_SEED = 0
+
+
+@functools.cache
+def _read_only_cache_parts() -> tuple[str, type]:
+    """(the name of the model forward's KV-cache argument, renamed in transformers 5.2x; a
+    dynamic cache layer that returns cached + new keys without storing the new ones)."""
+    import inspect
+
+    from transformers import LlamaModel
+    from transformers.cache_utils import DynamicLayer
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (torch.cat([self.keys, key_states], dim=-2),
+                torch.cat([self.values, value_states], dim=-2))
+
+    params = inspect.signature(LlamaModel.forward).parameters
+    kwarg = "cache" if "cache" in params else "past_key_values"
+    return kwarg, type("ReadOnlyPrefixLayer", (DynamicLayer,), {"update": update})
 
 
 @dataclass
@@ -465,15 +484,76 @@ class L2VGEncoder(nn.Module):
     def soft_prompts_from_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Query ids (left-padded, special tokens last) -> soft prompts (B, n_compression, H) f32."""
-        out = self.llm.base_model(
-            inputs_embeds=self.embed_tokens(input_ids),
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        h = out.last_hidden_state[:, -self.n_compression :].float()
+        """Query ids (left-padded, special tokens last) -> soft prompts (B, n_compression, H) f32.
+
+        With gradient (a training step) and ``model.frozen_prefix``, the query prefix runs once
+        under ``no_grad`` and only the special tokens run with gradient, attending to the
+        prefix's cached keys and values (see ``_hidden_over_frozen_prefix``).
+        """
+        positions = position_ids_from_mask(attention_mask)
+        hidden = None
+        if self.config.frozen_prefix and torch.is_grad_enabled():
+            hidden = self._hidden_over_frozen_prefix(input_ids, attention_mask, positions)
+        if hidden is None:
+            hidden = self.llm.base_model(
+                inputs_embeds=self.embed_tokens(input_ids),
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=False,
+            ).last_hidden_state
+        h = hidden[:, -self.n_compression :].float()
         return self.reconstruction(h)
+
+    def _hidden_over_frozen_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Last hidden states of the special tokens, the query prefix computed without gradient.
+
+        Every row ends in the same special tokens, so columns ``[:P]`` are the (left-padded)
+        queries and ``[P:]`` the special tokens. Under causal attention the prefix's hidden
+        states, keys and values depend on nothing trainable: they are computed once, without
+        keeping activations, and the special tokens attend to them as a read-only cache (its
+        layers return prefix + new keys without storing them, so a gradient-checkpointing
+        recompute sees the same prefix). Returns None where this does not apply (no prefix, a
+        batch not laid out that way, a model whose cache is not the plain dynamic one); the
+        caller then runs the whole query with gradient.
+        """
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        n_special = len(self.special_token_ids)
+        prefix = input_ids.shape[1] - n_special
+        special = torch.tensor(self.special_token_ids, device=input_ids.device)
+        if prefix < 1 or not bool((input_ids[:, prefix:] == special).all()):
+            return None
+        kwarg, read_only_layer = _read_only_cache_parts()
+        model = self.llm.base_model
+        cache = DynamicCache(config=self.llm.config)
+        with torch.no_grad():
+            model(inputs_embeds=self.llm.get_input_embeddings()(input_ids[:, :prefix]),
+                  attention_mask=attention_mask[:, :prefix], position_ids=positions[:, :prefix],
+                  use_cache=True, **{kwarg: cache})
+        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None  # sliding-window or other layer kinds: keep the reference path
+        for layer in cache.layers:
+            layer.__class__ = read_only_layer
+        decoder_layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+        if self.config.gradient_checkpointing and not decoder_layers:
+            return None  # an older transformers drops any cache under checkpointing
+        # The cache is only read, so a checkpointed layer may keep it: its backward replay reads
+        # the same prefix (transformers' own switch for read-only caches).
+        for m in decoder_layers:
+            m._can_checkpoint_with_cache = True
+        try:
+            return model(
+                inputs_embeds=self.embed_tokens(input_ids[:, prefix:]),
+                attention_mask=attention_mask,
+                position_ids=positions[:, prefix:],
+                use_cache=False,
+                **{kwarg: cache},
+            ).last_hidden_state
+        finally:
+            for m in decoder_layers:
+                del m._can_checkpoint_with_cache  # back to the class's default
 
     @torch.no_grad()
     def calibrate_heads(

@@ -239,8 +239,9 @@ def test_gradient_checkpointing_recomputes_and_matches(tiny_llm_dir):
         out.loss.backward()
         handle.remove()
         grads.append([p.grad.clone() for p in enc.trainable_parameters()])
-        # Two LLM passes (encode, reconstruct); checkpointing replays both in backward.
-        assert len(calls) == (4 if enc is ckpt else 2)
+        # Three LLM passes (the query prefix without gradient, the special tokens, the
+        # reconstruction); checkpointing replays the two with gradient in backward.
+        assert len(calls) == (5 if enc is ckpt else 3)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
