@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from l2vg_ray import storage
-from l2vg_ray.config import ConfigError, load_config, to_yaml
+from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
 from l2vg_ray.packaged_data import DataUnavailable
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
@@ -125,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as e:
-        print(f"l2vg: config error: {e}", file=sys.stderr)
+        if args.verbose:
+            logging.exception("the error's traceback (-v)")
+        kind = "input error" if isinstance(e, InputError) else "config error"
+        print(f"l2vg: {kind}: {e}", file=sys.stderr)
         return 2
     except DataUnavailable as e:
         print(f"l2vg: data unavailable: {e}", file=sys.stderr)

@@ -303,6 +303,12 @@ class EmbedConfig:
     instruction: Optional[str] = None  # prefixed to every text (e.g. the document instruction)
     normalize: bool = False
     keep_text: bool = False  # also write the text next to its embedding
+    # A rerun into a folder whose ids hold other texts (an edited or another corpus), or ids no
+    # longer in the input, is refused; true = re-embed the changed texts and drop those rows.
+    sync: bool = False
+    # A row without a text (absent, null, empty) is an error naming its file and row; true =
+    # skip such rows (counted in the manifest).
+    skip_empty: bool = False
     output_dir: str = "${output_dir}/embeddings"
     batch_size: int = 64  # texts per map_batches call
     num_actors: int = 1
@@ -400,6 +406,10 @@ class L2VGConfig:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
+
+
+class InputError(ConfigError):
+    """A user's input file is unusable; the message names the file, the row and the fix."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:

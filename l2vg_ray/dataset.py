@@ -264,6 +264,37 @@ def write_shard(out: OutputDir, index: int, table: pa.Table, provenance: dict[st
     return name
 
 
+def drop_rows(out: OutputDir, ids: set[str]) -> int:
+    """Remove the rows whose id is in ``ids`` from the complete shards; returns how many.
+
+    Each shard that holds such rows is rewritten under its own name (temp file + rename, its
+    provenance kept), or deleted when nothing is left: a crash leaves each shard whole, old or
+    new, and a dropped row is simply pending again.
+    """
+    if not ids:
+        return 0
+    dropped = 0
+    for name in out.shards():
+        path = out.join(name)
+        table = pq.read_table(out.fs.open_input_file(path))
+        keep = [i not in ids for i in table.column(schema.ID).to_pylist()]
+        n_drop = keep.count(False)
+        if not n_drop:
+            continue
+        if n_drop == table.num_rows:
+            out.fs.delete_file(path)
+        else:
+            kept = table.filter(pa.array(keep, pa.bool_()))
+            meta = dict(table.schema.metadata or {})
+            if PROVENANCE_KEY in meta:
+                meta[PROVENANCE_KEY] = json.dumps(
+                    {**json.loads(meta[PROVENANCE_KEY]), "rows": kept.num_rows}, sort_keys=True)
+            kept = kept.replace_schema_metadata(meta)
+            out.write_atomic(name, lambda tmp, t=kept: pq.write_table(t, tmp, filesystem=out.fs))
+        dropped += n_drop
+    return dropped
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -7,23 +7,30 @@
 
 1. read the corpus (``embed.input``: Parquet, JSONL or .txt files, a file or a folder, local or a
    URI) into (id, text) rows; the id is ``embed.id_column`` or, without one, the text's hash;
-2. resume: ids already in complete shards under ``embed.output_dir`` are skipped;
+2. resume: rows already in complete shards under ``embed.output_dir`` *with the same text*
+   (each stored row carries the SHA-256 of the text its vector was made from) are skipped; a
+   folder holding other texts under the same ids, or ids no longer in the input, is refused
+   unless ``embed.sync=true``, which re-embeds the changed texts and drops the others;
 3. ONE Ray Data pipeline over the pending rows: ``EmbedStage``, an actor pool of encoders
    (``embed.num_actors`` x ``num_cpus_per_actor`` / ``num_gpus_per_actor``) loaded once each;
 4. the driver writes a shard every ``rows_per_shard`` rows (temp file + rename, the generation
    stage's discipline), so a killed run leaves complete shards or nothing that counts;
 5. ``manifest.json``: rows, dimension, model and fingerprint, texts/s, wall time.
 
-Shards hold ``id``, ``embedding`` (float32[dim]) and, with ``embed.keep_text``, ``text``.
+Shards hold ``id``, ``text_sha256``, ``embedding`` (float32[dim]) and, with ``embed.keep_text``,
+``text``. The settings that change a vector or the schema (model, instruction, normalize,
+keep_text) are the folder's identity: a run with others is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +39,24 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, L2VGConfig, to_dict, typed
-from l2vg_ray.dataset import OutputDir, ShardWriter, package_versions, read_done_ids
+from l2vg_ray.config import ConfigError, InputError, L2VGConfig, to_dict, typed
+from l2vg_ray.dataset import OutputDir, ShardWriter, drop_rows, package_versions, read_done_ids
 from l2vg_ray.ray_utils import ProgressLine
 
 log = logging.getLogger(__name__)
 
 TEXT = "text"
+TEXT_HASH = "text_sha256"
 EMBEDDING = "embedding"
 _SECONDS = "_l2vg_embed_s"
 _FINGERPRINT = "_l2vg_fingerprint"
+_TRUNCATED = "_l2vg_truncated"
 SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".txt")
 
 
 def embed_schema(dim: int, *, keep_text: bool) -> pa.Schema:
-    fields = [pa.field(schema.ID, pa.string(), nullable=False)]
+    fields = [pa.field(schema.ID, pa.string(), nullable=False),
+              pa.field(TEXT_HASH, pa.string(), nullable=False)]
     if keep_text:
         fields.append(pa.field(TEXT, pa.string(), nullable=False))
     fields.append(pa.field(EMBEDDING, pa.list_(pa.float32(), dim), nullable=False))
@@ -77,48 +87,120 @@ def corpus_files(path: str) -> tuple[Any, list[str]]:
     return fs, files
 
 
-def read_corpus(path: str, *, text_column: str, id_column: str | None) -> tuple[list[str], list[str]]:
-    """(ids, texts) of every row of the corpus, in file order. Duplicate ids are an error."""
-    import pyarrow.json as pajson
+@dataclass
+class Corpus:
+    """The rows of ``embed.input`` to embed, and what was left out of them (counted)."""
+
+    ids: list[str]
+    texts: list[str]
+    skipped_empty: int = 0  # rows without a text, skipped under embed.skip_empty
+    merged_duplicates: int = 0  # identical texts under text-hash ids, embedded once
+
+
+def _file_rows(fs: Any, f: str, text_column: str, id_column: str | None):
+    """(where, id or None, text value) per row of one corpus file; ``where`` names file and row.
+
+    JSONL is read line by line (no line-size limit, 1-based line numbers in errors); .txt is one
+    text per line, blank lines are not rows; Parquet rows are numbered from 1.
+    """
     import pyarrow.parquet as pq
 
-    fs, files = corpus_files(path)
-    ids: list[str] = []
-    texts: list[str] = []
-    for f in files:
-        lower = f.lower()
-        if lower.endswith(".txt"):
-            with fs.open_input_stream(f) as stream:
-                lines = stream.read().decode("utf-8").splitlines()
-            table = pa.table({text_column: [line for line in lines if line.strip()]})
-        elif lower.endswith(".parquet"):
-            table = pq.read_table(f, filesystem=fs)
-        else:
-            with fs.open_input_stream(f) as stream:
-                table = pajson.read_json(stream)
+    lower = f.lower()
+    if lower.endswith(".parquet"):
+        table = pq.read_table(f, filesystem=fs)
         if text_column not in table.column_names:
-            raise ConfigError(
-                f"{f}: no column {text_column!r} (it has {table.column_names}); set "
-                f"embed.text_column."
-            )
-        col = [("" if t is None else str(t)) for t in table.column(text_column).to_pylist()]
-        if id_column and id_column in table.column_names:
-            row_ids = [str(i) for i in table.column(id_column).to_pylist()]
-        else:
-            row_ids = [schema.query_id(t) for t in col]
-        ids.extend(row_ids)
-        texts.extend(col)
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
-        raise ValueError(
-            f"{path}: id {dup!r} appears more than once ({len(ids) - len(set(ids))} duplicates). "
-            f"Ids must be unique: fix embed.id_column's values, or set embed.id_column=null to "
-            f"use text hashes (identical texts are then embedded once)."
-            if id_column else
-            f"{path}: {len(ids) - len(set(ids))} texts appear more than once; deduplicate them."
-        )
-    return ids, texts
+            raise InputError(f"{f}: no column {text_column!r} (it has {table.column_names}); set "
+                             f"embed.text_column.")
+        texts = table.column(text_column).to_pylist()
+        row_ids = (table.column(id_column).to_pylist() if id_column and id_column in table.column_names
+                   else [None] * len(texts))
+        for n, (i, t) in enumerate(zip(row_ids, texts, strict=True), 1):
+            yield f"{f} row {n}", i, t
+        return
+    with fs.open_input_stream(f) as stream:
+        data = stream.read()
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{f} line {n}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                             f"line); save the file as UTF-8.") from None
+        if not line.strip():
+            continue
+        if lower.endswith(".txt"):
+            yield where, None, line
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line "
+                             f"must be one JSON object.") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: a JSON {type(record).__name__}, not an object with a "
+                             f"{text_column!r} field.")
+        yield where, record.get(id_column) if id_column else None, record.get(text_column, _ABSENT)
+
+
+_ABSENT = object()
+
+
+def read_corpus(path: str, *, text_column: str, id_column: str | None,
+                skip_empty: bool = False) -> Corpus:
+    """Every row of the corpus, in file order, each one accounted for.
+
+    A row without a text (field absent, null, empty or blank) is an error naming its file and row,
+    or skipped and counted with ``skip_empty``; a text that is not a string, an id that is not a
+    string or an integer, and a duplicate id are errors. Without ids (``id_column`` null or not in
+    the data) a row's id is its text's hash, and identical texts are embedded once (counted).
+    """
+    fs, files = corpus_files(path)
+    corpus = Corpus([], [])
+    by_hash: set[str] = set()
+    seen: dict[str, str] = {}
+    id_rows = hash_rows = 0
+    for f in files:
+        for where, row_id, text in _file_rows(fs, f, text_column, id_column):
+            if text is _ABSENT or text is None or (isinstance(text, str) and not text.strip()):
+                if skip_empty:
+                    corpus.skipped_empty += 1
+                    continue
+                what = ("has no " + repr(text_column) + " field" if text is _ABSENT
+                        else f"has {text_column}={text!r}")
+                raise InputError(f"{where} {what}: every row needs a text. Fix or remove the row, "
+                                 f"or set embed.skip_empty=true to skip (and count) such rows.")
+            if not isinstance(text, str):
+                raise InputError(f"{where}: {text_column} is a {type(text).__name__} ({text!r}), "
+                                 f"not a string.")
+            if row_id is None:
+                hash_rows += 1
+                row_id = schema.query_id(text)
+                if row_id in by_hash:
+                    corpus.merged_duplicates += 1
+                    continue
+                by_hash.add(row_id)
+            else:
+                id_rows += 1
+                if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+                    raise InputError(f"{where}: {id_column}={row_id!r} is a "
+                                     f"{type(row_id).__name__}; ids must be strings or integers.")
+                row_id = str(row_id)
+                if row_id in seen:
+                    raise InputError(
+                        f"{where}: id {row_id!r} was already used at {seen[row_id]}. Ids must be "
+                        f"unique: fix embed.id_column's values, or set embed.id_column=null to "
+                        f"use text hashes (identical texts are then embedded once).")
+                seen[row_id] = where
+            corpus.ids.append(row_id)
+            corpus.texts.append(text)
+    if id_rows and hash_rows:
+        raise InputError(f"{path}: {id_rows} rows have an {id_column!r} and {hash_rows} do not; "
+                         f"give every row an id, or none (embed.id_column=null).")
+    if not corpus.ids:
+        raise InputError(f"embed.input={path!r} holds no texts"
+                         + (f" ({corpus.skipped_empty} rows without one were skipped)"
+                            if corpus.skipped_empty else "") + ".")
+    return corpus
 
 
 class EmbedStage:
@@ -142,20 +224,91 @@ class EmbedStage:
         texts = [str(t) for t in batch[TEXT]]
         emb = self.encoder.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
                                   normalize=self.normalize)
-        out: dict[str, Any] = {schema.ID: batch[schema.ID], EMBEDDING: np.asarray(emb, np.float32)}
+        out: dict[str, Any] = {schema.ID: batch[schema.ID], EMBEDDING: np.asarray(emb, np.float32),
+                               TEXT_HASH: np.array([text_hash(t) for t in texts], dtype=object)}
         if self.keep_text:
             out[TEXT] = batch[TEXT]
         n = len(texts)
         out[_SECONDS] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         out[_FINGERPRINT] = np.array([self.fingerprint] * n, dtype=object)
+        limit = int(self.encoder.max_input_tokens)
+        counts = self.encoder.count_tokens(texts, instruction=self.instruction)
+        out[_TRUNCATED] = np.array([c > limit for c in counts], dtype=bool)
         return out
+
+
+def text_hash(text: str) -> str:
+    """SHA-256 of the exact text a vector was made from (before any instruction)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """What an output folder holds: each id's text hash (None: a shard written before hashes
+    were stored) and each shard's provenance, with ``keep_text`` read from its schema."""
+
+    hashes: dict[str, str | None]
+    provenance: list[dict[str, Any]]
+
+
+def read_stored(out: OutputDir) -> StoredRows:
+    import pyarrow.parquet as pq
+
+    hashes: dict[str, str | None] = {}
+    provenance = []
+    for prov in read_done_ids(out)[1]:
+        pf = pq.ParquetFile(out.fs.open_input_file(out.join(prov["file"])))
+        names = pf.schema_arrow.names
+        cols = [schema.ID] + ([TEXT_HASH] if TEXT_HASH in names else [])
+        table = pf.read(columns=cols)
+        row_hashes = (table.column(TEXT_HASH).to_pylist() if TEXT_HASH in names
+                      else [None] * table.num_rows)
+        hashes.update(zip(table.column(schema.ID).to_pylist(), row_hashes, strict=True))
+        provenance.append({**prov, "keep_text": TEXT in names})
+    return StoredRows(hashes, provenance)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    pending: list[int]  # input rows to embed (indices)
+    changed: list[str]  # stored ids whose vector was made from another text (or an unknown one)
+    removed: list[str]  # stored ids that are not in the input
+
+
+def plan_resume(ids: list[str], hashes: list[str], stored: dict[str, str | None]) -> ResumePlan:
+    """Which input rows a rerun embeds, given what the folder holds (pure)."""
+    changed = [i for i, h in zip(ids, hashes, strict=True) if i in stored and stored[i] != h]
+    changed_set = set(changed)
+    pending = [k for k, i in enumerate(ids) if i not in stored or i in changed_set]
+    removed = sorted(set(stored) - set(ids))
+    return ResumePlan(pending, changed, removed)
+
+
+def _stale_error(out: OutputDir, source: str, plan: ResumePlan, stored: StoredRows) -> ConfigError:
+    unknown = sum(1 for i in plan.changed if stored.hashes[i] is None)
+    parts = []
+    if plan.changed:
+        parts.append(f"{len(plan.changed)} of its ids hold the vector of another text than "
+                     f"{source!r} gives them (e.g. {plan.changed[0]!r})"
+                     + (f"; {unknown} come from shards written before text hashes were stored, "
+                        "so their texts cannot be checked" if unknown else ""))
+    if plan.removed:
+        parts.append(f"{len(plan.removed)} of its ids are not in {source!r} (e.g. "
+                     f"{plan.removed[0]!r})")
+    return ConfigError(
+        f"{out.uri} does not match the input: " + "; ".join(parts) + ". It was made from another "
+        "corpus or an earlier version of this one. Nothing was changed. Write to a new folder "
+        "(embed.output_dir=...), or set embed.sync=true to re-embed the changed texts and drop "
+        "the rows no longer in the input."
+    )
 
 
 def _table(batch: dict[str, Any], keep_text: bool) -> pa.Table:
     emb = np.asarray(np.stack(list(batch[EMBEDDING])) if batch[EMBEDDING].dtype == object
                      else batch[EMBEDDING], dtype=np.float32)
     dim = emb.shape[1]
-    arrays = [pa.array([str(i) for i in batch[schema.ID]], type=pa.string())]
+    arrays = [pa.array([str(i) for i in batch[schema.ID]], type=pa.string()),
+              pa.array([str(h) for h in batch[TEXT_HASH]], type=pa.string())]
     if keep_text:
         arrays.append(pa.array([str(t) for t in batch[TEXT]], type=pa.string()))
     arrays.append(pa.FixedSizeListArray.from_arrays(
@@ -174,30 +327,35 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
     for key in ("batch_size", "num_actors", "rows_per_shard"):
         if int(e[key]) < 1:
             raise ConfigError(f"embed.{key}={e[key]}; it must be >= 1.")
-    ids, texts = read_corpus(str(e.input), text_column=str(e.text_column),
-                             id_column=e.id_column or None)
+    corpus = read_corpus(str(e.input), text_column=str(e.text_column),
+                         id_column=e.id_column or None, skip_empty=bool(e.skip_empty))
+    ids, texts = corpus.ids, corpus.texts
     out = OutputDir.from_path(str(e.output_dir))
     out.fs.create_dir(out.root, recursive=True)
     out.remove_stale_temps()
-    done, previous = read_done_ids(out)
-    stale = done - set(ids)
-    if stale:
-        raise ConfigError(
-            f"{out.uri} holds {len(stale)} embeddings of ids not in {e.input!r}: it belongs to "
-            f"another corpus. Nothing was deleted; set embed.output_dir to a fresh folder."
-        )
-    settings = {"model": str(e.model), "instruction": e.instruction, "normalize": bool(e.normalize)}
-    for prov in previous:
+    stored = read_stored(out)
+    settings = {"model": str(e.model), "instruction": e.instruction, "normalize": bool(e.normalize),
+                "keep_text": bool(e.keep_text)}
+    for prov in stored.provenance:
         old = {k: prov.get(k) for k in settings}
         if old != settings:
             raise ConfigError(
                 f"{out.uri}/{prov.get('file')} was embedded with {old}, this run uses {settings}: "
-                f"resuming would mix two encoders. Use a fresh embed.output_dir."
+                f"resuming would mix two encoders or two shard layouts. Use a fresh "
+                f"embed.output_dir."
             )
-    pending = [(i, t) for i, t in zip(ids, texts, strict=True) if i not in done]
+    plan = plan_resume(ids, [text_hash(t) for t in texts], stored.hashes)
+    dropped = 0
+    if plan.changed or plan.removed:
+        if not bool(e.sync):
+            raise _stale_error(out, str(e.input), plan, stored)
+        dropped = drop_rows(out, set(plan.changed) | set(plan.removed))
+        log.info("embed: dropped %d rows from %s (%d changed texts to re-embed, %d ids no longer "
+                 "in the input)", dropped, out.uri, len(plan.changed), len(plan.removed))
+    pending = [(ids[k], texts[k]) for k in plan.pending]
     log.info("embed: %d texts, %d already in %s, %d to embed", len(ids), len(ids) - len(pending),
              out.uri, len(pending))
-    rows, busy, fingerprint, dim = 0, 0.0, None, None
+    rows, busy, fingerprint, dim, truncated = 0, 0.0, None, None, 0
     t0 = time.perf_counter()
     if pending:
         ds = ray.data.from_items(
@@ -218,6 +376,7 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
             fingerprint = str(batch[_FINGERPRINT][0])
             provenance["fingerprint"] = fingerprint
             busy += float(np.asarray(batch[_SECONDS]).sum())
+            truncated += int(np.asarray(batch[_TRUNCATED]).sum())
             table = _table(batch, bool(e.keep_text))
             dim = table.schema.field(EMBEDDING).type.list_size
             rows += table.num_rows
@@ -225,7 +384,7 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
         writer.close()
     pipeline_s = time.perf_counter() - t0
     done_after, shards = read_done_ids(out)
-    missing = set(ids) - done_after
+    missing = set(ids) - set(done_after)
     if missing:
         raise RuntimeError(
             f"{len(missing)} of {len(ids)} texts have no embedding in {out.uri} after the run; "
@@ -237,11 +396,17 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
         "rows": sum(s["rows"] for s in shards),
         "rows_embedded": rows,
         "rows_skipped_existing": len(ids) - len(pending),
+        "rows_reembedded_changed": len(plan.changed),
+        "rows_dropped": dropped,
+        "rows_truncated": truncated,
+        "rows_skipped_empty": corpus.skipped_empty,
+        "rows_merged_duplicate_texts": corpus.merged_duplicates,
         "dim": dim or next((s.get("dim") for s in shards if s.get("dim")), None),
         "model": str(e.model),
         "fingerprint": fingerprint or next((s.get("fingerprint") for s in shards), None),
         "instruction": e.instruction,
         "normalize": bool(e.normalize),
+        "keep_text": bool(e.keep_text),
         "shards": [{"file": s["file"], "rows": s["rows"]} for s in shards],
         "texts_per_s": round(rows / pipeline_s, 2) if rows and pipeline_s > 0 else None,
         "texts_per_s_per_actor": round(rows / busy, 2) if busy > 0 else None,
@@ -251,9 +416,11 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
         "config": to_dict(cfg)["embed"],
     }
     out.write_atomic(schema.MANIFEST_FILE, lambda tmp: _write(out, tmp, manifest))
+    speed = f"; {manifest['texts_per_s']} texts/s" if manifest["texts_per_s"] else ""
+    cut = (f"; {truncated} texts were longer than the model reads and were cut"
+           if truncated else "")
     print(f"embed: {manifest['rows']} embeddings in {out.uri} ({rows} new, "
-          f"{manifest['rows_skipped_existing']} already there); {manifest['texts_per_s']} texts/s",
-          flush=True)
+          f"{manifest['rows_skipped_existing']} already there){speed}{cut}", flush=True)
     return manifest
 
 

@@ -80,7 +80,7 @@ def test_ids_default_to_text_hashes_and_duplicates_are_refused(ray_session, embe
     dup.write_text(json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": "a", "text": "y"}) + "\n")
     embed_cfg.embed.input = str(dup)
     embed_cfg.embed.id_column = "id"
-    with pytest.raises(ValueError, match="id 'a' appears more than once"):
+    with pytest.raises(ConfigError, match="id 'a' was already used at .*dup.jsonl line 1"):
         run_embed(embed_cfg)
     embed_cfg.embed.input = str(tmp_path / "nothing-here")
     with pytest.raises(ConfigError, match="does not exist"):
@@ -122,3 +122,47 @@ def test_resume_after_sigkill_is_exactly_once(ray_session, embed_cfg, tmp_path):
     assert set(ids) == {f"doc-{i}" for i in range(14)}, "texts are missing"
     assert manifest["rows_skipped_existing"] == 4 and manifest["rows_embedded"] == 10
     assert not list(out_dir.glob(".*.tmp"))
+
+
+def _vectors(out_dir) -> dict[str, np.ndarray]:
+    return {r["id"]: np.array(r["embedding"]) for r in read_embeddings(out_dir).to_pylist()}
+
+
+def test_a_changed_or_other_corpus_is_refused_and_sync_makes_every_vector_current(
+        ray_session, embed_cfg, tmp_path):
+    """The stale-vector scenario: same ids, other texts. Refused by default (nothing changed);
+    with embed.sync=true every stored vector equals a fresh embedding of the current text and the
+    ids no longer in the input are gone. The folder stays readable throughout."""
+    out_dir = embed_cfg.embed.output_dir
+    run_embed(embed_cfg)
+    before = _vectors(out_dir)
+
+    edited = list(TEXTS)
+    edited[3] = "A completely different text about rivers."
+    other = tmp_path / "other.jsonl"  # doc-0..doc-11 with one text edited; doc-12, doc-13 gone
+    other.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n"
+                             for i, t in enumerate(edited[:12])))
+    embed_cfg.embed.input = str(other)
+    with pytest.raises(ConfigError, match=r"1 of its ids hold the vector of another text.*"
+                                          r"2 of its ids are not in.*embed.sync=true"):
+        run_embed(embed_cfg)
+    assert _vectors(out_dir).keys() == before.keys()  # nothing was changed
+
+    embed_cfg.embed.sync = True
+    manifest = run_embed(embed_cfg)
+    assert manifest["rows_reembedded_changed"] == 1 and manifest["rows_dropped"] == 3
+    assert manifest["rows_embedded"] == 1 and manifest["rows"] == 12
+    after = _vectors(out_dir)
+    assert sorted(after) == sorted(f"doc-{i}" for i in range(12))
+    fresh = _encoder(embed_cfg).encode(edited[:12])
+    np.testing.assert_allclose(np.array([after[f"doc-{i}"] for i in range(12)]), fresh, atol=1e-5)
+    assert read_embeddings(out_dir).column("text").to_pylist().count(edited[3]) == 1
+
+
+def test_keep_text_is_part_of_the_folder_identity(ray_session, embed_cfg):
+    embed_cfg.embed.keep_text = False
+    run_embed(embed_cfg)
+    embed_cfg.embed.keep_text = True
+    with pytest.raises(ConfigError, match="keep_text"):
+        run_embed(embed_cfg)
+    assert read_embeddings(embed_cfg.embed.output_dir).num_rows == 14  # still readable
