@@ -24,9 +24,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
 from l2vg_ray.packaged_data import DataUnavailable
+from l2vg_ray.serve import ServeLoadError
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
 SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "pipeline")
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "decode":
             p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--text", action="append", default=[], metavar="TEXT",
+                           help="a text to decode (repeatable); so are the words after `--`, "
+                                "always texts even when they hold '=' (E=mc2)")
         if name == "export":
             p.add_argument("--out", required=True, help="folder to write")
             p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -116,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is a text for decode (never an override, whatever it holds).
+    after = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
+    if after and args.command != "decode":
+        print(f"l2vg: config error: {args.command} takes no texts after `--` (got {after}).",
+              file=sys.stderr)
+        return 2
+    args.texts_after = after
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -126,12 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as e:
         if args.verbose:
-            logging.exception("the error's traceback (-v)")
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         kind = "input error" if isinstance(e, InputError) else "config error"
         print(f"l2vg: {kind}: {e}", file=sys.stderr)
         return 2
     except DataUnavailable as e:
         print(f"l2vg: data unavailable: {e}", file=sys.stderr)
+        return 1
+    except ServeLoadError as e:
+        print(f"l2vg: serve: {e}", file=sys.stderr)
         return 1
 
 
@@ -150,10 +170,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
 
-    texts: list[str] = []
+    texts: list[str] = list(getattr(args, "text", None) or [])
     overrides: list[str] = []
     for item in args.args:
         (overrides if _is_override(item) else texts).append(item)
+    texts += args.texts_after
     if texts and args.command != "decode":
         raise ConfigError(f"Unexpected arguments {texts}: overrides must look like key=value.")
     overrides = _expand_aliases(args.command, overrides)
@@ -167,12 +188,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     # the workers run elsewhere); hub ids, names and URIs stay as they are.
     cfg = storage.absolute_paths(cfg)
     _check_models(cfg)
+    if args.command in MODEL_KEY:
+        _check_model_path(cfg, MODEL_KEY[args.command])
+    if args.command == "serve" or (args.command == "run" and args.serve):
+        _check_port(str(cfg.serve.host), int(cfg.serve.port))
 
     if args.command == "decode":
         from l2vg_ray.loading import load_encoder
 
         if not texts:
             raise ConfigError("decode needs at least one text: l2vg decode -c CFG model=DIR 'text'")
+        empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ConfigError(f"decode: text {empty[0]} is empty; give a text to decode (the "
+                              f"/v1/decode endpoint refuses it too: 400 empty_input).")
         encoder = load_encoder(cfg.eval.model, cfg)
         if not hasattr(encoder, "decode"):
             raise ConfigError(f"{cfg.eval.model!r} cannot decode: only trained encoders can.")
@@ -222,7 +251,44 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"  result: {path}", flush=True)
         if args.command == "run" and not result.get("ok", True):
             return 1  # a stage failed: fail the job, a rerun retries it
+        if args.command == "eval" and result.get("n_failed"):
+            print(f"l2vg eval: {result['n_failed']} of {result['n_tasks']} tasks failed "
+                  f"({', '.join(result['failed'])}); their errors are in the table above and in "
+                  f"{path}.", file=sys.stderr)
+            return 1
     return 0
+
+
+# The config key naming the model a command reads now (it must exist before anything starts).
+MODEL_KEY = {"eval": "eval.model", "decode": "eval.model", "export": "eval.model",
+             "serve": "serve.model", "embed": "embed.model"}
+
+
+def _check_model_path(cfg, key: str) -> None:
+    spec = str(OmegaConf.select(cfg, key))
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
+        raise ConfigError(
+            f"{key}={spec!r} does not exist. Pass a trained encoder folder (e.g. "
+            f"outputs/quickstart/train/final), a packaged encoder name or a baseline (teacher, "
+            f"mean-pool, last-token)."
+        )
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port already taken is one line before Ray starts (not a minute of proxy retries)."""
+    import socket
+
+    if not port:
+        return  # serve.port=0: Serve picks a free one
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"serve.port={port}: {host}:{port} is not free ({e.strerror}). Stop what listens "
+                f"there, or pick another port (serve.port=0 picks a free one)."
+            ) from None
 
 
 def _check_models(cfg) -> None:

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 
@@ -431,7 +431,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"Overrides must look like key=value (e.g. train.lr=1e-4); got {bad}."
             )
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        layers.append(("command line", _dotlist(list(overrides))))
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -452,14 +452,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 EXTENDS = "extends"  # a YAML's parent, relative to the YAML: merged first
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML parser error as one line: what and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """One YAML file as a mapping; syntax, encoding and shape errors name the file and the fix."""
+    import yaml
+
+    try:
+        layer = OmegaConf.load(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                          f"UTF-8.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}.") from None
+    if not isinstance(layer, DictConfig):
+        kind = "list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise ConfigError(f"{path}: its top level is a {kind}, not a mapping of "
+                          f"sections (model:, generate:, train:, ...). See configs/quickstart.yaml.")
+    return layer
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    """Command-line overrides; a malformed one is named with the fix."""
+    import yaml
+    from omegaconf.errors import GrammarParseError
+
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, GrammarParseError, ValueError) as e:
+            problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else str(e).splitlines()[0]
+            raise ConfigError(f"Override {item!r} is malformed ({problem}). Write key=value, "
+                              f"quoting the value as YAML: e.g. 'train.lr=1e-4', "
+                              f"'eval.tasks=[A,B]', 'name=\"a b\"'.") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
 def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
     """The YAML at ``path`` after the chain of files it ``extends`` (parents first)."""
+    if path.is_dir():
+        raise ConfigError(f"Config file {str(path)!r} is a folder. Pass a YAML file, e.g. "
+                          f"--config configs/quickstart.yaml.")
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist. Pass an existing YAML.")
     if path.resolve() in seen:
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ConfigError(f"Config files extend each other in a cycle: {chain}.")
-    layer = OmegaConf.load(path)
+    layer = _load_yaml(path)
     parent = layer.pop(EXTENDS, None) if isinstance(layer, DictConfig) else None
     layers = _yaml_layers(path.parent / str(parent), (*seen, path.resolve())) if parent else []
     return [*layers, (str(path), layer)]

@@ -33,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from l2vg_ray import storage
-from l2vg_ray.config import ConfigError
+from l2vg_ray.config import ConfigError, InputError
 from l2vg_ray.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,9 @@ def clean_queries(
         stats.too_long = len(unique) - len(kept)
         unique = kept
     if limit is not None:
-        if limit < 0:
-            raise ConfigError(f"generate.queries.limit must be >= 0 or null, got {limit}.")
+        if limit < 1:
+            raise ConfigError(f"generate.queries.limit={limit} keeps no queries; use a number "
+                              f">= 1, or null for all of them.")
         if len(unique) > limit:
             chosen = sorted(random.Random(seed).sample(range(len(unique)), limit))
             stats.over_limit = len(unique) - limit
@@ -234,6 +235,15 @@ def _check_exists(path: str) -> None:
         )
 
 
+def _query_text(value: Any, where: str, column: str) -> str | None:
+    """A query must be text (None counts as empty): a list, a number or a bool is refused
+    rather than generated from as its Python repr."""
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"{where}: {column} is a {type(value).__name__} ({str(value)[:60]!r}), not "
+                     f"a string. Give each query as text.")
+
+
 def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
     """Raw query values of ``column`` in a JSONL / JSON / Parquet / CSV / TSV file.
 
@@ -251,12 +261,12 @@ def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
     elif lower.endswith((".csv", ".tsv", ".txt")):
         values = _read_csv(path, column, delimiter="," if lower.endswith(".csv") else "\t")
     else:
-        raise ValueError(
+        raise InputError(
             f"Query file {path!r} has an unknown extension. Use .jsonl, .json, .parquet, .csv "
             f"or .tsv (one query per row, the text in column {column!r})."
         )
     if not values:
-        raise ValueError(
+        raise InputError(
             f"Query file {path!r} is empty (no records). Put one query per line, e.g. "
             f'{{"{column}": "What is the capital of France?"}}.'
         )
@@ -273,7 +283,7 @@ def _read_jsonl(path: str, column: str) -> list[Any]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}): "
                     f"{line.strip()[:80]!r}. Each line must be one JSON object such as "
                     f'{{"{column}": "..."}}; fix or delete that line.'
@@ -282,14 +292,14 @@ def _read_jsonl(path: str, column: str) -> list[Any]:
                 values.append(record)
             elif isinstance(record, dict):
                 if column not in record:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}:{lineno}: no field {column!r}; the record has fields "
                         f"{sorted(record)}. Set generate.queries.column to the field holding "
                         f"the query text."
                     )
-                values.append(record[column])
+                values.append(_query_text(record[column], f"{path}:{lineno}", column))
             else:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{lineno}: expected a JSON object or string, got "
                     f"{type(record).__name__}. Write one object per line, e.g. "
                     f'{{"{column}": "..."}}.'
@@ -305,23 +315,23 @@ def _read_json_array(path: str, column: str) -> list[Any]:
     try:
         records = json.loads(data)
     except json.JSONDecodeError as e:
-        raise ValueError(
+        raise InputError(
             f"{path}:{e.lineno}: malformed JSON ({e.msg}). A .json query file must be one "
             f"array of objects or strings; use .jsonl for one object per line."
         ) from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}.")
+        raise InputError(f"{path}: expected a JSON array of records, got {type(records).__name__}.")
     values = []
     for i, record in enumerate(records):
         if isinstance(record, dict):
             if column not in record:
-                raise ValueError(
+                raise InputError(
                     f"{path}: record {i} has no field {column!r}; it has {sorted(record)}. "
                     f"Set generate.queries.column."
                 )
-            values.append(record[column])
+            values.append(_query_text(record[column], f"{path}: record {i}", column))
         else:
-            values.append(record)
+            values.append(_query_text(record, f"{path}: record {i}", column))
     return values
 
 
@@ -332,11 +342,12 @@ def _read_parquet(path: str, column: str) -> list[Any]:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if column not in names:
-            raise ValueError(
+            raise InputError(
                 f"{path}: no column {column!r}; the file has columns {names}. "
                 f"Set generate.queries.column to the column holding the query text."
             )
-        return pf.read(columns=[column]).column(column).to_pylist()
+        values = pf.read(columns=[column]).column(column).to_pylist()
+    return [_query_text(v, f"{path} row {i + 1}", column) for i, v in enumerate(values)]
 
 
 def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
@@ -347,7 +358,7 @@ def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
         if not header:
             return []
         if column not in header:
-            raise ValueError(
+            raise InputError(
                 f"{path}:1: no column {column!r} in the header; the file has columns "
                 f"{list(header)}. Set generate.queries.column to the column holding the "
                 f"query text."
@@ -355,7 +366,7 @@ def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
         try:
             return [row[column] for row in reader]
         except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+            raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
 
 
 @QUERY_SOURCES.register("file")

@@ -7,3 +7,7 @@
   size and time, answer time) for any FastAPI app.
 - ``l2vg_ray.serve.metrics``: the Prometheus metrics a replica records, and a reader for them.
 """
+
+
+class ServeLoadError(RuntimeError):
+    """The replicas could not load the model; the message ends with the root cause."""

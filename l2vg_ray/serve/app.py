@@ -49,6 +49,7 @@ from ray import serve
 from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, load_config, typed
 from l2vg_ray.encoders import TextEncoder
 from l2vg_ray.registry import Registry
+from l2vg_ray.serve import ServeLoadError
 from l2vg_ray.serve.http import GuardSettings, install_error_handlers
 from l2vg_ray.serve.metrics import ServeMetrics
 from l2vg_ray.serve.protocol import (
@@ -582,8 +583,10 @@ def run_serve(
     except RuntimeError as e:
         if blocking:
             serve.shutdown()
-        raise RuntimeError(
-            f"The served model {str(s.model)!r} failed to load ({s.load_retries} retries): {e}"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ServeLoadError(
+            f"The served model {str(s.model)!r} failed to load ({s.load_retries} retries); the "
+            f"cause: {lines[-1] if lines else e}"
         ) from e
     url = f"http://{host}:{port}{str(s.route_prefix).rstrip('/')}"
     try:
