@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
+from l2vg_ray.models.resolver import unavailable_models
 from l2vg_ray.packaged_data import DataUnavailable
 from l2vg_ray.serve import ServeLoadError
 
@@ -265,13 +266,30 @@ MODEL_KEY = {"eval": "eval.model", "decode": "eval.model", "export": "eval.model
 
 
 def _check_model_path(cfg, key: str) -> None:
+    """A model folder that is missing or unreadable fails here, in a second, instead of in
+    every Ray task or Serve replica (which would retry an error that cannot change)."""
+    from l2vg_ray.encoders import ENCODER_CONFIG_FILE
+
     spec = str(OmegaConf.select(cfg, key))
-    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
+    folder = Path(spec).expanduser()
+    if spec.startswith(("/", ".", "~")) and not folder.exists():
         raise ConfigError(
             f"{key}={spec!r} does not exist. Pass a trained encoder folder (e.g. "
             f"outputs/quickstart/train/final), a packaged encoder name or a baseline (teacher, "
             f"mean-pool, last-token)."
         )
+    if (folder / ENCODER_CONFIG_FILE).is_file():
+        from l2vg_ray.encoder.model import read_saved_meta, saved_encoder_info
+
+        try:
+            saved_encoder_info(folder)
+            llm = str(read_saved_meta(folder)["model"]["llm"])
+        except Exception as e:  # noqa: BLE001 - any unreadable file: one line with its cause
+            raise ConfigError(f"{key}={spec!r} is not a readable trained encoder folder: "
+                              f"{type(e).__name__}: {e}") from None
+        problems = unavailable_models([llm])
+        if problems:
+            raise ConfigError(f"{key}={spec!r}: its base LLM: {problems[llm]}")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -293,8 +311,6 @@ def _check_port(host: str, port: int) -> None:
 
 def _check_models(cfg) -> None:
     """A packaged model whose package is missing fails here, before Ray or any stage starts."""
-    from l2vg_ray.models.resolver import unavailable_models
-
     specs = [str(cfg.model.llm), str(cfg.model.teacher), str(cfg.eval.model)]
     if cfg.teacher.model:
         specs.append(str(cfg.teacher.model))

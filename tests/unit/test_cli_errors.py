@@ -122,3 +122,13 @@ def test_non_string_queries_and_limit_zero(tmp_path):
                              f"generate.queries.path={path}"])
     with pytest.raises(InputError, match=r"q.jsonl:1: malformed JSON"):
         load_queries(cfg)
+
+
+def test_an_unreadable_encoder_folder_fails_before_ray_not_in_every_replica(tmp_path, capsys, no_ray):
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    (folder / "l2vg_config.json").write_text("{not json")
+    assert main(["serve", f"model={folder}", "port=0"]) == 2
+    _one_line_error(capsys, "is not a readable trained encoder folder")
+    assert main(["serve", "model=/nope/encoder", "port=0"]) == 2
+    _one_line_error(capsys, "serve.model='/nope/encoder' does not exist")
