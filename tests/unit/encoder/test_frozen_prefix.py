@@ -115,3 +115,14 @@ def test_bf16_autocast_on_gpu_matches_the_reference(tiny_llm_dir, checkpointing)
         a, b = _step(ref, batch), _step(new, batch)
     # bf16 rounds to ~3 significant digits: the two orders of summation differ at that level
     _assert_equal_steps(a, b, rtol=2e-2)
+
+
+def test_in_float64_the_two_paths_agree_to_rounding_of_float64(tiny_llm_dir):
+    """In float64 arithmetic the frozen-prefix step and the one-pass step are the same function:
+    what differs in float32 is only the order of summation (the reference's own rounding)."""
+    ref, new = _encoder(tiny_llm_dir, False), _encoder(tiny_llm_dir, True)
+    ref.llm.to(torch.float64)
+    new.llm.to(torch.float64)
+    teacher = torch.randn(4, TEACHER_DIM, generator=torch.Generator().manual_seed(0))
+    batch = ref.prepare_batch(SHORT_AND_LONG, RESPONSES, teacher)
+    _assert_equal_steps(_step(ref, batch), _step(new, batch), rtol=1e-10)
