@@ -150,7 +150,9 @@ class GenerateConfig:
 class TeacherConfig:
     """Responses -> teacher embeddings (a registry of teacher kinds)."""
 
-    kind: str = "sentence-transformers"  # sentence-transformers | mean-pooled-llm | llm2vec
+    # sentence-transformers | mean-pooled-llm | llm2vec | cls-encoder (a Hugging Face encoder's
+    # [CLS] state, raw: the official second version's BAAI/bge-m3-unsupervised)
+    kind: str = "sentence-transformers"
     # Model spec of the teacher; null = model.teacher (sentence-transformers, llm2vec) /
     # model.llm (mean-pooled-llm). For llm2vec: the MNTP LoRA adapter (a hub id such as
     # McGill-NLP/LLM2Vec-Qwen3-8B-mntp, or a local folder) whose adapter_config.json names the

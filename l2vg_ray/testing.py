@@ -103,6 +103,33 @@ def build_tiny_llm(
     return out_dir
 
 
+def build_tiny_bert(out_dir: str | Path, *, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random BERT encoder and a WordPiece tokenizer that wraps texts in [CLS] .. [SEP]
+    (the layout of the ``cls-encoder`` teacher's models), saved to ``out_dir``."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.WordPieceTrainer(
+        vocab_size=256, special_tokens=specials, show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=hidden * 2,
+                                 max_position_embeddings=128, pad_token_id=fast.pad_token_id))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_sentence_encoder(out_dir: str | Path, *, hidden: int = 32, seed: int = 0) -> Path:
     """Save a tiny random BERT + mean pooling sentence-transformers model to ``out_dir``."""
     import torch

@@ -71,6 +71,14 @@ def tiny_teacher_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with a [CLS]-first WordPiece tokenizer (the cls-encoder teacher)."""
+    from l2vg_ray.testing import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
 def tiny_queries_file(tmp_path_factory):
     from l2vg_ray.testing import TINY_QUERIES, write_queries_jsonl
 

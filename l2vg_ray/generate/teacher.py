@@ -1,6 +1,6 @@
 """Teachers (responses -> the embeddings the encoder learns to align with) and ``TeacherStage``.
 
-Three kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
+Four kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
 
 - ``sentence-transformers``: a sentence-transformers model (``teacher.model`` or
   ``model.teacher``), embeddings exactly as the model's own pipeline gives them.
@@ -9,6 +9,8 @@ Three kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
   mean-pooled over the response tokens (special tokens and padding excluded).
 - ``llm2vec``: the paper's teacher, the backbone's own LLM2Vec encoder (bidirectional attention,
   the MNTP LoRA merged, the unsupervised SimCSE LoRA on top), masked mean with BOS.
+- ``cls-encoder``: a Hugging Face encoder (BERT / XLM-R family) read at its first ([CLS])
+  position, raw (not normalised): the official second version's ``BAAI/bge-m3-unsupervised``.
 
 A teacher has ``.name`` (written to TEACHER_MODEL), ``.dim`` and
 ``embed(texts) -> float32 (N, dim)``. ``TeacherStage`` is the thin Ray Data wrapper.
@@ -206,6 +208,42 @@ class LLM2VecTeacher:
         return self.encoder.encode([t.strip() for t in texts], batch_size=self.batch_size)
 
 
+@TEACHERS.register("cls-encoder")
+class CLSEncoderTeacher:
+    """A Hugging Face encoder's last hidden state at the first position ([CLS] / <s>), as it is:
+    no normalisation, no projection. The official code's second version embeds responses this
+    way with ``BAAI/bge-m3-unsupervised`` (an XLM-R encoder). Texts are cut at
+    ``teacher.max_length`` tokens and padded on the right, so position 0 is always the CLS token.
+    """
+
+    def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
+        from transformers import AutoModel
+
+        model_spec = teacher_spec(spec)
+        self.name = f"cls-encoder:{model_spec}"
+        path = _resolve(model_spec, spec)
+        self.batch_size = int(spec.teacher.batch_size)
+        self.max_length = int(spec.teacher.max_length)
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(path, padding_side="right")
+        dtype = torch_dtype(str(spec.teacher.dtype or spec.model.dtype))
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True,
+                                   truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            out.append(hidden[:, 0].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
 def build_teacher(cfg: TeacherSpec | DictConfig | L2VGConfig) -> Teacher:
     spec = TeacherSpec.of(cfg)
     return TEACHERS.get(str(spec.teacher.kind))(spec, device=str(spec.model.device))
@@ -259,6 +297,10 @@ def teacher_dim(cfg: TeacherSpec | DictConfig | L2VGConfig) -> int:
 
         base = _resolve(llm2vec_base(str(path)), spec)
         return int(AutoConfig.from_pretrained(base).get_text_config().hidden_size)
+    elif kind == "cls-encoder":
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(str(path)).hidden_size)
     return int(build_teacher(spec).dim)  # an unusual layout: load it once to ask
 
 

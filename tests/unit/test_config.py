@@ -127,9 +127,19 @@ def test_paper_configs_use_paper_settings(family, version):
     assert e.instructions == "paper"
 
 
+def test_the_bge_m3_teacher_variant():
+    """The official second version's teacher: bge-m3-unsupervised's raw [CLS] state."""
+    cfg = load_config(REPO / "configs" / "paper" / "qwen3-4b-bge-m3.yaml")
+    base = load_config(REPO / "configs" / "paper" / "qwen3-4b.yaml")
+    assert (cfg.model.teacher, cfg.model.teacher_dim) == ("BAAI/bge-m3-unsupervised", 1024)
+    assert (cfg.teacher.kind, cfg.teacher.adapter) == ("cls-encoder", None)
+    assert (cfg.model.llm, cfg.train.lr, cfg.train.max_steps) == (
+        base.model.llm, base.train.lr, base.train.max_steps)
+
+
 def test_every_paper_config_is_tested():
     names = {p.stem for p in (REPO / "configs" / "paper").glob("*.yaml") if not p.stem.startswith("_")}
-    assert names == {f + v for f in PAPER for v in ("", "-v1")}
+    assert names == {f + v for f in PAPER for v in ("", "-v1")} | {"qwen3-4b-bge-m3"}
 
 
 def test_a_config_extends_its_parent_and_cycles_are_errors(tmp_path):

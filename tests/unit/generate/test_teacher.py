@@ -77,11 +77,12 @@ def test_teacher_model_overrides_the_default_spec(tiny_config, tiny_generator_ll
 
 
 def test_unknown_teacher_kind_lists_the_known_ones(tiny_config):
-    assert TEACHERS.names() == ["llm2vec", "mean-pooled-llm", "sentence-transformers"]
+    assert TEACHERS.names() == ["cls-encoder", "llm2vec", "mean-pooled-llm", "sentence-transformers"]
     tiny_config.teacher.kind = "bge"
     with pytest.raises(
         ValueError,
-        match="Unknown teacher kind 'bge'. Known: llm2vec, mean-pooled-llm, sentence-transformers",
+        match="Unknown teacher kind 'bge'. Known: cls-encoder, llm2vec, mean-pooled-llm, "
+              "sentence-transformers",
     ):
         teacher_stage_kwargs(tiny_config)
 
@@ -176,3 +177,30 @@ def test_llm2vec_teacher_names_a_non_adapter_clearly(tiny_config, tiny_llm_dir):
     tiny_config.teacher.model = str(tiny_llm_dir)  # a model folder, not an adapter
     with pytest.raises(ValueError, match="not a PEFT adapter"):
         build_teacher(tiny_config)
+
+
+def test_cls_encoder_teacher_is_the_raw_first_position_state(tiny_config, tiny_bert_dir):
+    """The official second version's teacher (BAAI/bge-m3-unsupervised): an encoder's [CLS]
+    state, not normalised. Checked against a hand computation, one text at a time (no padding)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tiny_config.teacher.kind = "cls-encoder"
+    tiny_config.model.teacher = str(tiny_bert_dir)
+    tiny_config.teacher.max_length = 12
+    tiny_config.teacher.batch_size = 3
+    tiny_config.model.teacher_dim = None
+    teacher = build_teacher(tiny_config)
+    texts = [t for t in TEXTS if t] + ["a much longer text " * 10]
+    got = teacher.embed(texts)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 32) == (len(texts), teacher.dim)
+    assert teacher.name == f"cls-encoder:{tiny_bert_dir}" and teacher_dim(tiny_config) == 32
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    for text, row in zip(texts, got, strict=True):
+        ids = tok(text, truncation=True, max_length=12, return_tensors="pt")
+        assert ids["input_ids"][0, 0] == tok.cls_token_id
+        with torch.no_grad():
+            want = model(**ids).last_hidden_state[0, 0].numpy()
+        np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # raw output, not normalised
