@@ -85,11 +85,6 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def makedirs(path: str) -> None:
-    fs, p = filesystem(path)
-    fs.create_dir(p, recursive=True)
-
-
 def is_file(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.get_file_info(p).type == pafs.FileType.File

@@ -112,8 +112,6 @@ AlignmentLoss = Callable[[torch.Tensor, torch.Tensor, "TargetStats | None"], tor
 ALIGNMENT_LOSSES: Registry[AlignmentLoss] = Registry(
     "alignment loss", hint="Set train.align_loss to one of them (mse is the paper's)."
 )
-# Kinds that scale by the targets' statistics (the trainer computes them from the data).
-NEEDS_STATS = ("normalized-mse", "standardized-mse")
 _EPS = 1e-12
 VAR_FLOOR = 0.01  # standardized-mse: no dimension weighs more than 100x an average one
 

@@ -214,7 +214,7 @@ class EmbeddingModel:
                 return await self._in_model_thread(self._embed_items, items)
             return self._embed_items(items)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch  # its size and wait are set from serve.* in the constructor
     async def _embed_batch(self, items: list[EmbedItem]) -> list[EmbedResult]:
         return await self._run_embed(items)
 
