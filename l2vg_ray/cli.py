@@ -30,6 +30,7 @@ from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
 from l2vg_ray.models.resolver import unavailable_models
 from l2vg_ray.packaged_data import DataUnavailable
+from l2vg_ray.preflight import check_config
 from l2vg_ray.serve import ServeLoadError
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
@@ -182,6 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train" and args.resume:
         overrides.append("train.resume=true")
     cfg = load_config(args.config, overrides)
+    check_config(cfg)  # every section's values, in a second, before anything starts
     if args.dry_run:
         print(to_yaml(cfg))
         return 0

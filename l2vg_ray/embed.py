@@ -316,6 +316,16 @@ def _table(batch: dict[str, Any], keep_text: bool) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=embed_schema(dim, keep_text=keep_text))
 
 
+def check_embed_config(e: Any) -> None:
+    """The embed section's own checks (no model, no data): run at load and by the stage."""
+    for key in ("batch_size", "num_actors", "rows_per_shard"):
+        if int(e[key]) < 1:
+            raise ConfigError(f"embed.{key}={e[key]}; it must be >= 1.")
+    if e.num_cpus_per_actor < 0 or e.num_gpus_per_actor < 0:
+        raise ConfigError(f"embed.num_cpus_per_actor={e.num_cpus_per_actor} and "
+                          f"num_gpus_per_actor={e.num_gpus_per_actor} must be >= 0.")
+
+
 def run_embed(cfg: DictConfig) -> dict[str, Any]:
     """Embed ``embed.input`` into ``embed.output_dir`` (resumable, exactly once)."""
     import ray.data
@@ -324,9 +334,7 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
     e = cfg.embed
     if not e.input:
         raise ConfigError("embed.input is not set: give the corpus, e.g. embed.input=docs.parquet.")
-    for key in ("batch_size", "num_actors", "rows_per_shard"):
-        if int(e[key]) < 1:
-            raise ConfigError(f"embed.{key}={e[key]}; it must be >= 1.")
+    check_embed_config(e)
     corpus = read_corpus(str(e.input), text_column=str(e.text_column),
                          id_column=e.id_column or None, skip_empty=bool(e.skip_empty))
     ids, texts = corpus.ids, corpus.texts

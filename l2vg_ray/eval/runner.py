@@ -164,9 +164,36 @@ def model_slug(model: str) -> str:
     return mteb_model_name(model).split("/", 1)[1]
 
 
+def check_eval_config(e: Any) -> None:
+    """The eval section's own checks (no model, no data, no Ray): run at load and by the stage."""
+    from l2vg_ray.config import ConfigError
+    from l2vg_ray.eval.adapter import InstructionSet
+    from l2vg_ray.eval.suites import SUITES
+
+    InstructionSet.named(str(e.instructions))  # an unknown name lists the known ones
+    SUITES.get(str(e.suite))
+    if int(e.encoders) < 0:
+        raise ConfigError(f"eval.encoders={e.encoders}: use 0 (each task loads its encoder) or "
+                          f"the number of encoder actors.")
+    for key in ("batch_size", "max_concurrency"):
+        if int(e[key]) < 1:
+            raise ConfigError(f"eval.{key}={e[key]}; it must be >= 1.")
+    if int(e.max_docs) < 10:
+        raise ConfigError(f"eval.max_docs={e.max_docs} is too small for the offline suite; "
+                          f"use >= 10.")
+    for key in ("max_retries", "shards", "shard_min_docs"):
+        if int(e[key]) < 0:
+            raise ConfigError(f"eval.{key}={e[key]}; it must be >= 0.")
+    if e.num_cpus_per_task < 0 or e.num_gpus_per_task < 0 or e.scoring_cpus <= 0:
+        raise ConfigError(f"eval.num_cpus_per_task={e.num_cpus_per_task} and num_gpus_per_task="
+                          f"{e.num_gpus_per_task} must be >= 0, eval.scoring_cpus="
+                          f"{e.scoring_cpus} > 0.")
+    if e.max_length is not None and int(e.max_length) < 1:
+        raise ConfigError(f"eval.max_length={e.max_length}; use null (model.max_length) or >= 1.")
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
-    from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.fanout import fan_out
     from l2vg_ray.eval.report import markdown_table, summarize, write_report
     from l2vg_ray.eval.service import actor_loads, encoder_actors
@@ -177,7 +204,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.packaged_data import DataUnavailable
 
     e = cfg.eval
-    InstructionSet.named(str(e.instructions))  # an unknown name fails here, not in every task
+    check_eval_config(e)
     check_tracking(e.tracking)
     names = suite_task_names(cfg)
     data_dir, missing = None, {}
@@ -197,9 +224,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     names = [n for n in names if n not in missing]
     jobs = make_jobs(cfg, names, data_dir=data_dir)
     n_encoders = int(e.encoders)
-    if n_encoders < 0:
-        raise ValueError(f"eval.encoders={n_encoders}: use 0 (each task loads its encoder) or the "
-                         f"number of encoder actors.")
     log.info("Evaluating %s on %d tasks of suite %r (%d at a time%s)", e.model, len(jobs), e.suite,
              e.max_concurrency, f", {n_encoders} encoder actors" if n_encoders else "")
     # With encoder actors the tasks only score: CPUs, no GPU; else each task also encodes.

@@ -624,6 +624,34 @@ class GenerateStage:
         return out
 
 
+def check_generate_config(g: Any) -> None:
+    """The generate section's own checks (no model, no Ray): run at load and by the stage."""
+    GenerationSettings.from_config(g)
+    if str(g.backend) != "auto":
+        GENERATION_BACKENDS.get(str(g.backend))  # an unknown backend lists the known ones
+    num_gpus, tp = float(g.num_gpus_per_actor), int(g.tensor_parallel_size)
+    if num_gpus > 0 and tp > num_gpus:
+        raise ConfigError(
+            f"generate.tensor_parallel_size={tp} needs {tp} GPUs per actor but "
+            f"generate.num_gpus_per_actor={g.num_gpus_per_actor}. Set "
+            f"generate.num_gpus_per_actor={tp}."
+        )
+    for key in ("num_actors", "batch_size", "rows_per_shard"):
+        if int(getattr(g, key)) < 1:
+            raise ConfigError(f"generate.{key}={getattr(g, key)}; it must be >= 1.")
+    if int(g.max_concurrent_batches) < 1:
+        raise ConfigError(f"generate.max_concurrent_batches={g.max_concurrent_batches}; it must "
+                          f"be >= 1 (1 = one call at a time per actor).")
+    if g.num_cpus_per_actor < 0 or g.num_gpus_per_actor < 0:
+        raise ConfigError(f"generate.num_cpus_per_actor={g.num_cpus_per_actor} and "
+                          f"num_gpus_per_actor={g.num_gpus_per_actor} must be >= 0.")
+    if g.memory_gb_per_actor is not None and g.memory_gb_per_actor <= 0:
+        raise ConfigError(
+            f"generate.memory_gb_per_actor={g.memory_gb_per_actor}; use null (no reservation) "
+            f"or the GiB one engine holds (e.g. 3)."
+        )
+
+
 def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
     """``Dataset.map_batches(GenerateStage, batch_format="numpy", **generate_stage_kwargs(cfg))``.
 
@@ -635,23 +663,9 @@ def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
 
     c = typed(cfg)
     g = c.generate
-    GenerationSettings.from_config(g)  # fail on the driver, before any actor starts
+    check_generate_config(g)  # fail on the driver, before any actor starts
     num_gpus = float(g.num_gpus_per_actor)
-    tp = int(g.tensor_parallel_size)
-    if num_gpus > 0 and tp > num_gpus:
-        raise ConfigError(
-            f"generate.tensor_parallel_size={tp} needs {tp} GPUs per actor but "
-            f"generate.num_gpus_per_actor={g.num_gpus_per_actor}. Set "
-            f"generate.num_gpus_per_actor={tp}."
-        )
-    if g.num_actors < 1:
-        raise ConfigError(f"generate.num_actors={g.num_actors}; it must be >= 1.")
-    if g.batch_size < 1:
-        raise ConfigError(f"generate.batch_size={g.batch_size}; it must be >= 1.")
     k = int(g.max_concurrent_batches)
-    if k < 1:
-        raise ConfigError(f"generate.max_concurrent_batches={k}; it must be >= 1 (1 = one call "
-                          f"at a time per actor).")
     pool = {"max_tasks_in_flight_per_actor": k + 1, "max_concurrent_calls_per_actor": k,
             "enable_true_multi_threading": True} if k > 1 else {}
     kwargs: dict[str, Any] = {
@@ -662,11 +676,6 @@ def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
         "batch_size": int(g.batch_size),
     }
     if g.memory_gb_per_actor is not None:
-        if g.memory_gb_per_actor <= 0:
-            raise ConfigError(
-                f"generate.memory_gb_per_actor={g.memory_gb_per_actor}; use null (no reservation) "
-                f"or the GiB one engine holds (e.g. 3)."
-            )
         kwargs["memory"] = int(g.memory_gb_per_actor * 2**30)
     python = actor_python(g.python)
     if python is not None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, L2VGConfig, ModelConfig, TeacherConfig, typed
+from l2vg_ray.config import DTYPES, ConfigError, L2VGConfig, ModelConfig, TeacherConfig, typed
 from l2vg_ray.generate.backends import column_to_list
 from l2vg_ray.registry import Registry
 from l2vg_ray.torch_utils import load_tokenizer, resolve_device, set_threads, torch_dtype
@@ -328,6 +328,16 @@ class TeacherStage:
         return out
 
 
+def check_teacher_config(t: Any) -> None:
+    """The teacher section's own checks (no model, no Ray): run at load and by the stage."""
+    TEACHERS.get(str(t.kind))  # an unknown kind lists the known ones
+    for key in ("num_actors", "batch_size", "max_length"):
+        if int(getattr(t, key)) < 1:
+            raise ConfigError(f"teacher.{key}={getattr(t, key)}; it must be >= 1.")
+    if t.dtype is not None and str(t.dtype) not in DTYPES:
+        raise ConfigError(f"teacher.dtype={t.dtype!r}; use null (model.dtype) or one of {list(DTYPES)}.")
+
+
 def teacher_stage_kwargs(cfg: TeacherSpec | DictConfig | L2VGConfig) -> dict[str, Any]:
     """``Dataset.map_batches(TeacherStage, batch_format="numpy", **teacher_stage_kwargs(cfg))``;
     the actors get a ``TeacherSpec``."""
@@ -335,10 +345,7 @@ def teacher_stage_kwargs(cfg: TeacherSpec | DictConfig | L2VGConfig) -> dict[str
 
     spec = TeacherSpec.of(cfg)
     t = spec.teacher
-    TEACHERS.get(str(t.kind))  # fail on the driver, before any actor starts
-    for key in ("num_actors", "batch_size"):
-        if int(getattr(t, key)) < 1:
-            raise ConfigError(f"teacher.{key}={getattr(t, key)}; it must be >= 1.")
+    check_teacher_config(t)  # fail on the driver, before any actor starts
     return {
         "fn_constructor_kwargs": {"spec": spec},
         "compute": ray.data.ActorPoolStrategy(size=int(t.num_actors)),

@@ -89,6 +89,15 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     if t.epochs is not None and t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1 or null, got {t.epochs}.")
+    if t.lr <= 0 or (t.lr_heads is not None and t.lr_heads <= 0):
+        raise ConfigError(f"train.lr={t.lr} and train.lr_heads={t.lr_heads} must be > 0 "
+                          f"(lr_heads null = lr).")
+    if t.weight_decay < 0 or t.max_grad_norm <= 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0 and "
+                          f"train.max_grad_norm={t.max_grad_norm} > 0.")
+    if t.recon_weight < 0 or t.align_weight < 0 or t.recon_weight == t.align_weight == 0:
+        raise ConfigError(f"train.recon_weight={t.recon_weight} and train.align_weight="
+                          f"{t.align_weight} must be >= 0 and not both 0.")
     if t.use_gpu is False and t.gpus_per_worker > 0:
         raise ConfigError(
             f"train.gpus_per_worker={t.gpus_per_worker} with train.use_gpu=false: set "
