@@ -71,13 +71,19 @@ class EmbeddingCache:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
+            from filelock import FileLock
+
             self.directory.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.timeout_s, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(_SCHEMA)
-            conn.commit()
+            # Switching a new file to WAL and creating the table take locks that SQLite's busy
+            # timeout does not wait for: processes opening a fresh cache together (the corpus
+            # shards of one task) would get "database is locked". One at a time, they don't.
+            with FileLock(str(self.path) + ".setup.lock", timeout=self.timeout_s):
+                conn = sqlite3.connect(self.path, timeout=self.timeout_s, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(_SCHEMA)
+                conn.commit()
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
