@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` is a text for decode (never an override, whatever it holds).
-    after = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    after: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, after = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     if after and args.command != "decode":
         print(f"l2vg: config error: {args.command} takes no texts after `--` (got {after}).",

@@ -484,15 +484,20 @@ def _dotlist(overrides: list[str]) -> DictConfig:
     import yaml
     from omegaconf.errors import GrammarParseError
 
-    for item in overrides:
+    bad = (yaml.YAMLError, GrammarParseError, ValueError)
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except bad:
+        pass
+    for item in overrides:  # which one: parse them one by one
         try:
             OmegaConf.from_dotlist([item])
-        except (yaml.YAMLError, GrammarParseError, ValueError) as e:
+        except bad as e:
             problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else str(e).splitlines()[0]
             raise ConfigError(f"Override {item!r} is malformed ({problem}). Write key=value, "
                               f"quoting the value as YAML: e.g. 'train.lr=1e-4', "
                               f"'eval.tasks=[A,B]', 'name=\"a b\"'.") from None
-    return OmegaConf.from_dotlist(overrides)
+    return OmegaConf.from_dotlist(overrides)  # fails only together: OmegaConf's own error
 
 
 def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
@@ -506,7 +511,7 @@ def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ConfigError(f"Config files extend each other in a cycle: {chain}.")
     layer = _load_yaml(path)
-    parent = layer.pop(EXTENDS, None) if isinstance(layer, DictConfig) else None
+    parent = layer.pop(EXTENDS, None)
     layers = _yaml_layers(path.parent / str(parent), (*seen, path.resolve())) if parent else []
     return [*layers, (str(path), layer)]
 

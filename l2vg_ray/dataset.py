@@ -21,6 +21,7 @@ import platform
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,18 +171,25 @@ def read_generated(path: str | Path):
     return ray.data.read_parquet(files, filesystem=out.fs)
 
 
+def iter_shards(out: OutputDir, columns: list[str]) -> Iterator[tuple[dict[str, Any], list[str], pa.Table]]:
+    """Each complete shard, read once: (its provenance with ``file`` and ``rows``, its column
+    names, the table of those of ``columns`` it has)."""
+    for name in out.shards():
+        pf = pq.ParquetFile(out.fs.open_input_file(out.join(name)))
+        meta = pf.schema_arrow.metadata or {}
+        prov = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else {}
+        names = pf.schema_arrow.names
+        table = pf.read(columns=[c for c in columns if c in names])
+        yield {**prov, "file": name, "rows": table.num_rows}, names, table
+
+
 def read_done_ids(out: OutputDir) -> tuple[set[str], list[dict[str, Any]]]:
     """Ids in complete shards and each shard's provenance (for resume)."""
     done: set[str] = set()
     provenance = []
-    for name in out.shards():
-        path = out.join(name)
-        pf = pq.ParquetFile(out.fs.open_input_file(path))
-        meta = pf.schema_arrow.metadata or {}
-        prov = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else {}
-        ids = pf.read(columns=[schema.ID]).column(schema.ID).to_pylist()
-        provenance.append({**prov, "file": name, "rows": len(ids)})
-        done.update(ids)
+    for prov, _, table in iter_shards(out, [schema.ID]):
+        provenance.append(prov)
+        done.update(table.column(schema.ID).to_pylist())
     return done, provenance
 
 

@@ -40,7 +40,14 @@ from omegaconf import DictConfig
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, InputError, L2VGConfig, to_dict, typed
-from l2vg_ray.dataset import OutputDir, ShardWriter, drop_rows, package_versions, read_done_ids
+from l2vg_ray.dataset import (
+    OutputDir,
+    ShardWriter,
+    drop_rows,
+    iter_shards,
+    package_versions,
+    read_done_ids,
+)
 from l2vg_ray.ray_utils import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -204,7 +211,8 @@ def read_corpus(path: str, *, text_column: str, id_column: str | None,
 
 
 class EmbedStage:
-    """``map_batches`` callable: (id, text) -> (id, [text], embedding). One encoder per actor."""
+    """``map_batches`` callable: (id, text, text_sha256) -> (id, text_sha256, [text], embedding).
+    One encoder per actor."""
 
     def __init__(self, cfg: L2VGConfig) -> None:
         from l2vg_ray.loading import load_encoder
@@ -224,8 +232,9 @@ class EmbedStage:
         texts = [str(t) for t in batch[TEXT]]
         emb = self.encoder.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
                                   normalize=self.normalize)
+        # The driver hashed each text when it planned the run; the hash travels with its row.
         out: dict[str, Any] = {schema.ID: batch[schema.ID], EMBEDDING: np.asarray(emb, np.float32),
-                               TEXT_HASH: np.array([text_hash(t) for t in texts], dtype=object)}
+                               TEXT_HASH: batch[TEXT_HASH]}
         if self.keep_text:
             out[TEXT] = batch[TEXT]
         n = len(texts)
@@ -252,15 +261,9 @@ class StoredRows:
 
 
 def read_stored(out: OutputDir) -> StoredRows:
-    import pyarrow.parquet as pq
-
     hashes: dict[str, str | None] = {}
     provenance = []
-    for prov in read_done_ids(out)[1]:
-        pf = pq.ParquetFile(out.fs.open_input_file(out.join(prov["file"])))
-        names = pf.schema_arrow.names
-        cols = [schema.ID] + ([TEXT_HASH] if TEXT_HASH in names else [])
-        table = pf.read(columns=cols)
+    for prov, names, table in iter_shards(out, [schema.ID, TEXT_HASH]):
         row_hashes = (table.column(TEXT_HASH).to_pylist() if TEXT_HASH in names
                       else [None] * table.num_rows)
         hashes.update(zip(table.column(schema.ID).to_pylist(), row_hashes, strict=True))
@@ -352,7 +355,8 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
                 f"resuming would mix two encoders or two shard layouts. Use a fresh "
                 f"embed.output_dir."
             )
-    plan = plan_resume(ids, [text_hash(t) for t in texts], stored.hashes)
+    hashes = [text_hash(t) for t in texts]
+    plan = plan_resume(ids, hashes, stored.hashes)
     dropped = 0
     if plan.changed or plan.removed:
         if not bool(e.sync):
@@ -360,14 +364,14 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
         dropped = drop_rows(out, set(plan.changed) | set(plan.removed))
         log.info("embed: dropped %d rows from %s (%d changed texts to re-embed, %d ids no longer "
                  "in the input)", dropped, out.uri, len(plan.changed), len(plan.removed))
-    pending = [(ids[k], texts[k]) for k in plan.pending]
+    pending = plan.pending
     log.info("embed: %d texts, %d already in %s, %d to embed", len(ids), len(ids) - len(pending),
              out.uri, len(pending))
     rows, busy, fingerprint, dim, truncated = 0, 0.0, None, None, 0
     t0 = time.perf_counter()
     if pending:
         ds = ray.data.from_items(
-            [{schema.ID: i, TEXT: t} for i, t in pending],
+            [{schema.ID: ids[k], TEXT: texts[k], TEXT_HASH: hashes[k]} for k in pending],
             override_num_blocks=max(1, math.ceil(len(pending) / int(e.batch_size))),
         ).map_batches(
             EmbedStage, fn_constructor_kwargs={"cfg": typed(cfg)}, batch_format="numpy",

@@ -14,7 +14,6 @@ one file out of an archive without installing anything (wheels, .zip and sdists)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,9 +28,6 @@ from pathlib import Path
 from l2vg_ray.registry import Registry
 
 log = logging.getLogger(__name__)
-
-_ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz")
-
 
 @dataclass(frozen=True)
 class Archive:
@@ -198,8 +194,6 @@ def fetch_archive(requirement: str, cache_dir: str | Path, *, timeout_s: float =
                                          f"SHA-256 {digest}, not the pinned {archive.sha256}.",
                                          cache_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / "archive.json").write_text(json.dumps(
-                {"requirement": requirement, "file": archive.file, "sha256": digest}, indent=2))
             os.replace(got, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

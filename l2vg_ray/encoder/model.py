@@ -527,6 +527,9 @@ class L2VGEncoder(nn.Module):
             return None
         kwarg, read_only_layer = _read_only_cache_parts()
         model = self.llm.base_model
+        decoder_layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+        if self.config.gradient_checkpointing and not decoder_layers:
+            return None  # an older transformers drops any cache under checkpointing
         cache = DynamicCache(config=self.llm.config)
         with torch.no_grad():
             model(inputs_embeds=self.llm.get_input_embeddings()(input_ids[:, :prefix]),
@@ -536,9 +539,6 @@ class L2VGEncoder(nn.Module):
             return None  # sliding-window or other layer kinds: keep the reference path
         for layer in cache.layers:
             layer.__class__ = read_only_layer
-        decoder_layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
-        if self.config.gradient_checkpointing and not decoder_layers:
-            return None  # an older transformers drops any cache under checkpointing
         # The cache is only read, so a checkpointed layer may keep it: its backward replay reads
         # the same prefix (transformers' own switch for read-only caches).
         for m in decoder_layers:

