@@ -35,7 +35,6 @@ def sequential(cfg, names: list[str], data_dir: str) -> tuple[float, dict[str, f
     import mteb
     import torch
 
-    from l2vg_ray.eval import baselines  # noqa: F401
     from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
     from l2vg_ray.eval.suites import build_task
     from l2vg_ray.loading import load_encoder

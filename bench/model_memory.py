@@ -78,7 +78,7 @@ def _use_second_copy(encoder) -> None:  # noqa: ANN001
     import copy
     import types
 
-    from l2vg_ray.encoder.model import interleave_soft_prompts, position_ids_from_mask
+    from l2vg_ray.method.model import interleave_soft_prompts, position_ids_from_mask
 
     encoder.decoder = copy.deepcopy(encoder.llm)
 
@@ -107,7 +107,7 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from l2vg_ray.config import ModelConfig
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     rss_imports = _rss_bytes()
     cfg = ModelConfig(

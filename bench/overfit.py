@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from l2vg_ray.config import load_config
-    from l2vg_ray.encoder.losses import TargetStats
-    from l2vg_ray.encoder.model import L2VGEncoder
+    from l2vg_ray.method.losses import TargetStats
+    from l2vg_ray.method.model import L2VGEncoder
 
     cfg = load_config(args.config, [])
     files = sorted(glob.glob(os.path.join(args.data, "*.parquet")))

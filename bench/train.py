@@ -98,7 +98,7 @@ def plain_loop(cfg, *, threads: int, steps: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
     from l2vg_ray.train.data import TRAIN_COLUMNS, batch_lists
     from l2vg_ray.train.schedule import build_optimizer, build_scheduler
     from l2vg_ray.train.state import seed_everything
@@ -176,7 +176,7 @@ def prefix_arm(spec: dict) -> dict:
     import torch
 
     from l2vg_ray.config import ModelConfig
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     torch.set_num_threads(spec["threads"])
     batch_size, max_length, max_response, recon = spec["shape"]
@@ -224,7 +224,7 @@ def prefix_fp64_check(spec: dict) -> dict:
     import torch
 
     from l2vg_ray.config import ModelConfig
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     torch.set_num_threads(spec["threads"])
     batch_size, max_length, max_response, _ = PREFIX_SHAPES["laptop_step"]

@@ -272,7 +272,7 @@ MODEL_KEY = {"eval": "eval.model", "decode": "eval.model", "export": "eval.model
 def _check_model_path(cfg, key: str) -> None:
     """A model folder that is missing or unreadable fails here, in a second, instead of in
     every Ray task or Serve replica (which would retry an error that cannot change)."""
-    from l2vg_ray.encoders import ENCODER_CONFIG_FILE
+    from l2vg_ray.text_encoders import ENCODER_CONFIG_FILE
 
     spec = str(OmegaConf.select(cfg, key))
     folder = Path(spec).expanduser()
@@ -283,7 +283,7 @@ def _check_model_path(cfg, key: str) -> None:
             f"mean-pool, last-token)."
         )
     if (folder / ENCODER_CONFIG_FILE).is_file():
-        from l2vg_ray.encoder.model import read_saved_meta, saved_encoder_info
+        from l2vg_ray.method.model import read_saved_meta, saved_encoder_info
 
         try:
             saved_encoder_info(folder)
@@ -343,10 +343,10 @@ def _data(args: argparse.Namespace) -> int:
 def _export(cfg, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from l2vg_ray.encoder import L2VGEncoder
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.export import export_sentence_transformers, push_to_hub
     from l2vg_ray.loading import load_encoder
+    from l2vg_ray.method import L2VGEncoder
     from l2vg_ray.models import is_packaged, resolve_model
 
     spec = str(cfg.eval.model)

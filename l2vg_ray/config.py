@@ -210,7 +210,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     recon_weight: float = 1.0
     align_weight: float = 1.0
-    # How student and teacher embeddings are compared (l2vg_ray.encoder.losses.ALIGNMENT_LOSSES):
+    # How student and teacher embeddings are compared (l2vg_ray.method.losses.ALIGNMENT_LOSSES):
     # normalized-mse (MSE / the targets' variance: 1.0 = predicting the mean teacher vector,
     # whatever the teacher's scale) | standardized-mse | cosine | mse (the paper's raw MSE).
     align_loss: str = "normalized-mse"

@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from l2vg_ray.encoder.model import TRAINABLE_FILE, L2VGEncoder
-from l2vg_ray.encoders import ENCODER_CONFIG_FILE
+from l2vg_ray.method.model import TRAINABLE_FILE, L2VGEncoder
+from l2vg_ray.text_encoders import ENCODER_CONFIG_FILE
 
 MODULE_FILE = "modeling_l2vg.py"
 MODULE_CLASS = "modeling_l2vg.L2VGModule"

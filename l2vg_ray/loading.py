@@ -1,6 +1,7 @@
 """``load_encoder(spec, cfg)``: every way to name an encoder, resolved in one place.
 
-It sits above the encoder, the baselines and the published-checkpoint reader (it imports all of
+It sits above the method (`l2vg_ray.method`), the text encoders and baselines and the
+published-checkpoint reader (it imports all of
 them), so none of those imports it back.
 """
 
@@ -10,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from l2vg_ray.encoders import BASELINES, ENCODER_CONFIG_FILE, TextEncoder
+from l2vg_ray.text_encoders import BASELINES, ENCODER_CONFIG_FILE, TextEncoder
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 
 def _register_builtin_baselines() -> None:
-    # Imported when first needed: the baselines pull torch and transformers.
-    import l2vg_ray.eval.baselines  # noqa: F401  (registers into BASELINES)
+    # teacher / mean-pool / last-token register when l2vg_ray.text_encoders is imported;
+    # generate-then-encode lives with the generation backends, imported when first needed.
+    import l2vg_ray.generate.baseline  # noqa: F401  (registers into BASELINES)
 
 
 def saved_encoder_folder(spec: str, cfg: DictConfig | L2VGConfig) -> Path | None:
@@ -56,13 +58,13 @@ def load_encoder(
     spec = str(spec)
     saved = saved_encoder_folder(spec, cfg)
     if saved is not None:
-        from l2vg_ray.encoder import L2VGEncoder
+        from l2vg_ray.method import L2VGEncoder
 
         encoder = L2VGEncoder.load(saved, cache_dir=cfg.cache_dir, device=device)
         if max_length is not None:
             encoder.set_max_length(max_length)
         return encoder
-    from l2vg_ray.encoder.official import is_official_layout, load_official
+    from l2vg_ray.method.official import is_official_layout, load_official
 
     path = Path(spec).expanduser()
     if spec.startswith("hf:") or is_official_layout(path):

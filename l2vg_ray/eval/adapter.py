@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from l2vg_ray.encoders import TextEncoder
+from l2vg_ray.text_encoders import TextEncoder
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2vg_ray.encoders import TextEncoder
+from l2vg_ray.text_encoders import TextEncoder
 
 CACHE_FILE = "embeddings.sqlite"
 _SCHEMA = """

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from l2vg_ray.config import L2VGConfig
-from l2vg_ray.encoders import text_list
+from l2vg_ray.text_encoders import text_list
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ _LOADS = [0]
 
 def load_job_model(job: TaskJob):
     """The job's encoder, freshly loaded (no cache in front); counted in ``loads_so_far``."""
-    from l2vg_ray.eval import baselines  # noqa: F401  (registers into BASELINES)
     from l2vg_ray.loading import load_encoder
 
     _LOADS[0] += 1
@@ -63,8 +62,8 @@ def load_job_model(job: TaskJob):
 def saved_identity(job: TaskJob) -> tuple[str, int, str] | None:
     """(name, dim, fingerprint) of a trained encoder's folder, from its small files (the LLM is
     not loaded); None when the job's model is not a saved encoder (a baseline)."""
-    from l2vg_ray.encoder.model import saved_encoder_info
     from l2vg_ray.loading import saved_encoder_folder
+    from l2vg_ray.method.model import saved_encoder_info
 
     saved = saved_encoder_folder(job.model, job.cfg)
     if saved is None:

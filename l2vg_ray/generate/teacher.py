@@ -82,7 +82,7 @@ class SentenceTransformerTeacher:
     """A sentence-transformers model; its own modules decide pooling and normalisation."""
 
     def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
-        from l2vg_ray.encoders import SentenceTransformerEncoder
+        from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
         self.name = teacher_spec(spec)
         self.batch_size = int(spec.teacher.batch_size)
@@ -102,7 +102,7 @@ class MeanPooledLLMTeacher:
     attend but are not averaged)."""
 
     def __init__(self, spec: TeacherSpec, *, device: str = "auto") -> None:
-        from l2vg_ray.encoders import PooledLLMEncoder
+        from l2vg_ray.text_encoders import PooledLLMEncoder
 
         llm = teacher_spec(spec)
         self.name = f"mean-pooled-llm:{llm}"
@@ -178,7 +178,7 @@ class LLM2VecTeacher:
         from peft import PeftModel
         from transformers import AutoModel
 
-        from l2vg_ray.encoders import PooledLLMEncoder
+        from l2vg_ray.text_encoders import PooledLLMEncoder
 
         adapter = teacher_spec(spec)
         second = spec.teacher.adapter

@@ -47,7 +47,6 @@ from omegaconf import DictConfig
 from ray import serve
 
 from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, load_config, typed
-from l2vg_ray.encoders import TextEncoder
 from l2vg_ray.registry import Registry
 from l2vg_ray.serve import ServeLoadError
 from l2vg_ray.serve.http import GuardSettings, install_error_handlers
@@ -71,6 +70,7 @@ from l2vg_ray.serve.protocol import (
     fit_texts,
     parse_request,
 )
+from l2vg_ray.text_encoders import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _load_with_load_encoder(cfg: L2VGConfig) -> TextEncoder:
 
 @ENCODER_LOADERS.register("sentence-transformers")
 def _load_sentence_transformer(cfg: L2VGConfig) -> TextEncoder:
-    from l2vg_ray.encoders import SentenceTransformerEncoder
+    from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(str(cfg.serve.model), cache_dir=cfg.cache_dir)
 

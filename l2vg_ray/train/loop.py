@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from l2vg_ray.config import ModelConfig, TrainConfig
-from l2vg_ray.encoder.losses import TargetStats
+from l2vg_ray.method.losses import TargetStats
 from l2vg_ray.torch_utils import set_threads
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
@@ -178,7 +178,7 @@ def _val_line(m: dict[str, Any], refs: dict[str, Any]) -> str:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     job: WorkerConfig = config[WORKER_KEY]
     t = job.train

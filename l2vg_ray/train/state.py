@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from l2vg_ray.encoder.model import TRAINABLE_FILE  # what L2VGEncoder.save writes
+from l2vg_ray.method.model import TRAINABLE_FILE  # what L2VGEncoder.save writes
 
 if TYPE_CHECKING:
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
 ENCODER_DIR = "encoder"
 TRAIN_STATE_FILE = "train_state.pt"

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 from l2vg_ray.config import ConfigError, typed, validate
 from l2vg_ray.dataset import inspect_dataset
-from l2vg_ray.encoder.losses import ALIGNMENT_LOSSES, TargetStats
+from l2vg_ray.method.losses import ALIGNMENT_LOSSES, TargetStats
 from l2vg_ray.storage import absolute as storage_absolute
 from l2vg_ray.storage import filesystem as storage_fs
 from l2vg_ray.storage import join as storage_join

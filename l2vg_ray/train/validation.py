@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from l2vg_ray.encoder import L2VGEncoder
-    from l2vg_ray.encoder.losses import TargetStats
+    from l2vg_ray.method import L2VGEncoder
+    from l2vg_ray.method.losses import TargetStats
     from l2vg_ray.train.data import ValidationRows
 
 RIDGE_LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -104,7 +104,7 @@ def trivial_references(stats: TargetStats, val_teacher: torch.Tensor) -> Referen
 def query_states(encoder: L2VGEncoder, queries: list[str], *, batch_size: int) -> torch.Tensor:
     """The frozen LLM's last hidden states mean-pooled over each query's own tokens (no special
     tokens): the input-centric features the ridge probe reads."""
-    from l2vg_ray.encoder.model import left_pad, position_ids_from_mask
+    from l2vg_ray.method.model import left_pad, position_ids_from_mask
 
     room = encoder.config.max_length - len(encoder.special_token_ids)
     out = torch.zeros(len(queries), encoder.hidden_size)

@@ -43,7 +43,7 @@ def embed_cfg(tiny_config, corpus, tiny_teacher_dir):
 
 
 def _encoder(cfg):
-    from l2vg_ray.encoders import SentenceTransformerEncoder
+    from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(str(cfg.model.teacher), device="cpu")
 

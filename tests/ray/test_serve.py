@@ -49,7 +49,7 @@ def served(ray_session, tiny_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_teacher_dir):
-    from l2vg_ray.encoders import SentenceTransformerEncoder
+    from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(str(tiny_teacher_dir), device="cpu")
 
@@ -356,7 +356,7 @@ def served_l2vg(served, tiny_llm_dir, tiny_teacher_dir, tmp_path_factory):
     """An untrained-but-valid trained-encoder folder on the tiny LLM, served with truncate=false."""
     from ray import serve
 
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
     from l2vg_ray.serve.app import run_serve
 
     tmp = tmp_path_factory.mktemp("serve-l2vg")

@@ -59,7 +59,7 @@ def app(ray_session, tiny_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_teacher_dir):
-    from l2vg_ray.encoders import SentenceTransformerEncoder
+    from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(str(tiny_teacher_dir), device="cpu")
 

@@ -129,7 +129,7 @@ def test_training_is_tracked_in_mlflow(reference):
 
 
 def test_checkpoint_holds_only_the_trainable_state(reference, tiny_llm_dir):
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     _, summary = reference
     run_dir = Path(summary["checkpoint"]).parent

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("model", "generate", "teacher", "train", "eval", "serve", "embed", "cluster")
 FREE_FORM = ("cluster.env_vars.", "generate.chat_template_kwargs.", "generate.engine_kwargs.")
 # `section.key` inside backticks, optionally followed by =value or : value.
-KEY = re.compile(r"`((?:%s)(?:\.[a-z_][a-z0-9_]*)+)(?:[=:][^`]*)?`" % "|".join(SECTIONS))
+KEY = re.compile(r"`((?:{})(?:\.[a-z_][a-z0-9_]*)+)(?:[=:][^`]*)?`".format("|".join(SECTIONS)))
 # In a stage's part of docs/stages.md, a bare `key: value` / `key=value` is that section's key.
 BARE = re.compile(r"`([a-z_][a-z0-9_]*)(?:: |=)[^`]*`")
 FILES = (".py", ".md", ".yaml", ".json", ".csv", ".png")

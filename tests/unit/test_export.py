@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from l2vg_ray.config import ModelConfig
-from l2vg_ray.encoder import L2VGEncoder
 from l2vg_ray.eval.adapter import InstructionSet
 from l2vg_ray.export import export_sentence_transformers
+from l2vg_ray.method import L2VGEncoder
 
 TEXTS = ["Why is the sky blue?", "Who wrote Hamlet? A longer question to pad the batch."]
 

@@ -68,6 +68,38 @@ def test_the_checker_finds_a_cycle():
 
 def test_no_import_cycle_in_l2vg_ray():
     graph = import_graph()
-    assert {"l2vg_ray.encoder", "l2vg_ray.eval.baselines"} <= graph["l2vg_ray.loading"]
+    assert {"l2vg_ray.method", "l2vg_ray.text_encoders"} <= graph["l2vg_ray.loading"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# docs/architecture.md's floors: a module imports only from its own floor or below.
+FLOORS = {
+    1: ["config", "registry", "schema", "storage", "dataset", "torch_utils", "models",
+        "packaged_data", "tracking", "ray_utils", "testing", "text_encoders"],
+    2: ["method"],
+    3: ["generate", "train", "eval", "serve", "embed", "export", "loading"],
+    4: ["pipeline", "submit", "cli", "sources", "preflight"],
+}
+
+
+def floor_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for floor, names in FLOORS.items():
+        if top in names:
+            return floor
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS and docs/architecture.md")
+
+
+def test_no_import_points_up_the_floors():
+    graph = import_graph()
+    up = sorted(
+        f"{mod} (floor {floor_of(mod)}) -> {dep} (floor {floor_of(dep)})"
+        for mod, deps in graph.items() if mod != "l2vg_ray"
+        for dep in deps if dep != "l2vg_ray" and floor_of(dep) > floor_of(mod)
+    )
+    assert not up, "imports that point up the floors:\n" + "\n".join(up)
+
+
+def test_the_floor_check_sees_an_upward_import():
+    assert floor_of("l2vg_ray.text_encoders.baselines") < floor_of("l2vg_ray.generate.backends")

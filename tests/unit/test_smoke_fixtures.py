@@ -18,7 +18,7 @@ def test_tiny_llm_generates_with_chat_template(tiny_llm_dir):
 
 
 def test_tiny_teacher_embeds(tiny_teacher_dir):
-    from l2vg_ray.encoders import SentenceTransformerEncoder
+    from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
     enc = SentenceTransformerEncoder(str(tiny_teacher_dir))
     emb = enc.encode(["hello world", "the sea is blue"])

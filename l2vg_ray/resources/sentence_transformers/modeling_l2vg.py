@@ -8,7 +8,7 @@ The text (after its prompt) is tokenised by the frozen LLM's tokenizer and follo
 ``l2vg_trainable.safetensors``; the LLM's last hidden states at the compression positions pass the
 ``reconstruction`` head, then the ``alignment`` head; the mean over those positions is the
 embedding. Left padding, positions counted from each text's first token, exactly as
-``l2vg_ray.encoder.L2VGEncoder.encode``.
+``l2vg_ray.method.L2VGEncoder.encode``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from l2vg_ray.encoders import SentenceTransformerEncoder
 from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
+from l2vg_ray.text_encoders import SentenceTransformerEncoder
 
 
 class Recording:

@@ -10,9 +10,9 @@ import pytest
 def test_fully_cached_task_does_not_load_the_model(tiny_config, tmp_path, monkeypatch):
     import l2vg_ray.loading
     from l2vg_ray.config import typed
-    from l2vg_ray.encoder import L2VGEncoder
     from l2vg_ray.eval import runner, worker
     from l2vg_ray.eval.tasks.synthetic import write_synthetic_offline_data
+    from l2vg_ray.method import L2VGEncoder
 
     model = dataclasses.replace(typed(tiny_config).model, device="cpu")
     L2VGEncoder.from_config(model, teacher_dim=8).save(tmp_path / "enc")

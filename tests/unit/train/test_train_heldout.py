@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from l2vg_ray.dataset import inspect_dataset
-from l2vg_ray.encoder.losses import TargetStats
+from l2vg_ray.method.losses import TargetStats
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import validation as V
 
@@ -67,7 +67,7 @@ def test_validation_ids_are_a_seeded_tenth_at_most_and_stable(tmp_path):
 
 def test_validate_reports_raw_mse_and_skips_recon_at_zero_weight(tiny_llm_dir):
     from l2vg_ray.config import ModelConfig
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     enc = L2VGEncoder.from_config(
         ModelConfig(llm=str(tiny_llm_dir), teacher="x", n_thought=1, n_compression=2,

@@ -17,7 +17,7 @@ from l2vg_ray.train.loop import TrainableParams, _autocast
 
 @pytest.fixture
 def encoder(tiny_config):
-    from l2vg_ray.encoder import L2VGEncoder
+    from l2vg_ray.method import L2VGEncoder
 
     return L2VGEncoder.from_config(tiny_config.model, cache_dir=tiny_config.cache_dir, device="cpu", teacher_dim=32)
 

@@ -146,7 +146,7 @@ def load_official(
     ``llm`` overrides the base model named in run_config.yml (e.g. a local copy of it).
     """
     from l2vg_ray.config import ModelConfig
-    from l2vg_ray.encoder.model import L2VGEncoder
+    from l2vg_ray.method.model import L2VGEncoder
 
     folder = fetch_official(spec)
     run = read_run_config(folder)

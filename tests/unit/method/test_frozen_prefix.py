@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from l2vg_ray.config import ModelConfig
-from l2vg_ray.encoder import L2VGEncoder
+from l2vg_ray.method import L2VGEncoder
 
 TEACHER_DIM = 8
 SHORT_AND_LONG = [

@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from l2vg_ray.config import ModelConfig, check_model
-from l2vg_ray.encoder.losses import (
+from l2vg_ray.method.losses import (
     IGNORE_INDEX,
     TargetStats,
     alignment_loss,
     combine_losses,
     reconstruction_loss,
 )
-from l2vg_ray.encoders import ENCODER_CONFIG_FILE, with_instruction
+from l2vg_ray.text_encoders import ENCODER_CONFIG_FILE, with_instruction
 from l2vg_ray.torch_utils import resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def interleave_soft_prompts(
 
 
 class L2VGEncoder(nn.Module):
-    """LLM2Vec-Gen encoder over a frozen causal LM; implements ``l2vg_ray.encoders.TextEncoder``."""
+    """LLM2Vec-Gen encoder over a frozen causal LM; implements ``l2vg_ray.text_encoders.TextEncoder``."""
 
     def __init__(
         self,

@@ -1,12 +1,6 @@
-"""Baseline encoders, registered into ``l2vg_ray.encoders.BASELINES`` (all are ``TextEncoder``s).
-
-- ``teacher``: the configured sentence-transformers teacher (``cfg.model.teacher``).
-- ``mean-pool``: the frozen LLM (``cfg.model.llm``), last hidden states mean-pooled over the
-  input tokens (LLM2Vec-style, no training). The instruction is part of the input but excluded
-  from the pool, as in LLM2Vec.
-- ``last-token``: the same LLM, the hidden state of the last input token.
-- ``generate-then-encode``: the LLM writes a response (``l2vg_ray.generate.backends``, greedy by
-  default), the teacher embeds it. What LLM2Vec-Gen learns to do in one forward pass.
+"""The ``generate-then-encode`` baseline: the LLM writes a response (a generation backend, greedy
+by default), the teacher embeds it - what LLM2Vec-Gen learns to do in one forward pass. It lives
+with the backends it drives; ``l2vg_ray.loading`` imports it to register it into ``BASELINES``.
 """
 
 from __future__ import annotations
@@ -16,14 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from l2vg_ray.encoders import (
-    BASELINES,
-    PooledLLMEncoder,
-    SentenceTransformerEncoder,
-    TextEncoder,
-    hash_parts,
-)
-from l2vg_ray.torch_utils import resolve_device
+from l2vg_ray.generate.backends import build_backend, resolve_backend
+from l2vg_ray.text_encoders import BASELINES, TextEncoder, hash_parts
+from l2vg_ray.text_encoders.baselines import build_teacher
 
 if TYPE_CHECKING:
     from l2vg_ray.config import L2VGConfig
@@ -75,37 +64,8 @@ class GenerateThenEncode:
         return self.teacher.count_tokens(texts, instruction=instruction)
 
 
-@BASELINES.register("teacher")
-def build_teacher(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
-    device = resolve_device(str(cfg.model.device))
-    return SentenceTransformerEncoder(str(cfg.model.teacher), cache_dir=cache_dir, device=device)
-
-
-def _pooled(cfg: L2VGConfig, cache_dir: str | None, pooling: str) -> PooledLLMEncoder:
-    return PooledLLMEncoder.load(
-        str(cfg.model.llm),
-        pooling=pooling,
-        cache_dir=cache_dir,
-        device=str(cfg.model.device),
-        dtype=str(cfg.model.dtype),
-        max_length=int(cfg.model.max_length),
-    )
-
-
-@BASELINES.register("mean-pool")
-def build_mean_pool(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
-    return _pooled(cfg, cache_dir, "mean")
-
-
-@BASELINES.register("last-token")
-def build_last_token(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
-    return _pooled(cfg, cache_dir, "last")
-
-
 @BASELINES.register("generate-then-encode")
 def build_generate_then_encode(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
-    from l2vg_ray.generate.backends import build_backend, resolve_backend
-
     gen = cfg.generate
     backend_name = resolve_backend(str(gen.backend))
     backend = build_backend(cfg.model, gen, cfg.cache_dir, backend=backend_name)

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from l2vg_ray.config import ModelConfig
-from l2vg_ray.encoder import L2VGEncoder, L2VGOutput
-from l2vg_ray.encoder.losses import IGNORE_INDEX
-from l2vg_ray.encoder.model import TRAINABLE_FILE, saved_encoder_info
-from l2vg_ray.encoders import ENCODER_CONFIG_FILE, TextEncoder
+from l2vg_ray.method import L2VGEncoder, L2VGOutput
+from l2vg_ray.method.losses import IGNORE_INDEX
+from l2vg_ray.method.model import TRAINABLE_FILE, saved_encoder_info
+from l2vg_ray.text_encoders import ENCODER_CONFIG_FILE, TextEncoder
 
 TEACHER_DIM = 8
 QUERIES = [
@@ -390,7 +390,7 @@ def test_token_init_text_starts_the_last_special_tokens_as_its_token_embeddings(
 
 
 def test_empty_token_init_text_is_the_default_and_whitespace_is_refused(tiny_llm_dir):
-    from l2vg_ray.encoder.model import init_text_ids
+    from l2vg_ray.method.model import init_text_ids
 
     a, b = make_encoder(tiny_llm_dir, token_init_text=None), make_encoder(tiny_llm_dir)
     torch.testing.assert_close(a.special_embeddings, b.special_embeddings)
@@ -413,7 +413,7 @@ def test_a_zero_weight_term_is_not_computed(tiny_llm_dir, monkeypatch):
 
 
 def test_forward_uses_the_configured_alignment_loss(tiny_llm_dir):
-    from l2vg_ray.encoder.losses import TargetStats, alignment_loss
+    from l2vg_ray.method.losses import TargetStats, alignment_loss
 
     enc = make_encoder(tiny_llm_dir)
     t = teacher()
@@ -425,7 +425,7 @@ def test_forward_uses_the_configured_alignment_loss(tiny_llm_dir):
 
 
 def test_calibrated_heads_start_at_the_embedding_and_target_scales(tiny_llm_dir):
-    from l2vg_ray.encoder.losses import TargetStats
+    from l2vg_ray.method.losses import TargetStats
 
     enc = make_encoder(tiny_llm_dir)
     t = teacher(64) * 3.0 + 5.0  # an unnormalised teacher far from the origin

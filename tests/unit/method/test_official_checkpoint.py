@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from l2vg_ray.encoder.official import is_official_layout, load_official
+from l2vg_ray.method.official import is_official_layout, load_official
 
 TEXTS = ["Why is the sky blue?", "Who wrote Hamlet? Tell me more."]
 

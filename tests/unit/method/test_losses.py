@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2vg_ray.encoder.losses import (
+from l2vg_ray.method.losses import (
     ALIGNMENT_LOSSES,
     IGNORE_INDEX,
     TargetStats,
@@ -100,7 +100,7 @@ def test_alignment_standardized_mse_weights_each_dimension_by_its_variance():
 
 
 def test_standardized_mse_floors_a_constant_dimension():
-    from l2vg_ray.encoder.losses import VAR_FLOOR, TargetStats
+    from l2vg_ray.method.losses import VAR_FLOOR, TargetStats
 
     # Dimension 1 is constant in the targets (variance 0), as three of MiniLM's are.
     stats = TargetStats(mean=torch.zeros(2), var=torch.tensor([2.0, 0.0]))
