@@ -30,7 +30,6 @@ from l2vg_ray import storage
 from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
 from l2vg_ray.models.resolver import unavailable_models
 from l2vg_ray.packaged_data import DataUnavailable
-from l2vg_ray.preflight import check_config
 from l2vg_ray.serve import ServeLoadError
 
 STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
@@ -40,8 +39,8 @@ SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "pipeline")
 ALIASES: dict[str, dict[str, str]] = {
     "eval": {"model": "eval.model", "suite": "eval.suite", "tasks": "eval.tasks"},
     "serve": {"model": "serve.model", "port": "serve.port", "host": "serve.host"},
-    "decode": {"model": "eval.model"},
-    "export": {"model": "eval.model"},
+    "decode": {"model": "decode.model"},
+    "export": {"model": "export.model"},
     "embed": {"model": "embed.model", "input": "embed.input", "out": "embed.output_dir"},
 }
 
@@ -91,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="replace a stage's output that was made with a different config",
             )
         if name == "decode":
-            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--max-new-tokens", type=int, default=None,
+                           help="tokens to write per text (decode.max_new_tokens, default 64)")
             p.add_argument("--text", action="append", default=[], metavar="TEXT",
                            help="a text to decode (repeatable); so are the words after `--`, "
                                 "always texts even when they hold '=' (E=mc2)")
@@ -161,19 +161,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "submit":
-        from l2vg_ray.submit import submit
-
-        return submit(
-            args.stage,
-            config_path=args.config,
-            overrides=list(args.args),
-            address=args.address,
-            wait=not args.no_wait,
-            working_dir=args.working_dir,
-        )
+        return _submit(args)
     if args.command == "data":
         return _data(args)
+    overrides, texts = _split_args(args)
+    cfg = load_config(args.config, overrides)  # every section's values checked here
+    if args.dry_run:
+        print(to_yaml(cfg))
+        return 0
+    # Relative local paths resolved here, on the node that reads the config (inside a Ray job
+    # the workers run elsewhere); hub ids, names and URIs stay as they are.
+    cfg = storage.absolute_paths(cfg)
+    _precheck(args, cfg)
+    if args.command == "decode":
+        return _decode(cfg, texts)
+    if args.command == "export":
+        return _export(cfg, args)
 
+    from l2vg_ray.ray_utils import init_ray
+
+    init_ray(cfg.cluster)
+    result = RUNNERS[args.command](cfg, args)
+    return _finish(args.command, cfg, result)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from l2vg_ray.submit import submit
+
+    return submit(args.stage, config_path=args.config, overrides=list(args.args),
+                  address=args.address, wait=not args.no_wait, working_dir=args.working_dir)
+
+
+def _split_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The overrides (aliases expanded, flags as their keys) and, for decode, the texts."""
     texts: list[str] = list(getattr(args, "text", None) or [])
     overrides: list[str] = []
     for item in args.args:
@@ -184,88 +204,102 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = _expand_aliases(args.command, overrides)
     if args.command == "train" and args.resume:
         overrides.append("train.resume=true")
-    cfg = load_config(args.config, overrides)
-    check_config(cfg)  # every section's values, in a second, before anything starts
-    if args.dry_run:
-        print(to_yaml(cfg))
-        return 0
-    # Relative local paths resolved here, on the node that reads the config (inside a Ray job
-    # the workers run elsewhere); hub ids, names and URIs stay as they are.
-    cfg = storage.absolute_paths(cfg)
+    if args.command == "decode" and args.max_new_tokens is not None:
+        overrides.append(f"decode.max_new_tokens={args.max_new_tokens}")
+    return overrides, texts
+
+
+def _precheck(args: argparse.Namespace, cfg) -> None:
+    """What would fail in a stage's first minutes fails here, in a second, before Ray starts:
+    packaged models not installed, a model folder missing, the serve port taken."""
     _check_models(cfg)
     if args.command in MODEL_KEY:
         _check_model_path(cfg, MODEL_KEY[args.command])
     if args.command == "serve" or (args.command == "run" and args.serve):
         _check_port(str(cfg.serve.host), int(cfg.serve.port))
 
-    if args.command == "decode":
-        from l2vg_ray.loading import load_encoder
 
-        if not texts:
-            raise ConfigError("decode needs at least one text: l2vg decode -c CFG model=DIR 'text'")
-        empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
-        if empty:
-            raise ConfigError(f"decode: text {empty[0]} is empty; give a text to decode (the "
-                              f"/v1/decode endpoint refuses it too: 400 empty_input).")
-        encoder = load_encoder(cfg.eval.model, cfg)
-        if not hasattr(encoder, "decode"):
-            raise ConfigError(f"{cfg.eval.model!r} cannot decode: only trained encoders can.")
-        decoded = encoder.decode(texts, max_new_tokens=args.max_new_tokens)
-        for text, out in zip(texts, decoded, strict=True):
-            print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))
+def _decode(cfg, texts: list[str]) -> int:
+    from l2vg_ray.loading import load_encoder
+
+    if not texts:
+        raise ConfigError("decode needs at least one text: l2vg decode -c CFG model=DIR 'text'")
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ConfigError(f"decode: text {empty[0]} is empty; give a text to decode (the "
+                          f"/v1/decode endpoint refuses it too: 400 empty_input).")
+    encoder = load_encoder(cfg.decode.model, cfg)
+    if not hasattr(encoder, "decode"):
+        raise ConfigError(f"decode.model={cfg.decode.model!r} cannot decode: only trained "
+                          f"encoders can.")
+    decoded = encoder.decode(texts, max_new_tokens=int(cfg.decode.max_new_tokens))
+    for text, out in zip(texts, decoded, strict=True):
+        print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))
+    return 0
+
+
+def _run_generate(cfg, args):
+    from l2vg_ray.generate.pipeline import run_generate
+
+    return run_generate(cfg)
+
+
+def _run_train(cfg, args):
+    from l2vg_ray.train.trainer import run_train
+
+    return run_train(cfg)
+
+
+def _run_eval(cfg, args):
+    from l2vg_ray.eval.runner import run_eval
+
+    return run_eval(cfg)
+
+
+def _run_embed(cfg, args):
+    from l2vg_ray.embed import run_embed
+
+    return run_embed(cfg)
+
+
+def _run_serve(cfg, args):
+    from l2vg_ray.serve.app import run_serve
+
+    return run_serve(cfg, blocking=True)
+
+
+def _run_pipeline(cfg, args):
+    from l2vg_ray.pipeline import run_pipeline
+
+    return run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
+
+
+# The commands that run on Ray: each imports its stage when called (a stage pulls torch).
+RUNNERS = {"generate": _run_generate, "train": _run_train, "eval": _run_eval,
+           "embed": _run_embed, "serve": _run_serve, "run": _run_pipeline}
+
+
+def _finish(command: str, cfg, result: dict | None) -> int:
+    """The whole result to a file (the stage logged its summary); the exit code."""
+    if result is None:
         return 0
-
-    if args.command == "export":
-        return _export(cfg, args)
-
-    from l2vg_ray.ray_utils import init_ray
-
-    init_ray(cfg.cluster)
-    if args.command == "generate":
-        from l2vg_ray.generate.pipeline import run_generate
-
-        result = run_generate(cfg)
-    elif args.command == "train":
-        from l2vg_ray.train.trainer import run_train
-
-        result = run_train(cfg)
-    elif args.command == "eval":
-        from l2vg_ray.eval.runner import run_eval
-
-        result = run_eval(cfg)
-    elif args.command == "embed":
-        from l2vg_ray.embed import run_embed
-
-        result = run_embed(cfg)
-    elif args.command == "serve":
-        from l2vg_ray.serve.app import run_serve
-
-        result = run_serve(cfg, blocking=True)
-    elif args.command == "run":
-        from l2vg_ray.pipeline import run_pipeline
-
-        result = run_pipeline(cfg, serve=args.serve, overwrite=args.overwrite)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise AssertionError(args.command)
-    if result is not None:
-        # The stage logged its summary; the whole result goes to a file, not the log.
-        name = "pipeline" if args.command == "run" else args.command
-        path = Path(str(cfg.output_dir)) / f"{name}_result.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
-        print(f"  result: {path}", flush=True)
-        if args.command == "run" and not result.get("ok", True):
-            return 1  # a stage failed: fail the job, a rerun retries it
-        if args.command == "eval" and result.get("n_failed"):
-            print(f"l2vg eval: {result['n_failed']} of {result['n_tasks']} tasks failed "
-                  f"({', '.join(result['failed'])}); their errors are in the table above and in "
-                  f"{path}.", file=sys.stderr)
-            return 1
+    name = "pipeline" if command == "run" else command
+    path = Path(str(cfg.output_dir)) / f"{name}_result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"  result: {path}", flush=True)
+    if command == "run" and not result.get("ok", True):
+        return 1  # a stage failed: fail the job, a rerun retries it
+    if command == "eval" and result.get("n_failed"):
+        print(f"l2vg eval: {result['n_failed']} of {result['n_tasks']} tasks failed "
+              f"({', '.join(result['failed'])}); their errors are in the table above and in "
+              f"{path}.", file=sys.stderr)
+        return 1
     return 0
 
 
 # The config key naming the model a command reads now (it must exist before anything starts).
-MODEL_KEY = {"eval": "eval.model", "decode": "eval.model", "export": "eval.model",
+MODEL_KEY = {"eval": "eval.model", "decode": "decode.model", "export": "export.model",
              "serve": "serve.model", "embed": "embed.model"}
 
 
@@ -349,16 +383,17 @@ def _export(cfg, args: argparse.Namespace) -> int:
     from l2vg_ray.method import L2VGEncoder
     from l2vg_ray.models import is_packaged, resolve_model
 
-    spec = str(cfg.eval.model)
+    spec = str(cfg.export.model)
     encoder = load_encoder(spec, cfg, device="cpu")
     if not isinstance(encoder, L2VGEncoder):
-        raise ConfigError(f"{spec!r} is not a trained encoder; only those export (model=FOLDER).")
+        raise ConfigError(f"export.model={spec!r} is not a trained encoder; only those export "
+                          f"(model=FOLDER).")
     folder = Path(resolve_model(spec, cache_dir=cfg.cache_dir) if is_packaged(spec) else spec)
     recipe_file = folder / "recipe.json"
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
     out = export_sentence_transformers(
         encoder, args.out, llm_dir=resolve_model(encoder.config.llm, cache_dir=cfg.cache_dir),
-        instructions=InstructionSet.named(str(cfg.eval.instructions)), name=Path(args.out).name,
+        instructions=InstructionSet.named(str(cfg.export.instructions)), name=Path(args.out).name,
         recipe=recipe, overwrite=args.overwrite,
     )
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

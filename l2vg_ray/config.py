@@ -320,6 +320,23 @@ class EmbedConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """``l2vg decode``: texts -> their embeddings' soft prompts -> text, through the frozen LLM."""
+
+    model: str = "${eval.model}"  # a trained encoder folder or packaged encoder name
+    max_new_tokens: int = 64
+
+
+@dataclass
+class ExportConfig:
+    """``l2vg export``: a trained encoder as a sentence-transformers model folder."""
+
+    model: str = "${eval.model}"  # a trained encoder folder or packaged encoder name
+    # The instruction set written into the folder's prompts (eval.instructions' names).
+    instructions: str = "${eval.instructions}"
+
+
+@dataclass
 class ServeConfig:
     """Ray Serve deployment behind an OpenAI-style HTTP API."""
 
@@ -403,6 +420,8 @@ class L2VGConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -517,11 +536,45 @@ def _yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a config may name
+MIN_DOCS = 10  # eval.max_docs below this leaves the offline tasks too few examples per label
+
+# The names a registry key may take, known here so that a config is checked at load without
+# importing the stages that fill the registries (tests/unit/test_config.py holds each list
+# equal to its registry's names; a stage that registers a new name adds it here).
+VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "generate.backend": ("auto", "precomputed", "transformers", "vllm"),  # GENERATION_BACKENDS
+    "generate.queries.source": ("bundled", "file", "huggingface", "mix", "pyserini", "sharegpt"),
+    "generate.sampling": ("explicit", "model"),  # generate.backends.SAMPLING_MODES
+    "teacher.kind": ("cls-encoder", "llm2vec", "mean-pooled-llm", "sentence-transformers"),
+    "train.scheduler": ("linear", "constant", "cosine"),  # train.schedule.SCHEDULERS
+    "train.align_loss": ("cosine", "mse", "normalized-mse", "standardized-mse"),
+    "train.precision": ("auto", "bf16", "fp32"),  # auto: bf16 autocast on GPU, fp32 on CPU
+    "train.head_init": ("default", "calibrated"),
+    "tracking.kind": ("mlflow", "wandb"),  # null = off; l2vg_ray.tracking.TRACKERS
+    "eval.suite": ("advbench-ir", "bright", "list", "mteb-eng-v2", "mteb-lite", "offline",
+                   "offline-all", "offline-bigbench"),  # eval.suites.SUITES
+    "eval.instructions": ("project", "paper"),  # eval.adapter.INSTRUCTION_SETS
+    "serve.loader": ("encoder", "sentence-transformers"),  # serve.app.ENCODER_LOADERS
+}
+
+
+def one_of(key: str, value: Any) -> None:
+    """``value`` is a name ``VOCABULARIES[key]`` knows, or a ConfigError listing them."""
+    known = VOCABULARIES[key]
+    if str(value) not in known:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(known)}.")
+
+
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: float, note: str = "") -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{key}={value}; it must be >= {low}{note}.")
 
 
 def check_model(m: ModelConfig | DictConfig) -> None:
-    """The ``model`` section's own checks (run by ``validate`` and by the encoder, which may be
-    built from a saved folder's ``ModelConfig`` without a whole config)."""
+    """The ``model`` section (also run by the encoder, which may be built from a saved folder's
+    ``ModelConfig`` without a whole config)."""
     if m.n_compression < 1:
         raise ConfigError(f"model.n_compression must be >= 1, got {m.n_compression}.")
     if m.n_thought < 0:
@@ -539,26 +592,173 @@ def check_model(m: ModelConfig | DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that need no model, data or Ray."""
-    check_model(cfg.model)
-    t = cfg.train
+def check_queries(q: Any) -> None:
+    """``generate.queries``: the source names (a mix's parts too; a mix inside a mix is refused
+    by the loader, with its reason)."""
+    one_of("generate.queries.source", q.source)
+    for part in q.parts if str(q.source) == "mix" else ():
+        one_of("generate.queries.source", part.source)
+
+
+def check_generate(g: Any) -> None:
+    """The ``generate`` section: backend and sampling names, engine settings, actor resources."""
+    one_of("generate.backend", g.backend)
+    one_of("generate.sampling", g.sampling)
+    check_queries(g.queries)
+    if g.temperature < 0:
+        raise ConfigError(f"generate.temperature={g.temperature}; use 0 (greedy) or > 0.")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p}; it must lie in (0, 1].")
+    _at_least("generate", g, ("top_k", "num_cpus_per_actor", "num_gpus_per_actor"), 0)
+    _at_least("generate", g, ("max_tokens", "tensor_parallel_size", "num_actors", "batch_size",
+                              "rows_per_shard"), 1)
+    _at_least("generate", g, ("max_concurrent_batches",), 1, " (1 = one call at a time per actor)")
+    if g.num_gpus_per_actor > 0 and g.tensor_parallel_size > g.num_gpus_per_actor:
+        raise ConfigError(
+            f"generate.tensor_parallel_size={g.tensor_parallel_size} needs that many GPUs per "
+            f"actor but generate.num_gpus_per_actor={g.num_gpus_per_actor}. Set "
+            f"generate.num_gpus_per_actor={g.tensor_parallel_size}."
+        )
+    if g.memory_gb_per_actor is not None and g.memory_gb_per_actor <= 0:
+        raise ConfigError(
+            f"generate.memory_gb_per_actor={g.memory_gb_per_actor}; use null (no reservation) "
+            f"or the GiB one engine holds (e.g. 3)."
+        )
+
+
+def check_teacher(t: Any) -> None:
+    """The ``teacher`` section: its kind, batch sizes and dtype."""
+    one_of("teacher.kind", t.kind)
+    _at_least("teacher", t, ("num_actors", "batch_size", "max_length"), 1)
+    _at_least("teacher", t, ("num_cpus_per_actor", "num_gpus_per_actor"), 0)
+    if t.dtype is not None and str(t.dtype) not in DTYPES:
+        raise ConfigError(f"teacher.dtype={t.dtype!r}; use null (model.dtype) or one of {list(DTYPES)}.")
+
+
+def check_tracking(section: str, tr: Any) -> None:
+    if tr.kind is not None:
+        try:
+            one_of("tracking.kind", tr.kind)
+        except ConfigError:
+            raise ConfigError(f"{section}.tracking.kind={tr.kind!r} is unknown; use null (off) "
+                              f"or one of {', '.join(VOCABULARIES['tracking.kind'])}.") from None
+
+
+def check_train(t: Any) -> None:
+    """The ``train`` section: registry names, the batch plan, the schedule and every bound."""
+    for key in ("scheduler", "align_loss", "precision", "head_init"):
+        one_of(f"train.{key}", getattr(t, key))
+    check_tracking("train", t.tracking)
     per_step = t.num_workers * t.grad_accum_steps
-    if t.batch_size % per_step != 0:
+    if per_step < 1 or t.batch_size % per_step != 0:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.num_workers x "
             f"train.grad_accum_steps = {t.num_workers} x {t.grad_accum_steps} = {per_step}. "
             f"Use a batch size that is a multiple of {per_step}."
         )
-    if t.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1, got {t.max_steps}.")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+    _at_least("train", t, ("max_steps", "checkpoint_every", "log_every", "num_to_keep",
+                           "eval_every", "epochs", "num_workers", "grad_accum_steps"), 1)
+    _at_least("train", t, ("warmup_steps", "report_every_s", "shuffle_buffer", "weight_decay",
+                           "cpus_per_worker", "gpus_per_worker"), 0)
+    _at_least("train", t, ("val_rows", "probe_rows"), 0, " (0 turns validation / the probe off)")
+    _at_least("train", t, ("max_failures",), -1, " (-1 = retry forever)")
     if t.schedule_steps is not None and t.schedule_steps < max(1, t.warmup_steps):
         raise ConfigError(
             f"train.schedule_steps={t.schedule_steps} must be null or >= train.warmup_steps="
             f"{t.warmup_steps} (it is the horizon of the learning-rate schedule)."
         )
+    if t.head_init == "calibrated" and t.calibration_rows < 1:
+        raise ConfigError(
+            f"train.head_init=calibrated needs train.calibration_rows >= 1, got {t.calibration_rows}."
+        )
+    if t.lr <= 0 or (t.lr_heads is not None and t.lr_heads <= 0) or t.max_grad_norm <= 0:
+        raise ConfigError(f"train.lr={t.lr}, train.lr_heads={t.lr_heads} and train.max_grad_norm="
+                          f"{t.max_grad_norm} must be > 0 (lr_heads null = lr).")
+    if t.recon_weight < 0 or t.align_weight < 0 or t.recon_weight == t.align_weight == 0:
+        raise ConfigError(f"train.recon_weight={t.recon_weight} and train.align_weight="
+                          f"{t.align_weight} must be >= 0 and not both 0.")
+    if t.use_gpu is False and t.gpus_per_worker > 0:
+        raise ConfigError(
+            f"train.gpus_per_worker={t.gpus_per_worker} with train.use_gpu=false: set "
+            f"train.use_gpu=true to train on GPUs, or gpus_per_worker=0."
+        )
+
+
+def check_eval(e: Any) -> None:
+    """The ``eval`` section: suite and instruction-set names, fan-out and data bounds."""
+    one_of("eval.suite", e.suite)
+    one_of("eval.instructions", e.instructions)
+    check_tracking("eval", e.tracking)
+    if e.encoders < 0:
+        raise ConfigError(f"eval.encoders={e.encoders}: use 0 (each task loads its encoder) or "
+                          f"the number of encoder actors.")
+    _at_least("eval", e, ("batch_size", "max_concurrency", "max_length"), 1)
+    _at_least("eval", e, ("max_retries", "shards", "shard_min_docs", "num_cpus_per_task",
+                          "num_gpus_per_task"), 0)
+    _at_least("eval", e, ("max_docs",), MIN_DOCS, " (the offline tasks need that many examples)")
+    if e.scoring_cpus <= 0:
+        raise ConfigError(f"eval.scoring_cpus={e.scoring_cpus}; it must be > 0.")
+
+
+def check_serve(s: Any) -> None:
+    """The ``serve`` section: the loader name, replica bounds, batching and request limits."""
+    one_of("serve.loader", s.loader)
+    if not 0 <= s.min_replicas <= s.max_replicas or s.max_replicas < 1:
+        raise ConfigError(
+            f"serve.min_replicas={s.min_replicas} and serve.max_replicas="
+            f"{s.max_replicas}: need 0 <= min_replicas <= max_replicas, max >= 1."
+        )
+    _at_least("serve", s, ("max_batch_size", "max_ongoing_requests", "max_batch_tokens",
+                           "max_queued_texts", "max_queued_requests", "max_items_per_request",
+                           "max_request_bytes", "max_tokens_per_text", "max_new_tokens"), 1)
+    _at_least("serve", s, ("port", "model_thread_min_chars", "batch_wait_timeout_s", "num_cpus",
+                           "num_gpus", "load_retries"), 0)
+    if not 0 < s.target_ongoing_requests <= s.max_ongoing_requests:
+        raise ConfigError(
+            f"serve.target_ongoing_requests={s.target_ongoing_requests} must be > 0 "
+            f"and <= serve.max_ongoing_requests={s.max_ongoing_requests}."
+        )
+    for key in ("body_timeout_s", "request_timeout_s", "ready_timeout_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"serve.{key} must be > 0 seconds, got {getattr(s, key)}.")
+
+
+def check_decode(d: Any) -> None:
+    _at_least("decode", d, ("max_new_tokens",), 1)
+
+
+def check_export(x: Any) -> None:
+    try:
+        one_of("eval.instructions", x.instructions)
+    except ConfigError:
+        raise ConfigError(f"export.instructions={x.instructions!r} is unknown; use one of "
+                          f"{', '.join(VOCABULARIES['eval.instructions'])}.") from None
+
+
+def check_embed(e: Any) -> None:
+    """The ``embed`` section: batch and shard sizes, actor resources."""
+    _at_least("embed", e, ("batch_size", "num_actors", "rows_per_shard"), 1)
+    _at_least("embed", e, ("num_cpus_per_actor", "num_gpus_per_actor"), 0)
+
+
+SECTION_CHECKS: dict[str, Any] = {
+    "model": check_model, "generate": check_generate, "teacher": check_teacher,
+    "train": check_train, "eval": check_eval, "serve": check_serve, "embed": check_embed,
+    "decode": check_decode, "export": check_export,
+}
+
+
+def validate(cfg: DictConfig | L2VGConfig) -> None:
+    """Every section's checks (no model, data or Ray touched), run once by ``load_config``: one
+    ConfigError lists every problem found, each with its key, its value and the fix."""
+    problems = []
+    for section, check in SECTION_CHECKS.items():
+        try:
+            check(getattr(cfg, section))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(" | ".join(problems))
 
 
 def to_dict(cfg: DictConfig | Any) -> dict:

@@ -1,23 +1,18 @@
-"""The serving API's typed requests, responses and token budget: pure functions, no Ray.
+"""The serving API's wire protocol: typed requests and responses, errors, limits; pure, no Ray.
 
 Requests are pydantic models (``EmbeddingRequest``, ``DecodeRequest``) parsed from the raw body by
 pydantic's own JSON parser, so that invalid UTF-8, lone surrogates (``"\\ud800"``), nesting past
 its recursion limit and out-of-range numbers are parse errors: every one is a 400 with an
 OpenAI-style body naming the parameter, never a 500. What depends on the served model (how many
-items, the model's name, its dimension) is checked after parsing by ``check_*``.
+items, the model's name, its dimension) is checked after parsing by ``check_*``. Responses are
+built by ``embedding_response`` / ``decode_response`` from what the model replica returns.
 
-Token budget (``fit_texts``): a text may use ``min(serve.max_tokens_per_text, the encoder's own
-max_input_tokens)`` tokens, *instruction included*. Over it, with ``serve.truncate=true`` the
-text (never the instruction) is cut once, at a token boundary taken from the tokenizer's offsets,
-and the response lists it in ``usage.truncated_inputs``; with ``serve.truncate=false`` the request
-is answered 413 (``context_length_exceeded``). An instruction that alone fills the budget is a
-400. ``usage`` counts the tokens the model actually read.
+The model's side (token budget, batching, running the encoder) is ``l2vg_ray.serve.core``.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -38,8 +33,6 @@ from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from l2vg_ray.config import ServeConfig
-
-log = logging.getLogger(__name__)
 
 DEFAULT_DECODE_TOKENS = 64
 _BOM = b"\xef\xbb\xbf"
@@ -284,8 +277,9 @@ def body_too_large(size: int, limit: int) -> APIError:
     )
 
 
-def check_model(model: str | None, served_model: str) -> str:
-    """``model`` may be omitted; when given it must be the served model's name."""
+def check_requested_model(model: str | None, served_model: str) -> str:
+    """A request's ``model``: may be omitted; when given it must be the served model's name.
+    Not the config check of ``model.*`` (``l2vg_ray.config.check_model``)."""
     if model is not None and model != served_model:
         raise APIError(
             404,
@@ -313,7 +307,7 @@ def check_embedding_request(
 ) -> str:
     """The limits that depend on the server; returns the model name to answer with."""
     check_items(req.input, limits)
-    model = check_model(req.model, served_model)
+    model = check_requested_model(req.model, served_model)
     if req.dimensions is not None and req.dimensions != dim:
         raise APIError(
             400,
@@ -331,7 +325,7 @@ def check_decode_request(
 ) -> tuple[str, int]:
     """Returns (model name, max_new_tokens)."""
     check_items(req.input, limits)
-    model = check_model(req.model, served_model)
+    model = check_requested_model(req.model, served_model)
     max_new = req.max_new_tokens
     if max_new is None:
         max_new = min(DEFAULT_DECODE_TOKENS, limits.max_new_tokens)
@@ -346,94 +340,18 @@ def check_decode_request(
     return model, max_new
 
 
-# ---------------------------------------------------------------------------- token budget
+# ---------------------------------------------------------------------------- responses
 @dataclass(frozen=True)
 class Fitted:
-    """One text within the token budget: what is embedded and the tokens the model reads."""
+    """One text as the model read it, within the token budget: what is embedded, the tokens
+    ``usage`` reports and whether it was cut (``usage.truncated_inputs``). Made by
+    ``l2vg_ray.serve.core.fit_texts``."""
 
     text: str
     tokens: int
     truncated: bool = False
 
 
-def token_budget(encoder: Any, limits: ServeConfig) -> int:
-    return min(int(limits.max_tokens_per_text), int(encoder.max_input_tokens))
-
-
-def fit_texts(
-    encoder: Any,
-    texts: Sequence[str],
-    instruction: str | None,
-    *,
-    limits: ServeConfig,
-    params: Sequence[str] | None = None,
-) -> list[Fitted | APIError]:
-    """Each text within ``token_budget``: kept, cut once (truncate) or an APIError.
-
-    One ``count_tokens`` pass for all texts (instruction included); texts over the budget get one
-    tokenizer pass with offsets, are cut at the last token boundary that fits, and are counted
-    again (the encoder cuts any token the join adds). ``params``: each text's name in errors.
-    """
-    texts = list(texts)
-    params = list(params) if params is not None else [f"input[{i}]" for i in range(len(texts))]
-    budget = token_budget(encoder, limits)
-    counts = encoder.count_tokens(texts, instruction=instruction)
-    out: list[Fitted | APIError] = [Fitted(t, int(n)) for t, n in zip(texts, counts, strict=True)]
-    over = [i for i, n in enumerate(counts) if n > budget]
-    if not over:
-        return out
-    which = (
-        "serve.max_tokens_per_text"
-        if budget == limits.max_tokens_per_text
-        else f"the model's maximum input length ({budget})"
-    )
-    if not limits.truncate:
-        for i in over:
-            out[i] = APIError(
-                413,
-                f"'{params[i]}' has {counts[i]} tokens"
-                + (" with the instruction" if instruction else "")
-                + f", over the limit of {budget} tokens per text ({which}). Shorten it, or run "
-                f"the server with serve.truncate=true.",
-                param=params[i],
-                code="context_length_exceeded",
-            )
-        return out
-    enc = encoder.tokenizer(
-        [texts[i] for i in over], add_special_tokens=False, return_offsets_mapping=True
-    )
-    cut: dict[int, str] = {}
-    for i, offsets in zip(over, enc["offset_mapping"], strict=True):
-        keep = len(offsets) - (counts[i] - budget)  # text tokens that fit beside the rest
-        if keep < 1:
-            out[i] = (
-                APIError(
-                    400,
-                    f"The instruction takes {counts[i] - len(offsets)} of the {budget} tokens a "
-                    f"text may use ({which}), leaving none for '{params[i]}'. Shorten the "
-                    f"instruction.",
-                    param="instruction",
-                    code="instruction_too_long",
-                )
-                if instruction
-                else APIError(
-                    413,
-                    f"'{params[i]}' cannot be cut to {budget} tokens ({which} is too small "
-                    f"for this encoder's special tokens).",
-                    param=params[i],
-                    code="context_length_exceeded",
-                )
-            )
-            continue
-        cut[i] = texts[i][: offsets[keep - 1][1]]
-    if cut:
-        recount = encoder.count_tokens(list(cut.values()), instruction=instruction)
-        for (i, text), n in zip(cut.items(), recount, strict=True):
-            out[i] = Fitted(text, min(int(n), budget), truncated=True)
-    return out
-
-
-# ---------------------------------------------------------------------------- responses
 def encode_base64(vector: np.ndarray) -> str:
     """OpenAI's base64 format: the little-endian float32 bytes of the vector."""
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -470,128 +388,3 @@ def embedding_response(
 def decode_response(decoded: Sequence[str], *, model: str, fitted: Sequence[Fitted]) -> dict:
     data = [{"object": "decoded_text", "index": i, "text": t} for i, t in enumerate(decoded)]
     return {"object": "list", "data": data, "model": model, "usage": usage(fitted)}
-
-
-# ---------------------------------------------------------------------------- batched embedding
-@dataclass(frozen=True)
-class EmbedItem:
-    """One text of one request inside a batch shared by concurrent requests."""
-
-    request: int  # which request it belongs to (a failure stays within it)
-    index: int  # its position in that request's `input`
-    text: str
-    instruction: str | None
-
-
-EmbedResult = tuple[np.ndarray, Fitted] | APIError
-
-
-def plan_batches(
-    tokens: Sequence[int], *, max_batch_size: int, max_batch_tokens: int
-) -> list[list[int]]:
-    """Indices cut into model calls of at most ``max_batch_size`` texts and
-    ``max_batch_tokens`` padded tokens (texts sorted by length; one long text still runs alone)."""
-    order = sorted(range(len(tokens)), key=lambda i: tokens[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = max([tokens[j] for j in current] + [tokens[i]])
-        if current and (
-            len(current) >= max_batch_size or width * (len(current) + 1) > max_batch_tokens
-        ):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _embed(
-    encoder: Any,
-    items: Sequence[EmbedItem],
-    *,
-    limits: ServeConfig,
-    max_batch_size: int,
-    max_batch_tokens: int,
-    normalize: bool,
-) -> list[EmbedResult]:
-    results: list[EmbedResult | None] = [None] * len(items)
-    groups: dict[str | None, list[int]] = {}
-    for j, item in enumerate(items):
-        groups.setdefault(item.instruction, []).append(j)
-    for instruction, idx in groups.items():
-        fitted = fit_texts(
-            encoder,
-            [items[j].text for j in idx],
-            instruction,
-            limits=limits,
-            params=[f"input[{items[j].index}]" for j in idx],
-        )
-        ok = [(j, f) for j, f in zip(idx, fitted, strict=True) if isinstance(f, Fitted)]
-        for j, f in zip(idx, fitted, strict=True):
-            if isinstance(f, APIError):
-                results[j] = f
-        plan = plan_batches(
-            [f.tokens for _, f in ok],
-            max_batch_size=max_batch_size,
-            max_batch_tokens=max_batch_tokens,
-        )
-        for batch in plan:
-            vectors = encoder.encode(
-                [ok[k][1].text for k in batch],
-                instruction=instruction,
-                batch_size=len(batch),
-                normalize=normalize,
-            )
-            for k, v in zip(batch, vectors, strict=True):
-                results[ok[k][0]] = (v, ok[k][1])
-    return results  # type: ignore[return-value]
-
-
-def embed_items(
-    encoder: Any,
-    items: Sequence[EmbedItem],
-    *,
-    limits: ServeConfig,
-    max_batch_size: int,
-    max_batch_tokens: int,
-    normalize: bool,
-) -> list[EmbedResult]:
-    """Token-fit and embed texts gathered from one or many requests.
-
-    Returns per item ``(vector, Fitted)`` or the ``APIError`` of that item. A failure while
-    embedding is retried request by request, so that it fails only the request it came from;
-    its neighbours in the batch are answered normally.
-    """
-    kw = dict(
-        limits=limits,
-        max_batch_size=max_batch_size,
-        max_batch_tokens=max_batch_tokens,
-        normalize=normalize,
-    )
-    try:
-        return _embed(encoder, items, **kw)
-    except Exception:
-        log.exception(
-            "Embedding a batch of %d texts failed; retrying request by request", len(items)
-        )
-    by_request: dict[int, list[int]] = {}
-    for j, item in enumerate(items):
-        by_request.setdefault(item.request, []).append(j)
-    results: list[EmbedResult | None] = [None] * len(items)
-    for idx in by_request.values():
-        try:
-            part = _embed(encoder, [items[j] for j in idx], **kw)
-        except Exception as e:
-            log.exception("Embedding one request's %d texts failed", len(idx))
-            err = APIError(
-                500,
-                f"Embedding this request's input failed ({type(e).__name__}); the error is in "
-                f"the server log.",
-                code="embedding_failed",
-            )
-            part = [err] * len(idx)
-        for j, r in zip(idx, part, strict=True):
-            results[j] = r
-    return results  # type: ignore[return-value]

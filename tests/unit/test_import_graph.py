@@ -79,7 +79,7 @@ FLOORS = {
         "packaged_data", "tracking", "ray_utils", "testing", "text_encoders"],
     2: ["method"],
     3: ["generate", "train", "eval", "serve", "embed", "export", "loading"],
-    4: ["pipeline", "submit", "cli", "sources", "preflight"],
+    4: ["pipeline", "submit", "cli", "sources"],
 }
 
 
