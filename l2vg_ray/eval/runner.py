@@ -1,6 +1,7 @@
 """``run_eval(cfg)``: an encoder (trained folder or baseline) on a task suite, one Ray task per task.
 
-    suite -> task names -> (offline data prepared once, here) -> fan_out(evaluate_task) -> table
+    suite -> task names -> offline data prepared once, here (_prepare_offline_data)
+          -> corpus shards, fan_out(evaluate_task) (_run_jobs) -> results table (_report)
 
 ``evaluate_task(job)`` is the pure per-task core (no Ray): load the encoder (memoised per process,
 behind the embedding cache), build the task, ``mteb.evaluate`` it with a ``ResultCache`` in
@@ -22,10 +23,11 @@ from omegaconf import DictConfig
 
 from l2vg_ray.config import typed
 from l2vg_ray.eval.worker import TaskJob, job_encoder, loads_so_far
-from l2vg_ray.torch_utils import cpu_threads
+from l2vg_ray.torch_utils import set_threads
 from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
 
 if TYPE_CHECKING:
+    from l2vg_ray.eval.fanout import Outcome
     from l2vg_ray.eval.tasks.data import MissingData
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,12 @@ log = logging.getLogger(__name__)
 def evaluate_task(job: TaskJob) -> dict[str, Any]:
     """Run one task; returns its results-table row. Raises on failure (the fan-out reports it)."""
     import mteb
-    import torch
 
     from l2vg_ray.eval.adapter import InstructionSet, MTEBEncoder
     from l2vg_ray.eval.suites import build_task
     from l2vg_ray.eval.tasks import advbench
 
-    torch.set_num_threads(max(1, job.num_threads))
+    set_threads(job.task_resources["num_cpus"])
     # mteb's classifiers on a weak (e.g. smoke-trained) encoder predict some labels never;
     # sklearn then warns once per fold and label set, dozens of lines that need no action.
     from sklearn.exceptions import UndefinedMetricWarning
@@ -49,17 +50,18 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
     t0, loads0 = time.perf_counter(), loads_so_far()
     if job.task == advbench.TASK_NAME:
         return _evaluate_advbench(job, t0)
+    e = job.eval
     encoder = job_encoder(job)
     hits0, misses0 = getattr(encoder, "hits", 0), getattr(encoder, "misses", 0)
-    task = build_task(job.task, data_dir=job.data_dir, max_docs=job.max_docs, seed=job.seed)
-    model = MTEBEncoder(encoder, instructions=InstructionSet.named(job.instructions),
-                        batch_size=job.batch_size, spec=job.model)
+    task = build_task(job.task, data_dir=job.data_dir, max_docs=e.max_docs, seed=e.seed)
+    model = MTEBEncoder(encoder, instructions=InstructionSet.named(e.instructions),
+                        batch_size=e.batch_size, spec=job.model)
     result = mteb.evaluate(
         model,
         task,
         cache=mteb.ResultCache(cache_path=job.results_dir),
-        overwrite_strategy="always" if job.overwrite else "only-missing",
-        encode_kwargs={"batch_size": job.batch_size},
+        overwrite_strategy="always" if e.overwrite else "only-missing",
+        encode_kwargs={"batch_size": e.batch_size},
         show_progress_bar=False,
         co2_tracker=False,
         raise_error=True,
@@ -82,7 +84,7 @@ def evaluate_task(job: TaskJob) -> dict[str, Any]:
         "fingerprint": encoder.fingerprint(),
         "scores": task_result.scores,
         "error": None,
-        "instructions": job.instructions,
+        "instructions": e.instructions,
     }
 
 
@@ -91,15 +93,16 @@ def _evaluate_advbench(job: TaskJob, t0: float, data: Any = None) -> dict[str, A
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.tasks import advbench
 
+    e = job.eval
     encoder = job_encoder(job)
     result_file = (Path(job.results_dir) / model_slug(job.model)
-                   / f"{advbench.TASK_NAME}-{job.instructions}-{encoder.fingerprint()}.json")
-    if result_file.is_file() and not job.overwrite:
+                   / f"{advbench.TASK_NAME}-{e.instructions}-{encoder.fingerprint()}.json")
+    if result_file.is_file() and not e.overwrite:
         scores = json.loads(result_file.read_text())
     else:
         data = data if data is not None else advbench.load_hub()
-        scores = advbench.evaluate(encoder, InstructionSet.named(job.instructions), data,
-                                   batch_size=job.batch_size)
+        scores = advbench.evaluate(encoder, InstructionSet.named(e.instructions), data,
+                                   batch_size=e.batch_size)
         result_file.parent.mkdir(parents=True, exist_ok=True)
         result_file.write_text(json.dumps(scores, indent=2))
     return {
@@ -107,31 +110,14 @@ def _evaluate_advbench(job: TaskJob, t0: float, data: Any = None) -> dict[str, A
         "main_score": float(scores[advbench.MAIN_SCORE]), "metric": advbench.MAIN_SCORE,
         "seconds": round(time.perf_counter() - t0, 2), "n_encoded": None, "n_cached": None,
         "encoder": encoder.name, "fingerprint": encoder.fingerprint(), "scores": scores,
-        "error": None, "instructions": job.instructions,
+        "error": None, "instructions": e.instructions,
     }
 
 
 def make_jobs(cfg: DictConfig, task_names: list[str], *, data_dir: str | None) -> list[TaskJob]:
-    e = cfg.eval
+    """One job per task, all sharing the typed config (the one copy of the eval settings)."""
     c = typed(cfg)
-    return [
-        TaskJob(
-            task=name,
-            model=str(e.model),
-            cfg=c,
-            data_dir=data_dir,
-            results_dir=str(Path(e.output_dir) / "mteb"),
-            cache_dir=str(e.cache_dir) if e.cache_dir else None,
-            overwrite=bool(e.overwrite),
-            batch_size=int(e.batch_size),
-            max_docs=int(e.max_docs),
-            seed=int(e.seed),
-            num_threads=cpu_threads(e.num_cpus_per_task),
-            instructions=str(e.instructions),
-            max_length=int(e.max_length) if e.max_length is not None else None,
-        )
-        for name in task_names
-    ]
+    return [TaskJob(task=name, cfg=c, data_dir=data_dir) for name in task_names]
 
 
 def _task_type(name: str) -> str:
@@ -195,72 +181,100 @@ def check_eval_config(e: Any) -> None:
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
-    from l2vg_ray.eval.fanout import fan_out
-    from l2vg_ray.eval.report import markdown_table, summarize, write_report
-    from l2vg_ray.eval.service import actor_loads, encoder_actors
-    from l2vg_ray.eval.shard import prefill_large_corpora
     from l2vg_ray.eval.suites import suite_task_names
-    from l2vg_ray.eval.tasks.data import prepare_offline_data
-    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
-    from l2vg_ray.packaged_data import DataUnavailable
 
     e = cfg.eval
     check_eval_config(e)
     check_tracking(e.tracking)
     names = suite_task_names(cfg)
-    data_dir, missing = None, {}
+    data_dir, missing = _prepare_offline_data(cfg, names)
+    jobs = make_jobs(cfg, [n for n in names if n not in missing], data_dir=data_dir)
+    t0 = time.perf_counter()
+    rows, loads_in_actors = _run_jobs(jobs)
+    wall = time.perf_counter() - t0
+    rows += [missing_row(n, m) for n, m in missing.items()]
+    result = _report(cfg, rows, missing, wall=wall, loads_in_actors=loads_in_actors)
+    with tracked(cfg, "eval") as tracker:
+        if tracker is not None:
+            log_evaluation(tracker, cfg, result)
+            result["tracking"] = {"kind": str(e.tracking.kind), "run_id": tracker.run_id}
+    return result
+
+
+def _fixes(missing: dict[str, MissingData]) -> str:
+    return " / ".join(dict.fromkeys(m.fix for m in missing.values()))
+
+
+def _prepare_offline_data(cfg: DictConfig, names: list[str]) -> tuple[str | None, dict[str, MissingData]]:
+    """The offline tasks' data, prepared once, here in the driver (the Ray tasks then only read
+    Parquet files): its folder (None without offline tasks) and ``{task: MissingData}`` of the
+    tasks whose data cannot be fetched, which are reported, or raised under eval.strict_data."""
+    from l2vg_ray.eval.tasks.data import prepare_offline_data
+    from l2vg_ray.eval.tasks.offline import OFFLINE_TASKS
+    from l2vg_ray.packaged_data import DataUnavailable
+
     needed = {n: OFFLINE_TASKS.get(n).data_file for n in names if n in OFFLINE_TASKS}
-    if needed:
-        # Once, in the driver: the Ray tasks then only read Parquet files.
-        prepared = prepare_offline_data(cfg.cache_dir, sorted(set(needed.values())))
-        data_dir = str(prepared.folder)
-        missing = {n: prepared.missing[d] for n, d in needed.items() if d in prepared.missing}
-    fixes = " / ".join(dict.fromkeys(m.fix for m in missing.values()))
-    if missing and bool(e.strict_data):
+    if not needed:
+        return None, {}
+    prepared = prepare_offline_data(cfg.cache_dir, sorted(set(needed.values())))
+    missing = {n: prepared.missing[d] for n, d in needed.items() if d in prepared.missing}
+    if missing and bool(cfg.eval.strict_data):
         raise DataUnavailable(
-            f"{len(missing)} task(s) of suite {e.suite!r}",
+            f"{len(missing)} task(s) of suite {cfg.eval.suite!r}",
             "their data cannot be fetched (eval.strict_data=true): " + "; ".join(
                 f"{n} needs {m.package} ({m.reason})" for n, m in missing.items()),
-            fixes + " Or set eval.strict_data=false to run the other tasks and report these.")
-    names = [n for n in names if n not in missing]
-    jobs = make_jobs(cfg, names, data_dir=data_dir)
-    n_encoders = int(e.encoders)
+            _fixes(missing) + " Or set eval.strict_data=false to run the other tasks and report these.")
+    return str(prepared.folder), missing
+
+
+def _run_jobs(jobs: list[TaskJob]) -> tuple[list[dict[str, Any]], int]:
+    """Every job as a Ray task (after the shards of large corpora, with the encoder actors around
+    both): the results rows in job order, and how many models the encoder actors loaded."""
+    from l2vg_ray.eval.fanout import fan_out
+    from l2vg_ray.eval.service import actor_loads, encoder_actors
+    from l2vg_ray.eval.shard import prefill_large_corpora
+
+    if not jobs:  # every task of the suite lacks its data
+        return [], 0
+    e, names = jobs[0].eval, [j.task for j in jobs]
     log.info("Evaluating %s on %d tasks of suite %r (%d at a time%s)", e.model, len(jobs), e.suite,
-             e.max_concurrency, f", {n_encoders} encoder actors" if n_encoders else "")
-    # With encoder actors the tasks only score: CPUs, no GPU; else each task also encodes.
-    task_res = ({"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0} if n_encoders else
-                {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)})
-    t0 = time.perf_counter()
-    with encoder_actors(jobs[0], n_encoders, num_cpus=float(e.num_cpus_per_task),
-                        num_gpus=float(e.num_gpus_per_task)) as actors:
+             e.max_concurrency, f", {e.encoders} encoder actors" if e.encoders else "")
+    with encoder_actors(jobs[0], e.encoders) as actors:
         jobs = [dataclasses.replace(j, encoders=actors) for j in jobs]
         sharded = prefill_large_corpora(
-            jobs, min_docs=int(e.shard_min_docs),
-            shards=int(e.shards) or n_encoders or int(e.max_concurrency),
-            max_retries=int(e.max_retries), task_types={n: _task_type(n) for n in names},
-            **task_res)
+            jobs, min_docs=e.shard_min_docs, shards=e.shards or e.encoders or e.max_concurrency,
+            max_retries=e.max_retries, task_types={n: _task_type(n) for n in names})
         outcomes = fan_out(
             evaluate_task,
             jobs,
             keys=names,
-            max_concurrency=int(e.max_concurrency),
-            max_retries=int(e.max_retries),
+            max_concurrency=e.max_concurrency,
+            max_retries=e.max_retries,
             on_done=lambda o: log.info("%s %s (%.1fs)", o.key, "done" if o.ok else "FAILED",
                                        o.seconds),
-            **task_res,
+            **jobs[0].task_resources,
         )
         loads_in_actors = actor_loads(actors)
-    wall = time.perf_counter() - t0
-    rows = []
-    for o in outcomes:
-        if o.ok:
-            rows.append({**o.value, "corpus_shards": sharded.get(o.key)} if o.key in sharded
-                        else o.value)
-        else:
-            rows.append({"task": o.key, "type": _task_type(o.key), "status": "failed",
-                         "main_score": None, "metric": None, "seconds": round(o.seconds, 2),
-                         "n_encoded": None, "n_cached": None, "error": o.error})
-    rows += [missing_row(n, m) for n, m in missing.items()]
+    return [_outcome_row(o, sharded) for o in outcomes], loads_in_actors
+
+
+def _outcome_row(o: Outcome, sharded: dict[str, int]) -> dict[str, Any]:
+    """A fan-out outcome's results row (``corpus_shards`` for a task whose corpus was sharded)."""
+    if not o.ok:
+        return {"task": o.key, "type": _task_type(o.key), "status": "failed",
+                "main_score": None, "metric": None, "seconds": round(o.seconds, 2),
+                "n_encoded": None, "n_cached": None, "error": o.error}
+    return {**o.value, "corpus_shards": sharded[o.key]} if o.key in sharded else o.value
+
+
+def _report(cfg: DictConfig, rows: list[dict[str, Any]], missing: dict[str, MissingData], *,
+            wall: float, loads_in_actors: int) -> dict[str, Any]:
+    """Write the results table (JSON, CSV, Markdown, PNG), print it, and return the stage's
+    summary; tasks that did not run for want of data are named with their fix, last."""
+    from l2vg_ray.eval.report import markdown_table, summarize, write_report
+
+    e = cfg.eval
+    n_encoders = int(e.encoders)
     out_dir = Path(e.output_dir) / model_slug(str(e.model))
     meta = {"model": str(e.model), "suite": str(e.suite), "wall_seconds": round(wall, 2),
             "max_docs": int(e.max_docs), "seed": int(e.seed), "instructions": str(e.instructions),
@@ -269,10 +283,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         meta["encoder_actor_loads"] = loads_in_actors
     files = write_report(rows, out_dir, meta=meta)
     print(markdown_table(rows, title=f"{e.model} on {e.suite} ({wall:.0f}s)"), flush=True)
-    summary = summarize(rows)
     result = {
         **meta,
-        **summary,
+        **summarize(rows),
         "scores": {r["task"]: r["main_score"] for r in rows},
         "failed": {r["task"]: r["error"] for r in rows if r["status"] == "failed"},
         "missing": {n: m.as_dict() for n, m in missing.items()},
@@ -280,9 +293,5 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     }
     if missing:
         log.warning("%d task(s) did not run, their data could not be fetched: %s. %s", len(missing),
-                    ", ".join(f"{n} ({m.package})" for n, m in missing.items()), fixes)
-    with tracked(cfg, "eval") as tracker:
-        if tracker is not None:
-            log_evaluation(tracker, cfg, result)
-            result["tracking"] = {"kind": str(e.tracking.kind), "run_id": tracker.run_id}
+                    ", ".join(f"{n} ({m.package})" for n, m in missing.items()), _fixes(missing))
     return result

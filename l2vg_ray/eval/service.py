@@ -40,11 +40,10 @@ class EncoderServer:
 
     def _loaded(self):
         if self._encoder is None:
-            import torch
-
             from l2vg_ray.eval.worker import load_job_model
+            from l2vg_ray.torch_utils import set_threads
 
-            torch.set_num_threads(max(1, self.job.num_threads))
+            set_threads(self.job.eval.num_cpus_per_task)  # the actor's num_cpus (encoder_actors)
             self._encoder = load_job_model(self.job)
         return self._encoder
 
@@ -68,16 +67,17 @@ class EncoderServer:
 
 
 @contextlib.contextmanager
-def encoder_actors(job: TaskJob, n: int, *, num_cpus: float, num_gpus: float,
-                   ) -> Iterator[tuple[Any, ...]]:
-    """``n`` encoder actors for ``job``'s model (none for ``n <= 0``), killed on exit."""
+def encoder_actors(job: TaskJob, n: int) -> Iterator[tuple[Any, ...]]:
+    """``n`` encoder actors for ``job``'s model (none for ``n <= 0``), killed on exit; each holds
+    eval.num_cpus_per_task CPUs and eval.num_gpus_per_task GPUs, as a task that encodes would."""
     import ray
 
     if n <= 0:
         yield ()
         return
     server = ray.remote(EncoderServer).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=1)
+        num_cpus=float(job.eval.num_cpus_per_task), num_gpus=float(job.eval.num_gpus_per_task),
+        max_restarts=1, max_task_retries=1)
     actors = tuple(server.remote(job) for _ in range(n))
     try:
         yield actors

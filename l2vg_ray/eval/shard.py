@@ -71,7 +71,7 @@ class ShardJob:
 def _loaded_task(job: TaskJob):
     from l2vg_ray.eval.suites import build_task
 
-    task = build_task(job.task, data_dir=job.data_dir, max_docs=job.max_docs, seed=job.seed)
+    task = build_task(job.task, data_dir=job.data_dir, max_docs=job.eval.max_docs, seed=job.eval.seed)
     task.load_data()
     return task
 
@@ -79,35 +79,38 @@ def _loaded_task(job: TaskJob):
 def count_corpus(job: TaskJob) -> int:
     """How many distinct (instruction, document) texts the task's corpora hold."""
     from l2vg_ray.eval.adapter import InstructionSet
+    from l2vg_ray.torch_utils import set_threads
 
-    return sum(len(t) for _, t in corpus_texts(_loaded_task(job), InstructionSet.named(job.instructions)))
+    set_threads(job.task_resources["num_cpus"])
+    instructions = InstructionSet.named(job.eval.instructions)
+    return sum(len(t) for _, t in corpus_texts(_loaded_task(job), instructions))
 
 
 def embed_shard(shard: ShardJob) -> int:
     """Encode one slice of the task's corpus into the embedding cache; returns texts encoded."""
-    import torch
-
     from l2vg_ray.eval.adapter import InstructionSet
     from l2vg_ray.eval.worker import job_encoder
+    from l2vg_ray.torch_utils import set_threads
 
     job = shard.job
-    torch.set_num_threads(max(1, job.num_threads))
+    set_threads(job.task_resources["num_cpus"])
     encoder = job_encoder(job)
     misses0 = encoder.misses
-    for instruction, texts in corpus_texts(_loaded_task(job), InstructionSet.named(job.instructions)):
+    for instruction, texts in corpus_texts(_loaded_task(job), InstructionSet.named(job.eval.instructions)):
         part = shard_slice(texts, shard.index, shard.count)
         for i in range(0, len(part), CHUNK):
-            encoder.encode(part[i : i + CHUNK], instruction=instruction, batch_size=job.batch_size)
+            encoder.encode(part[i : i + CHUNK], instruction=instruction, batch_size=job.eval.batch_size)
     return encoder.misses - misses0
 
 
 def prefill_large_corpora(
-    jobs: Sequence[TaskJob], *, min_docs: int, shards: int, num_cpus: float, num_gpus: float,
-    max_retries: int, task_types: dict[str, str],
+    jobs: Sequence[TaskJob], *, min_docs: int, shards: int, max_retries: int,
+    task_types: dict[str, str],
 ) -> dict[str, int]:
     """Embed the corpus of every job's task with >= ``min_docs`` documents over ``shards`` Ray
-    tasks; returns ``{task: shards}`` for the tasks it sharded. A planning or shard failure is
-    logged and leaves that task to encode its own corpus (its eval job still runs)."""
+    tasks (each with its job's ``task_resources``); returns ``{task: shards}`` for the tasks it
+    sharded. A planning or shard failure is logged and leaves that task to encode its own corpus
+    (its eval job still runs)."""
     from l2vg_ray.eval.fanout import fan_out
 
     if min_docs <= 0 or shards < 2:
@@ -119,7 +122,7 @@ def prefill_large_corpora(
         log.warning("eval.shard_min_docs is set but eval.cache_dir is not: shards could not share "
                     "their embeddings, so no corpus is sharded. Set eval.cache_dir to shard.")
         return {}
-    opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
+    opts = {**candidates[0].task_resources, "max_retries": max_retries}  # one config: same for all
     counts = fan_out(count_corpus, candidates, keys=[j.task for j in candidates],
                      max_concurrency=shards, **opts)
     large = []

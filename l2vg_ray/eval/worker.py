@@ -15,34 +15,55 @@ import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from l2vg_ray.config import L2VGConfig
+from l2vg_ray.config import EvalConfig, L2VGConfig
 from l2vg_ray.text_encoders import text_list
 
 
 @dataclass(frozen=True)
 class TaskJob:
-    """Everything one Ray task needs (plain, picklable)."""
+    """Everything one Ray task needs (plain, picklable): the typed config, which holds every eval
+    setting once (read through the properties below), and what belongs to this task alone."""
 
     task: str
-    model: str  # trained encoder folder or baseline name
-    cfg: L2VGConfig  # the typed config (to build baselines / load the encoder)
-    data_dir: str | None  # prepared offline data (offline tasks only)
-    results_dir: str  # mteb ResultCache folder
-    cache_dir: str | None  # embedding cache folder; None = no cache
-    overwrite: bool
-    batch_size: int
-    max_docs: int
-    seed: int
-    num_threads: int
-    instructions: str = "project"  # named instruction set (InstructionSet.named)
-    max_length: int | None = None  # input tokens per text (eval.max_length); None = the model's
+    cfg: L2VGConfig  # the typed config: eval settings, and what builds baselines / loads the encoder
+    data_dir: str | None = None  # prepared offline data (offline tasks only)
     # Encoder actors (eval.encoders > 0, ``service.encoder_actors``): the task sends its cache
     # misses to them instead of loading the model itself. Empty = load it in this process.
     encoders: tuple[Any, ...] = ()
+
+    @property
+    def eval(self) -> EvalConfig:
+        return self.cfg.eval
+
+    @property
+    def model(self) -> str:
+        """The encoder: a trained encoder folder or a baseline name (eval.model)."""
+        return self.cfg.eval.model
+
+    @property
+    def results_dir(self) -> str:
+        """mteb's ResultCache folder: ``<eval.output_dir>/mteb``."""
+        return str(Path(self.cfg.eval.output_dir) / "mteb")
+
+    @property
+    def cache_dir(self) -> str | None:
+        """The embedding cache folder (eval.cache_dir); None = no cache."""
+        return str(self.cfg.eval.cache_dir) if self.cfg.eval.cache_dir else None
+
+    @property
+    def task_resources(self) -> dict[str, float]:
+        """``num_cpus`` / ``num_gpus`` of this job's Ray task (and of its corpus shards): with
+        encoder actors (eval.encoders > 0) it only scores (eval.scoring_cpus, no GPU), else it
+        also encodes (eval.num_cpus_per_task / num_gpus_per_task)."""
+        e = self.cfg.eval
+        if e.encoders > 0:
+            return {"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0}
+        return {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)}
 
 
 _ENCODERS: dict[str, Any] = {}
@@ -56,7 +77,7 @@ def load_job_model(job: TaskJob):
     from l2vg_ray.loading import load_encoder
 
     _LOADS[0] += 1
-    return load_encoder(job.model, job.cfg, max_length=job.max_length)
+    return load_encoder(job.model, job.cfg, max_length=job.eval.max_length)
 
 
 def saved_identity(job: TaskJob) -> tuple[str, int, str] | None:
@@ -68,7 +89,7 @@ def saved_identity(job: TaskJob) -> tuple[str, int, str] | None:
     saved = saved_encoder_folder(job.model, job.cfg)
     if saved is None:
         return None
-    info = saved_encoder_info(saved, max_length=job.max_length)
+    info = saved_encoder_info(saved, max_length=job.eval.max_length)
     return info.name, int(info.dim), info.fingerprint
 
 
@@ -79,7 +100,7 @@ def job_encoder(job: TaskJob):
 
     c = job.cfg
     key = json.dumps([job.model, job.cache_dir, asdict(c.model), asdict(c.generate), c.cache_dir,
-                      job.max_length, [str(a) for a in job.encoders]], sort_keys=True, default=str)
+                      c.eval.max_length, [str(a) for a in job.encoders]], sort_keys=True, default=str)
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one encoder per process: free the previous one's memory
         # A trained encoder's identity comes from its small files, so the cache can be

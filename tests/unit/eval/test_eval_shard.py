@@ -55,8 +55,9 @@ def test_sharded_scores_equal_unsharded(squad_job, tmp_path):
 
     plain = runner.evaluate_task(squad_job)
     worker.release()
-    job = dataclasses.replace(squad_job, cache_dir=str(tmp_path / "cache2"),
-                              results_dir=str(tmp_path / "results2"))
+    e = dataclasses.replace(squad_job.eval, cache_dir=str(tmp_path / "cache2"),
+                            output_dir=str(tmp_path / "results2"))
+    job = dataclasses.replace(squad_job, cfg=dataclasses.replace(squad_job.cfg, eval=e))
     n_docs = count_corpus(job)
     encoded = []
     for i in range(3):

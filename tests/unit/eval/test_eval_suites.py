@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from l2vg_ray.config import ConfigError, load_config
@@ -24,8 +26,9 @@ def test_registered_suites():
     assert SUITES.names() == ["advbench-ir", "bright", "list", "mteb-eng-v2", "mteb-lite", "offline",
                               "offline-all", "offline-bigbench"]
     assert suite_task_names(_cfg(suite="advbench-ir")) == ["AdvBench-IR"]
+    # load_config rejects an unknown eval.suite first; the registry's own error lists the names.
     with pytest.raises(ValueError, match="Known: advbench-ir, bright, list, mteb-eng-v2, mteb-lite, offline"):
-        suite_task_names(_cfg(suite="mteb-tiny"))
+        SUITES.get("mteb-tiny")
 
 
 def test_mteb_lite_names_exist_in_mteb():
@@ -61,6 +64,29 @@ def test_offline_suite_matches_task_registry():
     assert {archive_of for n in bigbench
             for archive_of in [OFFLINE_DATASETS.get(OFFLINE_TASKS.get(n).data_file).requirement]} \
         == {"bigbench==1.0.0"}
+
+
+def test_offline_task_table_builds_one_class_per_row(tmp_path):
+    """Each row of the table is one registered mteb task class named after it (the names are in
+    results files and configs), reading a known data set; its objects pickle by reference."""
+    import pickle
+
+    from l2vg_ray.eval.tasks import offline
+    from l2vg_ray.eval.tasks.data import OFFLINE_DATASETS
+
+    rows = offline.OFFLINE_TASK_TABLE
+    assert sorted(r.name for r in rows) == OFFLINE_TASKS.names()
+    for row in rows:
+        cls = OFFLINE_TASKS.get(row.name)
+        assert cls.__name__ == cls.metadata.name == row.name and cls.spec is row
+        assert cls.metadata.type == row.task_type and cls.data_file == row.data_file
+        assert cls.metadata.main_score == offline.KINDS[row.task_type][1]
+        assert row.data_file in OFFLINE_DATASETS
+    task = offline.build_offline_task("OfflineSNLIReranking", data_dir=tmp_path, max_docs=20, seed=0)
+    assert type(pickle.loads(pickle.dumps(task))) is OFFLINE_TASKS.get("OfflineSNLIReranking")
+    bad = dataclasses.replace(rows[0], task_type="Regression")
+    with pytest.raises(ValueError, match="task_type 'Regression'; use one of Classification"):
+        offline.task_class(bad)
 
 
 def test_list_suite():
