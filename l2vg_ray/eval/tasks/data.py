@@ -33,7 +33,6 @@ from l2vg_ray.registry import Registry
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "offline-v1"
-MIN_DOCS = 10  # eval.max_docs below this leaves the offline tasks too few examples per label
 BBC_MAX_CHARS = 1000  # BBC articles are long; their opening carries the topic, and CPUs are slow.
 
 

@@ -28,7 +28,8 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from l2vg_ray.eval.tasks.data import DATA_VERSION, MIN_DOCS
+from l2vg_ray.config import MIN_DOCS
+from l2vg_ray.eval.tasks.data import DATA_VERSION
 from l2vg_ray.registry import Registry
 
 OFFLINE_TASKS: Registry[type] = Registry(
