@@ -7,6 +7,7 @@
     l2vg decode   --config configs/quickstart.yaml model=... "What is the capital of France?"
     l2vg embed    --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop input=docs.jsonl
     l2vg export   --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop --out st-model
+    l2vg llm2vec  --config configs/laptop-unsup.yaml          (an LLM2Vec teacher of model.llm)
     l2vg run      --config configs/quickstart.yaml [--serve] [--dry-run]
     l2vg submit pipeline --address http://HEAD:8265 --config configs/quickstart.yaml
     l2vg data     [--fetch] [--offline] [--json]   (what data and models a run will find)
@@ -32,8 +33,8 @@ from l2vg_ray.models.resolver import unavailable_models
 from l2vg_ray.packaged_data import DataUnavailable
 from l2vg_ray.serve import ServeLoadError
 
-STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "run")
-SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "pipeline")
+STAGES = ("generate", "train", "eval", "serve", "decode", "export", "embed", "llm2vec", "run")
+SUBMITTABLE = ("generate", "train", "eval", "serve", "embed", "llm2vec", "pipeline")
 
 # Short keys accepted by some subcommands, mapped to full config keys.
 ALIASES: dict[str, dict[str, str]] = {
@@ -42,6 +43,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "decode": {"model": "decode.model"},
     "export": {"model": "export.model"},
     "embed": {"model": "embed.model", "input": "embed.input", "out": "embed.output_dir"},
+    "llm2vec": {"llm": "llm2vec.llm", "out": "llm2vec.output_dir"},
 }
 
 HELP = {
@@ -52,6 +54,8 @@ HELP = {
     "decode": "decode texts' embeddings back to text through the frozen LLM",
     "export": "write a trained encoder as a sentence-transformers model folder",
     "embed": "embed a whole corpus into Parquet shards (Ray Data, exactly once, resumable)",
+    "llm2vec": "build an LLM2Vec teacher of a decoder (bidirectional attention, MNTP LoRA, "
+               "unsupervised SimCSE LoRA; Ray Train) that teacher.kind=llm2vec loads",
     "run": "the whole pipeline: generate -> train -> eval (-> serve)",
     "submit": "submit a stage or the pipeline to a Ray cluster as a Ray job",
     "data": "list every offline data set and packaged model: cached? served by the registry? "
@@ -268,6 +272,12 @@ def _run_serve(cfg, args):
     return run_serve(cfg, blocking=True)
 
 
+def _run_llm2vec(cfg, args):
+    from l2vg_ray.llm2vec.run import run_llm2vec
+
+    return run_llm2vec(cfg)
+
+
 def _run_pipeline(cfg, args):
     from l2vg_ray.pipeline import run_pipeline
 
@@ -276,7 +286,8 @@ def _run_pipeline(cfg, args):
 
 # The commands that run on Ray: each imports its stage when called (a stage pulls torch).
 RUNNERS = {"generate": _run_generate, "train": _run_train, "eval": _run_eval,
-           "embed": _run_embed, "serve": _run_serve, "run": _run_pipeline}
+           "embed": _run_embed, "serve": _run_serve, "llm2vec": _run_llm2vec,
+           "run": _run_pipeline}
 
 
 def _finish(command: str, cfg, result: dict | None) -> int:

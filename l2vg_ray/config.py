@@ -320,6 +320,67 @@ class EmbedConfig:
 
 
 @dataclass
+class MNTPConfig:
+    """LLM2Vec's first training step: masked next-token prediction with bidirectional attention
+    (a masked token is predicted from the position before it, as the causal LM head was
+    trained to do)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2.0e-4
+    mask_prob: float = 0.2  # of each text's tokens; 80% become mask_token, 10% random, 10% kept
+    # The mask token of a decoder that has none: LLM2Vec's "blank" choice for Llama-family
+    # models is "_" (one ordinary token, so the vocabulary is unchanged).
+    mask_token: str = "_"
+
+
+@dataclass
+class SimCSEConfig:
+    """LLM2Vec's second step: unsupervised SimCSE on the merged MNTP model (each text twice, two
+    dropout masks: the pair is the positive, the batch's other texts the negatives)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1.0e-4
+    dropout: float = 0.3  # attention dropout during SimCSE (LLM2Vec's simcse_dropout)
+    temperature: float = 0.05  # of the cosine similarities (LLM2Vec's loss scale 20)
+
+
+@dataclass
+class LLM2VecConfig:
+    """``l2vg llm2vec``: an LLM2Vec teacher for any decoder, trained on Ray Train: bidirectional
+    attention, an MNTP LoRA, then an unsupervised SimCSE LoRA on the merged model. The output
+    (``<output_dir>/mntp``, ``<output_dir>/simcse``) is what ``teacher.kind: llm2vec`` loads
+    (``teacher.model`` = the mntp folder, ``teacher.adapter`` = the simcse folder)."""
+
+    llm: str = "${model.llm}"  # the decoder (hub id, folder or packaged name)
+    output_dir: str = resource_field("${output_dir}/llm2vec")
+    # Unlabelled text (a query source, l2vg_ray.generate.queries): ShareGPT answers by default,
+    # which no offline evaluation task draws from.
+    corpus: QuerySource = field(default_factory=lambda: QuerySource(
+        source="sharegpt", role="assistant", max_words=60, limit=20000, seed=7,
+        max_query_tokens=100000))
+    max_length: int = 64  # tokens per text in both steps
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    simcse: SimCSEConfig = field(default_factory=SimCSEConfig)
+    warmup_steps: int = 20  # linear warm-up, then constant, in each step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"
+    seed: int = 42
+    log_every: int = resource_field(10)
+    checkpoint_every: int = resource_field(50)  # a killed run resumes from the last one
+    num_workers: int = resource_field(1)
+    cpus_per_worker: float = resource_field(2.0)
+    use_gpu: bool = resource_field(False)
+
+
+@dataclass
 class DecodeConfig:
     """``l2vg decode``: texts -> their embeddings' soft prompts -> text, through the frozen LLM."""
 
@@ -420,6 +481,7 @@ class L2VGConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    llm2vec: LLM2VecConfig = field(default_factory=LLM2VecConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -558,11 +620,12 @@ VOCABULARIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def one_of(key: str, value: Any) -> None:
-    """``value`` is a name ``VOCABULARIES[key]`` knows, or a ConfigError listing them."""
+def one_of(key: str, value: Any, *, shown: str | None = None) -> None:
+    """``value`` is a name ``VOCABULARIES[key]`` knows, or a ConfigError listing them (naming the
+    key as ``shown`` where the same vocabulary serves another key)."""
     known = VOCABULARIES[key]
     if str(value) not in known:
-        raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(known)}.")
+        raise ConfigError(f"{shown or key}={value!r} is unknown; use one of {', '.join(known)}.")
 
 
 def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: float, note: str = "") -> None:
@@ -592,12 +655,12 @@ def check_model(m: ModelConfig | DictConfig) -> None:
         )
 
 
-def check_queries(q: Any) -> None:
-    """``generate.queries``: the source names (a mix's parts too; a mix inside a mix is refused
-    by the loader, with its reason)."""
-    one_of("generate.queries.source", q.source)
-    for part in q.parts if str(q.source) == "mix" else ():
-        one_of("generate.queries.source", part.source)
+def check_queries(q: Any, key: str = "generate.queries") -> None:
+    """A query source's name (a mix's parts too; a mix inside a mix is refused by the loader,
+    with its reason)."""
+    one_of("generate.queries.source", q.source, shown=f"{key}.source")
+    for i, part in enumerate(getattr(q, "parts", None) or () if str(q.source) == "mix" else ()):
+        one_of("generate.queries.source", part.source, shown=f"{key}.parts[{i}].source")
 
 
 def check_generate(g: Any) -> None:
@@ -723,6 +786,36 @@ def check_serve(s: Any) -> None:
             raise ConfigError(f"serve.{key} must be > 0 seconds, got {getattr(s, key)}.")
 
 
+def check_llm2vec(x: Any) -> None:
+    """The ``llm2vec`` section: corpus source, step counts, rates and the dropout / masking
+    probabilities."""
+    check_queries(x.corpus, "llm2vec.corpus")
+    if x.dtype not in DTYPES:
+        raise ConfigError(f"llm2vec.dtype={x.dtype!r}; use one of {list(DTYPES)}.")
+    _at_least("llm2vec", x, ("max_length", "lora_r", "lora_alpha", "log_every", "checkpoint_every",
+                             "num_workers"), 1)
+    _at_least("llm2vec", x, ("warmup_steps", "weight_decay", "cpus_per_worker"), 0)
+    _at_least("llm2vec.mntp", x.mntp, ("steps", "batch_size"), 1)
+    _at_least("llm2vec.simcse", x.simcse, ("steps", "batch_size"), 1)
+    if x.simcse.batch_size < 2 or x.simcse.batch_size % x.num_workers:
+        raise ConfigError(f"llm2vec.simcse.batch_size={x.simcse.batch_size} needs >= 2 texts (the "
+                          f"others are the negatives) and a multiple of llm2vec.num_workers.")
+    if x.mntp.batch_size % x.num_workers:
+        raise ConfigError(f"llm2vec.mntp.batch_size={x.mntp.batch_size} must be a multiple of "
+                          f"llm2vec.num_workers={x.num_workers}.")
+    for key, value in (("mntp.mask_prob", x.mntp.mask_prob), ("simcse.dropout", x.simcse.dropout),
+                       ("lora_dropout", x.lora_dropout)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"llm2vec.{key}={value}; it must lie in [0, 1).")
+    if x.mntp.mask_prob == 0:
+        raise ConfigError("llm2vec.mntp.mask_prob=0 masks nothing: use e.g. 0.2.")
+    for key, value in (("mntp.lr", x.mntp.lr), ("simcse.lr", x.simcse.lr),
+                       ("simcse.temperature", x.simcse.temperature),
+                       ("max_grad_norm", x.max_grad_norm)):
+        if value <= 0:
+            raise ConfigError(f"llm2vec.{key}={value}; it must be > 0.")
+
+
 def check_decode(d: Any) -> None:
     _at_least("decode", d, ("max_new_tokens",), 1)
 
@@ -744,7 +837,7 @@ def check_embed(e: Any) -> None:
 SECTION_CHECKS: dict[str, Any] = {
     "model": check_model, "generate": check_generate, "teacher": check_teacher,
     "train": check_train, "eval": check_eval, "serve": check_serve, "embed": check_embed,
-    "decode": check_decode, "export": check_export,
+    "llm2vec": check_llm2vec, "decode": check_decode, "export": check_export,
 }
 
 

@@ -33,6 +33,8 @@ PATH_KEYS = (
     "train.output_dir",
     "eval.output_dir",
     "eval.cache_dir",
+    "llm2vec.output_dir",
+    "llm2vec.corpus.path",
     "embed.input",
     "embed.output_dir",
     "cluster.storage_path",
@@ -40,7 +42,8 @@ PATH_KEYS = (
 # Keys that hold either a path or a name (hub id, baseline, packaged model): made absolute only
 # when they name an existing local path.
 MAYBE_PATH_KEYS = (
-    "model.llm", "model.teacher", "teacher.model", "eval.model", "serve.model", "embed.model",
+    "model.llm", "model.teacher", "teacher.model", "teacher.adapter", "eval.model", "serve.model",
+    "embed.model", "decode.model", "export.model", "llm2vec.llm",
 )
 
 

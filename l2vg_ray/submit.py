@@ -36,6 +36,7 @@ JOB_SCRIPTS = {
     "eval": "jobs/evaluate.py",
     "serve": "jobs/serve.py",
     "embed": "jobs/embed.py",
+    "llm2vec": "jobs/llm2vec.py",
     "pipeline": "jobs/pipeline.py",
 }
 # Never uploaded with the job (gitignore syntax, relative to the working dir). Ray also honours

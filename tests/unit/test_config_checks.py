@@ -49,13 +49,17 @@ BAD = [
     ("embed.num_actors=0", "embed.num_actors=0"),
     ("embed.num_cpus_per_actor=-1", "embed.num_cpus_per_actor=-1"),
     ("decode.max_new_tokens=0", "decode.max_new_tokens=0"),
+    ("llm2vec.mntp.mask_prob=1.5", "llm2vec.mntp.mask_prob=1.5"),
+    ("llm2vec.simcse.batch_size=1", "llm2vec.simcse.batch_size=1"),
+    ("llm2vec.corpus.source=tulu", "llm2vec.corpus.source='tulu'"),
+    ("llm2vec.simcse.temperature=0", "llm2vec.simcse.temperature=0"),
     ("export.instructions=mine", "export.instructions='mine'"),
 ]
 
 
 def test_every_section_is_checked():
     assert set(SECTION_CHECKS) == {"model", "generate", "teacher", "train", "eval", "serve",
-                                   "embed", "decode", "export"}
+                                   "embed", "llm2vec", "decode", "export"}
     load_config(None)  # the defaults pass
 
 

@@ -78,7 +78,7 @@ FLOORS = {
     1: ["config", "registry", "schema", "storage", "dataset", "torch_utils", "models",
         "packaged_data", "tracking", "ray_utils", "testing", "text_encoders"],
     2: ["method"],
-    3: ["generate", "train", "eval", "serve", "embed", "export", "loading"],
+    3: ["generate", "train", "eval", "serve", "embed", "export", "loading", "llm2vec"],
     4: ["pipeline", "submit", "cli", "sources"],
 }
 

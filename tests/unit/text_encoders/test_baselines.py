@@ -78,3 +78,17 @@ def test_token_counts_include_the_instruction_and_models_state_their_limit(tiny_
     assert all(a > b for a, b in zip(with_instruction, teacher.count_tokens(texts), strict=True))
     assert teacher.max_input_tokens == teacher.model.max_seq_length
     assert teacher.tokenizer.is_fast  # serving cuts texts at the tokenizer's offsets
+
+
+def test_teacher_baseline_of_an_llm2vec_teacher_embeds_plain_texts(tiny_config, tiny_llm2vec_adapters):
+    """teacher.kind=llm2vec evaluates as it embeds responses: the instruction is dropped."""
+    from l2vg_ray.generate.teacher import build_teacher
+
+    mntp, simcse = tiny_llm2vec_adapters
+    tiny_config.teacher.kind, tiny_config.teacher.model = "llm2vec", str(mntp)
+    tiny_config.teacher.adapter = str(simcse)
+    enc = load_encoder("teacher", tiny_config)
+    texts = ["Paris is the capital of France.", "Two plus two is four."]
+    expected = build_teacher(tiny_config).embed(texts)
+    np.testing.assert_allclose(enc.encode(texts, instruction="Retrieve a passage"), expected, atol=1e-5)
+    assert enc.dim == 64 and enc.count_tokens(texts, instruction="x") == enc.count_tokens(texts)
