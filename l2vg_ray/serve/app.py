@@ -18,13 +18,17 @@ texts and ``serve.max_batch_tokens`` padded tokens; long calls run on the replic
 thread (the event loop keeps answering meanwhile), short ones inline
 (``serve.model_thread_min_chars``); a failure while embedding fails only the request it
 came from. ``serve.batching=false`` makes one model call per request instead. What a request
-may hold (size, time, API key) is enforced by ``l2vg_ray.serve.http.Guard``; validation lives
-in ``l2vg_ray.serve.protocol`` (pure). Prometheus metrics (``l2vg_*``,
-``l2vg_ray.serve.metrics``) go through ``ray.serve.metrics`` to Ray's metrics endpoint.
+may hold (size, time, API key) is enforced by ``l2vg_ray.serve.http.Guard``; the wire protocol
+(parsing, validation, responses) lives in ``l2vg_ray.serve.protocol`` and the model's work on
+texts (token budget, batching, encoding, decoding) in ``l2vg_ray.serve.core``, both pure.
+Prometheus metrics (``l2vg_*``, ``l2vg_ray.serve.metrics``) go through ``ray.serve.metrics`` to
+Ray's metrics endpoint. Each ingress replica builds its own FastAPI app (``build_api``) once its
+constructor has run, so no app object is shared or changed after it is built.
 """
 
-# No `from __future__ import annotations` here: Ray Serve's class-based FastAPI ingress resolves
-# the endpoint annotations (`request: Request`) at runtime and cannot resolve strings.
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
+# (`request: Request`) at runtime, in the replica, where the class arrives pickled by value with
+# only the globals its code uses, so a string annotation could not be resolved.
 
 import asyncio
 import dataclasses
@@ -49,6 +53,7 @@ from ray import serve
 from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, load_config, typed
 from l2vg_ray.registry import Registry
 from l2vg_ray.serve import ServeLoadError
+from l2vg_ray.serve.core import EmbedItem, EmbedResult, decode_texts, embed_items
 from l2vg_ray.serve.http import GuardSettings, install_error_handlers
 from l2vg_ray.serve.metrics import ServeMetrics
 from l2vg_ray.serve.protocol import (
@@ -57,17 +62,13 @@ from l2vg_ray.serve.protocol import (
     DecodeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
-    EmbedItem,
-    EmbedResult,
     ErrorResponse,
     Fitted,
     ModelList,
     check_decode_request,
     check_embedding_request,
     decode_response,
-    embed_items,
     embedding_response,
-    fit_texts,
     parse_request,
 )
 from l2vg_ray.text_encoders import TextEncoder
@@ -94,13 +95,6 @@ def _load_sentence_transformer(cfg: L2VGConfig) -> TextEncoder:
 
     return SentenceTransformerEncoder(str(cfg.serve.model), cache_dir=cfg.cache_dir)
 
-
-api = FastAPI(
-    title="l2vg-ray",
-    description="LLM2Vec-Gen embeddings behind an OpenAI-compatible API.",
-    version="0.2.0",
-)
-install_error_handlers(api)
 
 # The OpenAPI entry of a JSON body parsed by `parse_request` (not by FastAPI), and the errors.
 _ERRORS = {
@@ -258,18 +252,6 @@ class EmbeddingModel:
             self._metrics.tokens.inc(tokens)
         return results
 
-    def _decode(
-        self, texts: list[str], instruction: str | None, max_new_tokens: int
-    ) -> tuple[list[Fitted], list[str]] | APIError:
-        fitted = fit_texts(self._encoder, texts, instruction, limits=self._limits)
-        errors = [f for f in fitted if isinstance(f, APIError)]
-        if errors:
-            return errors[0]
-        decoded = self._encoder.decode(
-            [f.text for f in fitted], instruction=instruction, max_new_tokens=max_new_tokens
-        )
-        return fitted, decoded
-
     async def decode(
         self, texts: list[str], instruction: str | None, max_new_tokens: int
     ) -> tuple[list[Fitted], list[str]] | APIError:
@@ -279,17 +261,55 @@ class EmbeddingModel:
             return e
         try:
             async with self._model_lock:  # generation is long: on the thread, loop stays free
-                return await self._in_model_thread(self._decode, texts, instruction, max_new_tokens)
+                return await self._in_model_thread(
+                    decode_texts,
+                    self._encoder,
+                    texts,
+                    instruction,
+                    limits=self._limits,
+                    max_new_tokens=max_new_tokens,
+                )
         finally:
             self._release(len(texts))
 
 
+def build_api(server: "EmbeddingServer") -> FastAPI:
+    """A new FastAPI app whose routes call ``server``'s handlers, guarded by ``server.guard``.
+
+    Called once per ingress replica (``__serve_build_asgi_app__``), after its constructor: the app
+    is built from the replica's own settings instead of a module-level app changed in place.
+    """
+    api = FastAPI(
+        title="l2vg-ray",
+        description="LLM2Vec-Gen embeddings behind an OpenAI-compatible API.",
+        version="0.2.0",
+    )
+    install_error_handlers(api)
+    api.state.guard = server.guard
+    api.post(
+        "/v1/embeddings",
+        response_model=EmbeddingResponse,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(EmbeddingRequest),
+    )(server.embeddings)
+    api.post(
+        "/v1/decode",
+        response_model=DecodeResponse,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(DecodeRequest),
+    )(server.decode)
+    api.get("/v1/models", response_model=ModelList, responses=_ERRORS)(server.models)
+    api.get("/healthz")(server.healthz)
+    return api
+
+
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()  # the app comes from __serve_build_asgi_app__, per replica
 class EmbeddingServer:
     """The HTTP side: auth, limits, parsing, errors and request metrics; the model work goes to
     ``EmbeddingModel`` through a deployment handle. A call whose model replica dies is retried
-    once (embedding and decoding are idempotent), then answered 503 ``model_unavailable``."""
+    once (embedding and decoding are idempotent), then answered 503 ``model_unavailable``.
+    Its routes are the handlers below, mounted on the app ``build_api`` makes for it."""
 
     def __init__(self, cfg: L2VGConfig, model: Any) -> None:
         self._cfg = cfg
@@ -297,7 +317,7 @@ class EmbeddingServer:
         self._model_name = str(s.model_name)
         self._request_ids = itertools.count()
         self._metrics = ServeMetrics()
-        api.state.guard = GuardSettings(
+        self.guard = GuardSettings(
             api_key=str(s.api_key) if s.api_key else None,
             max_request_bytes=self._limits.max_request_bytes,
             body_timeout_s=float(s.body_timeout_s),
@@ -306,6 +326,10 @@ class EmbeddingServer:
         )
         self._model = model
         self._cached_info: dict[str, Any] | None = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Ray Serve calls this once, after ``__init__``, for the replica's ASGI app."""
+        return build_api(self)
 
     async def _info(self) -> dict[str, Any]:
         """The model's dim, name and abilities (asked once; a constructor cannot await)."""
@@ -336,12 +360,6 @@ class EmbeddingServer:
             code="model_unavailable",
         )
 
-    @api.post(
-        "/v1/embeddings",
-        response_model=EmbeddingResponse,
-        responses=_ERRORS,
-        openapi_extra=_body_schema(EmbeddingRequest),
-    )
     async def embeddings(self, request: Request) -> JSONResponse:
         req = parse_request(EmbeddingRequest, await request.body())
         info = await self._info()
@@ -365,12 +383,6 @@ class EmbeddingServer:
             )
         )
 
-    @api.post(
-        "/v1/decode",
-        response_model=DecodeResponse,
-        responses=_ERRORS,
-        openapi_extra=_body_schema(DecodeRequest),
-    )
     async def decode(self, request: Request) -> JSONResponse:
         req = parse_request(DecodeRequest, await request.body())
         model, max_new = check_decode_request(
@@ -387,7 +399,6 @@ class EmbeddingServer:
         fitted, decoded = await self._call("decode", req.input, req.instruction or None, max_new)
         return JSONResponse(decode_response(decoded, model=model, fitted=fitted))
 
-    @api.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(self) -> JSONResponse:
         info = await self._info()
         card = {
@@ -401,7 +412,6 @@ class EmbeddingServer:
         }
         return JSONResponse({"object": "list", "data": [card]})
 
-    @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 while a model replica answers (within 10 s), else 503 ``model_unavailable``."""
         try:

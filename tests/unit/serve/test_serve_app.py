@@ -1,14 +1,16 @@
-"""Error plumbing and the request guard on a plain FastAPI app, deployment options and the app
-builder (no Ray cluster)."""
+"""Error plumbing and the request guard on a plain FastAPI app, the ingress's app factory,
+deployment options and the app builder (no Ray cluster)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
@@ -179,6 +181,52 @@ def test_guard_api_key_and_reports_every_answer():
     assert all(seconds >= 0 for *_, seconds in seen)
 
 
+def _stub_server(key: str) -> SimpleNamespace:
+    """What ``build_api`` reads from an ingress replica: its guard and its four handlers."""
+
+    async def embeddings(request: Request) -> JSONResponse:  # as the real ones: no validation
+        return JSONResponse({"key": key, "size": len(await request.body())})
+
+    async def decode(request: Request):
+        raise APIError(400, "cannot decode", code="decode_not_supported")
+
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": []})
+
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return SimpleNamespace(
+        guard=GuardSettings(api_key=key),
+        embeddings=embeddings,
+        decode=decode,
+        models=models,
+        healthz=healthz,
+    )
+
+
+def test_each_ingress_replica_builds_its_own_app():
+    from l2vg_ray.serve import app as serve_app
+    from l2vg_ray.serve.app import build_api
+
+    assert not [k for k, v in vars(serve_app).items() if isinstance(v, FastAPI)]  # none shared
+    a, b = build_api(_stub_server("a-key")), build_api(_stub_server("b-key"))
+    assert a is not b and (a.state.guard.api_key, b.state.guard.api_key) == ("a-key", "b-key")
+    c = TestClient(a, raise_server_exceptions=False)
+    key_a, key_b = ({"authorization": f"Bearer {k}"} for k in ("a-key", "b-key"))
+    assert _error(c.post("/v1/embeddings", content=b"x", headers=key_b), 401)
+    assert c.post("/v1/embeddings", content=b"xy", headers=key_a).json() == {"key": "a-key", "size": 2}
+    assert _error(c.post("/v1/decode", headers=key_a), 400)["code"] == "decode_not_supported"
+    assert c.get("/v1/models", headers=key_a).json()["object"] == "list"
+    assert c.get("/healthz").json() == {"status": "ok"}  # health needs no key
+    assert "not allowed" in _error(c.get("/v1/embeddings", headers=key_a), 405)["message"]
+    schema = c.get("/openapi.json").json()["paths"]
+    assert set(schema) == {"/v1/embeddings", "/v1/decode", "/v1/models", "/healthz"}
+    post = schema["/v1/embeddings"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["required"] == ["input"]
+    assert {"400", "401", "413", "429", "503"} <= set(post["responses"])
+
+
 def test_deployment_options_from_config():
     from l2vg_ray.serve.app import deployment_options
 
@@ -234,7 +282,7 @@ def test_build_app_reads_args_and_rejects_typos(tiny_teacher_dir, tmp_path):
     assert isinstance(build_app(args), Application)
     with pytest.raises(ConfigError, match="modle"):
         build_app({"modle": "x"})
-    with pytest.raises(ValueError, match="Unknown serve loader 'st'"):
+    with pytest.raises(ValueError, match="serve.loader='st' is unknown"):
         build_app({"model": "x", "loader": "st"})
 
 
