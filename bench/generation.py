@@ -66,7 +66,7 @@ class TimedGenerateStage:
     """GenerateStage plus timings: construction + warm-up, and each call, as extra columns."""
 
     def __init__(self, **stage_args) -> None:
-        from l2vg_ray.generate.backends import GenerateStage
+        from l2vg_ray.generate.stages import GenerateStage
 
         t0 = time.perf_counter()
         self.stage = GenerateStage(**stage_args)
@@ -143,7 +143,7 @@ def in_ray_data(backend: str, prompts: list[str], args, concurrent: int = 1) -> 
     import ray.data
 
     from l2vg_ray import schema
-    from l2vg_ray.generate.backends import generate_stage_kwargs
+    from l2vg_ray.generate.stages import generate_stage_kwargs
 
     cfg = build_cfg(backend, args, concurrent)
     rows = [{schema.ID: schema.query_id(q), schema.QUERY: q} for q in prompts]

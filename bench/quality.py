@@ -1,7 +1,15 @@
-"""Benchmark: does the method work? The recipe's student against every baseline, offline suite.
+"""Benchmark: does the method work? The laptop students against every baseline, offline suite.
 
     python bench/quality.py [--config configs/laptop.yaml] [--student l2vg-smollm2-135m-laptop]
                             [--models mean-pool,last-token,teacher] [--gte-max-docs 100] [--quick]
+    python bench/quality.py --keep --add student-unsup=outputs/laptop-unsup/train/final@configs/laptop-unsup.yaml \
+                            --add teacher-unsup=teacher@configs/laptop-unsup.yaml ...
+
+Two settings share the table: distillation (``student`` from all-MiniLM-L6-v2, the ``teacher``)
+and the paper's (``student-unsup`` from an unsupervised teacher of SmolLM2 itself,
+``teacher-unsup``), with ``mean-pool`` and ``last-token`` as baselines. ``--add LABEL=SPEC@CONFIG``
+evaluates one model under its own config; ``--keep`` keeps the rows already in quality.json (same
+suite and sizes), so a model is added when it is ready.
 
 Every model runs through the project's own evaluation path (``run_eval``: one Ray task per
 task, the SQLite embedding cache under ``<cache_dir>/embeddings``), at sizes where the scores
@@ -100,6 +108,23 @@ def targets(models: dict[str, dict]) -> dict:
     return out
 
 
+PAPER_RATIO = 1.05  # the paper: +9.3% over the unsupervised teacher on MTEB
+PAPER_MIN_TYPES = 5  # of the six task types, at least this many >= the teacher
+
+
+def paper_targets(models: dict[str, dict]) -> dict:
+    """The paper's claim: the student beats its unsupervised teacher (suite mean and by type)."""
+    s, te = models["student-unsup"], models["teacher-unsup"]
+    ratio = s["mean"] / te["mean"] if te["mean"] else None
+    types = {t: {"student": v, "teacher": te["by_type"][t], "met": v >= te["by_type"][t]}
+             for t, v in s["by_type"].items() if t in te["by_type"]}
+    n_met = sum(v["met"] for v in types.values())
+    return {"suite": {"student": s["mean"], "teacher": te["mean"], "ratio": ratio,
+                      "target": PAPER_RATIO, "met": ratio is not None and ratio >= PAPER_RATIO},
+            "by_type": types, "types_met": n_met, "types_target": PAPER_MIN_TYPES,
+            "passed": (ratio or 0) >= PAPER_RATIO and n_met >= PAPER_MIN_TYPES}
+
+
 def markdown(result: dict) -> str:
     models = result["models"]
     names = list(models)
@@ -130,6 +155,16 @@ def markdown(result: dict) -> str:
         lines.append(f"- {typ}: {what} (target {v['target']}) - {'met' if v['met'] else 'missed'}.")
     lines.append(f"- Stretch (student >= teacher on the suite): "
                  f"{'met' if tg['stretch_student_beats_teacher'] else 'missed'}.")
+    if result.get("paper_targets"):
+        pt = result["paper_targets"]
+        lines += ["", "## The paper's claim: student-unsup against its unsupervised teacher", "",
+                  f"- Suite: student-unsup {pt['suite']['student']:.3f}, teacher-unsup "
+                  f"{pt['suite']['teacher']:.3f}: **{pt['suite']['ratio']:.3f}x** (target "
+                  f">= {PAPER_RATIO}x) - {'met' if pt['suite']['met'] else 'missed'}.",
+                  f"- Task types where student-unsup >= teacher-unsup: **{pt['types_met']} of "
+                  f"{len(pt['by_type'])}** (target >= {PAPER_MIN_TYPES}): "
+                  + ", ".join(f"{t} {v['student']:.3f} vs {v['teacher']:.3f}"
+                              for t, v in pt["by_type"].items()) + "."]
     if result.get("small"):
         sm = result["small"]
         lines += ["", f"## Generate-then-encode (max_docs={sm['max_docs']}, STS-B "
@@ -177,6 +212,26 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _rel(path: str) -> str:
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(path)
+
+
+def model_specs(args) -> dict[str, tuple[str, str]]:
+    """{label: (spec, config)}: the --add models, else the student and --models baselines."""
+    if not args.add:
+        return {"student": (args.student, args.config),
+                **{m: (m, args.config) for m in args.models.split(",") if m}}
+    specs = {}
+    for item in args.add:
+        label, sep, rest = item.partition("=")
+        if not sep or not rest:
+            raise SystemExit(f"--add {item!r}: use LABEL=SPEC or LABEL=SPEC@CONFIG.")
+        spec, _, config = rest.partition("@")
+        specs[label] = (spec, config or args.config)
+    return specs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "laptop.yaml"))
@@ -188,6 +243,10 @@ def main() -> int:
     p.add_argument("--gte-max-docs", type=int, default=100,
                    help="size for generate-then-encode (0 = skip it)")
     p.add_argument("--quick", action="store_true", help="max_docs 60, STS-B 200 pairs, no g-t-e")
+    p.add_argument("--add", action="append", default=[], metavar="LABEL=SPEC[@CONFIG]",
+                   help="evaluate only these models (each under its own config); repeatable")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the models already in the results file (same suite and sizes)")
     p.add_argument("--work", default=str(ROOT / "outputs" / "quality"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     p.add_argument("overrides", nargs="*", help="config overrides (e.g. cluster.num_cpus=2)")
@@ -207,23 +266,33 @@ def main() -> int:
     work = Path(args.work)
     t_start = time.perf_counter()
 
-    specs = {"student": args.student, **{m: m for m in args.models.split(",") if m}}
-    models: dict[str, dict] = {}
-    for label, spec in specs.items():
-        print(f"evaluating {label} ({spec})", flush=True)
-        scores = evaluate(args.config, spec, [STS_TASK], sts_docs, work, args.overrides)
-        scores.update(evaluate(args.config, spec, others, max_docs, work, args.overrides))
+    specs = model_specs(args)
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.keep else {}
+    if previous and (previous["max_docs"], previous["sts_pairs"]) != (max_docs, sts_docs):
+        raise SystemExit(f"--keep: {out}.json was measured at max_docs={previous['max_docs']}, "
+                         f"sts_pairs={previous['sts_pairs']}; rerun without --keep or use those.")
+    models: dict[str, dict] = dict(previous.get("models", {}))
+    for label, (spec, config) in specs.items():
+        print(f"evaluating {label} ({spec}, {config})", flush=True)
+        scores = evaluate(config, spec, [STS_TASK], sts_docs, work, args.overrides)
+        scores.update(evaluate(config, spec, others, max_docs, work, args.overrides))
         scores = {n: scores[n] for n in names}
-        models[label] = {"spec": spec, "scores": scores, "mean": suite_mean(scores),
-                         "by_type": type_means(scores)}
+        models[label] = {"spec": spec, "config": _rel(config), "scores": scores,
+                         "mean": suite_mean(scores), "by_type": type_means(scores)}
+    order = ["student", "teacher", "student-unsup", "teacher-unsup", "mean-pool", "last-token"]
+    models = {k: models[k] for k in sorted(models, key=lambda k: (k not in order, order.index(k)
+                                                                   if k in order else 0, k))}
     result = {
-        "benchmark": "offline suite quality: student vs baselines",
-        "config": str(Path(args.config).resolve().relative_to(ROOT)) if str(args.config).startswith(str(ROOT)) else args.config,
+        "benchmark": "offline suite quality: students vs baselines",
+        "config": _rel(args.config),
         "max_docs": max_docs, "sts_pairs": sts_docs,
         "models": models,
     }
-    if {"mean-pool", "teacher"} <= set(models):
+    if {"student", "mean-pool", "teacher"} <= set(models):
         result["targets"] = targets(models)
+    if {"student-unsup", "teacher-unsup"} <= set(models):
+        result["paper_targets"] = paper_targets(models)
     if gte_docs:
         small = {}
         for label, spec in (("student", args.student), ("mean-pool", "mean-pool"),
@@ -233,11 +302,13 @@ def main() -> int:
             small[label] = {"mean": suite_mean(sc), "by_type": type_means(sc),
                             "scores": {n: sc[n]["score"] for n in names}}
         result["small"] = {"max_docs": gte_docs, "models": small}
-    result["command"] = "python bench/quality.py " + " ".join(sys.argv[1:])
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    result["commands"] = [*previous.get("commands", [previous["command"]] if "command" in previous
+                                       else []), command] if args.keep else [command]
+    result["command"] = command
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     result["host"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                       "python": platform.python_version()}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     if "targets" in result:

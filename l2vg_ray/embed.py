@@ -39,7 +39,17 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, InputError, L2VGConfig, to_dict, typed
+from l2vg_ray.config import (
+    ConfigError,
+    EmbedConfig,
+    GenerateConfig,
+    InputError,
+    L2VGConfig,
+    ModelConfig,
+    TeacherConfig,
+    to_dict,
+    typed,
+)
 from l2vg_ray.dataset import (
     OutputDir,
     ShardWriter,
@@ -210,17 +220,50 @@ def read_corpus(path: str, *, text_column: str, id_column: str | None,
     return corpus
 
 
-class EmbedStage:
-    """``map_batches`` callable: (id, text, text_sha256) -> (id, text_sha256, [text], embedding).
-    One encoder per actor."""
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an embedding actor is built from (typed sections; it travels to the actors): the
+    ``embed`` section, and the sections ``load_encoder`` reads to build a baseline encoder
+    (``model``, ``generate``, ``teacher``, ``cache_dir``; a trained or published encoder carries
+    its own configuration)."""
 
-    def __init__(self, cfg: L2VGConfig) -> None:
+    embed: EmbedConfig
+    model: ModelConfig
+    generate: GenerateConfig
+    teacher: TeacherConfig
+    cache_dir: str
+
+    @classmethod
+    def of(cls, cfg: EmbedSpec | DictConfig | L2VGConfig) -> EmbedSpec:
+        if isinstance(cfg, EmbedSpec):
+            return cfg
+        c = typed(cfg)
+        return cls(embed=c.embed, model=c.model, generate=c.generate, teacher=c.teacher,
+                   cache_dir=c.cache_dir)
+
+    def encoder_config(self) -> L2VGConfig:
+        """The config ``load_encoder`` takes: these sections, the others at their defaults (no
+        encoder builder reads them)."""
+        return L2VGConfig(model=self.model, generate=self.generate, teacher=self.teacher,
+                          cache_dir=self.cache_dir)
+
+
+class EmbedStage:
+    """``map_batches`` callable: (id, text, text_sha256) -> (id, text_sha256, [text], embedding)
+    and the hidden timing / fingerprint / truncation columns. One encoder per actor."""
+
+    input_columns = (schema.ID, TEXT, TEXT_HASH)
+
+    def __init__(self, spec: EmbedSpec) -> None:
         from l2vg_ray.loading import load_encoder
         from l2vg_ray.torch_utils import set_threads
 
-        e = cfg.embed
+        if not isinstance(spec, EmbedSpec):
+            raise TypeError(f"EmbedStage takes spec: EmbedSpec, got {type(spec).__name__}. Pass "
+                            f"EmbedSpec.of(cfg) (or use embed_stage_kwargs(cfg)).")
+        e = spec.embed
         set_threads(e.num_cpus_per_actor)
-        self.encoder = load_encoder(str(e.model), cfg)
+        self.encoder = load_encoder(str(e.model), spec.encoder_config())
         self.fingerprint = self.encoder.fingerprint()
         self.instruction = e.instruction or None
         self.normalize = bool(e.normalize)
@@ -228,6 +271,7 @@ class EmbedStage:
         self.batch_size = int(e.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        schema.require_columns(batch.keys(), self.input_columns, stage="EmbedStage")
         start = time.perf_counter()
         texts = [str(t) for t in batch[TEXT]]
         emb = self.encoder.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
@@ -244,6 +288,22 @@ class EmbedStage:
         counts = self.encoder.count_tokens(texts, instruction=self.instruction)
         out[_TRUNCATED] = np.array([c > limit for c in counts], dtype=bool)
         return out
+
+
+def embed_stage_kwargs(cfg: EmbedSpec | DictConfig | L2VGConfig) -> dict[str, Any]:
+    """``Dataset.map_batches(EmbedStage, batch_format="numpy", **embed_stage_kwargs(cfg))``: an
+    actor pool of ``embed.num_actors`` encoders, which get an ``EmbedSpec``."""
+    import ray.data
+
+    spec = EmbedSpec.of(cfg)
+    e = spec.embed
+    return {
+        "fn_constructor_kwargs": {"spec": spec},
+        "compute": ray.data.ActorPoolStrategy(size=int(e.num_actors)),
+        "num_cpus": float(e.num_cpus_per_actor),
+        "num_gpus": float(e.num_gpus_per_actor),
+        "batch_size": int(e.batch_size),
+    }
 
 
 def text_hash(text: str) -> str:
@@ -319,34 +379,13 @@ def _table(batch: dict[str, Any], keep_text: bool) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=embed_schema(dim, keep_text=keep_text))
 
 
-def check_embed_config(e: Any) -> None:
-    """The embed section's own checks (no model, no data): run at load and by the stage."""
-    for key in ("batch_size", "num_actors", "rows_per_shard"):
-        if int(e[key]) < 1:
-            raise ConfigError(f"embed.{key}={e[key]}; it must be >= 1.")
-    if e.num_cpus_per_actor < 0 or e.num_gpus_per_actor < 0:
-        raise ConfigError(f"embed.num_cpus_per_actor={e.num_cpus_per_actor} and "
-                          f"num_gpus_per_actor={e.num_gpus_per_actor} must be >= 0.")
+def _folder_settings(e: Any) -> dict[str, Any]:
+    """The settings that change a vector or the shard layout: a folder's identity."""
+    return {"model": str(e.model), "instruction": e.instruction, "normalize": bool(e.normalize),
+            "keep_text": bool(e.keep_text)}
 
 
-def run_embed(cfg: DictConfig) -> dict[str, Any]:
-    """Embed ``embed.input`` into ``embed.output_dir`` (resumable, exactly once)."""
-    import ray.data
-
-    start = time.perf_counter()
-    e = cfg.embed
-    if not e.input:
-        raise ConfigError("embed.input is not set: give the corpus, e.g. embed.input=docs.parquet.")
-    check_embed_config(e)
-    corpus = read_corpus(str(e.input), text_column=str(e.text_column),
-                         id_column=e.id_column or None, skip_empty=bool(e.skip_empty))
-    ids, texts = corpus.ids, corpus.texts
-    out = OutputDir.from_path(str(e.output_dir))
-    out.fs.create_dir(out.root, recursive=True)
-    out.remove_stale_temps()
-    stored = read_stored(out)
-    settings = {"model": str(e.model), "instruction": e.instruction, "normalize": bool(e.normalize),
-                "keep_text": bool(e.keep_text)}
+def _check_same_settings(out: OutputDir, stored: StoredRows, settings: dict[str, Any]) -> None:
     for prov in stored.provenance:
         old = {k: prov.get(k) for k in settings}
         if old != settings:
@@ -355,45 +394,86 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
                 f"resuming would mix two encoders or two shard layouts. Use a fresh "
                 f"embed.output_dir."
             )
-    hashes = [text_hash(t) for t in texts]
+
+
+def _sync(out: OutputDir, e: Any, plan: ResumePlan, stored: StoredRows) -> int:
+    """Refuse a folder that holds other texts or other ids, or (``embed.sync``) drop those rows
+    so that they are re-embedded or gone; the number of rows dropped."""
+    if not (plan.changed or plan.removed):
+        return 0
+    if not bool(e.sync):
+        raise _stale_error(out, str(e.input), plan, stored)
+    dropped = drop_rows(out, set(plan.changed) | set(plan.removed))
+    log.info("embed: dropped %d rows from %s (%d changed texts to re-embed, %d ids no longer "
+             "in the input)", dropped, out.uri, len(plan.changed), len(plan.removed))
+    return dropped
+
+
+@dataclass
+class _EmbedRun:
+    """What the pipeline produced this run (counted by the driver as it wrote the shards)."""
+
+    rows: int = 0
+    busy_s: float = 0.0  # summed over actors
+    fingerprint: str | None = None
+    dim: int | None = None
+    truncated: int = 0
+
+
+def _embed_pending(cfg: DictConfig, out: OutputDir, corpus: Corpus, hashes: list[str],
+                   pending: list[int], settings: dict[str, Any]) -> _EmbedRun:
+    """One Ray Data pipeline over the pending rows; shards written as results arrive."""
+    import ray.data
+
+    e = cfg.embed
+    ids, texts = corpus.ids, corpus.texts
+    ds = ray.data.from_items(
+        [{schema.ID: ids[k], TEXT: texts[k], TEXT_HASH: hashes[k]} for k in pending],
+        override_num_blocks=max(1, math.ceil(len(pending) / int(e.batch_size))),
+    ).map_batches(EmbedStage, batch_format="numpy", **embed_stage_kwargs(cfg))
+    provenance = {**settings, "run_id": uuid.uuid4().hex[:12]}
+    writer = ShardWriter(out, int(e.rows_per_shard), provenance)
+    progress = ProgressLine("embed", len(ids), unit="texts", done=len(ids) - len(pending))
+    run = _EmbedRun()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        if not len(batch[schema.ID]):
+            continue
+        progress.update(len(batch[schema.ID]))
+        run.fingerprint = str(batch[_FINGERPRINT][0])
+        provenance["fingerprint"] = run.fingerprint
+        run.busy_s += float(np.asarray(batch[_SECONDS]).sum())
+        run.truncated += int(np.asarray(batch[_TRUNCATED]).sum())
+        table = _table(batch, bool(e.keep_text))
+        run.dim = table.schema.field(EMBEDDING).type.list_size
+        run.rows += table.num_rows
+        writer.add(table)
+    writer.close()
+    return run
+
+
+def run_embed(cfg: DictConfig) -> dict[str, Any]:
+    """Embed ``embed.input`` into ``embed.output_dir`` (resumable, exactly once)."""
+    start = time.perf_counter()
+    e = cfg.embed
+    if not e.input:
+        raise ConfigError("embed.input is not set: give the corpus, e.g. embed.input=docs.parquet.")
+    corpus = read_corpus(str(e.input), text_column=str(e.text_column),
+                         id_column=e.id_column or None, skip_empty=bool(e.skip_empty))
+    ids = corpus.ids
+    out = OutputDir.from_path(str(e.output_dir))
+    out.fs.create_dir(out.root, recursive=True)
+    out.remove_stale_temps()
+    stored = read_stored(out)
+    settings = _folder_settings(e)
+    _check_same_settings(out, stored, settings)
+    hashes = [text_hash(t) for t in corpus.texts]
     plan = plan_resume(ids, hashes, stored.hashes)
-    dropped = 0
-    if plan.changed or plan.removed:
-        if not bool(e.sync):
-            raise _stale_error(out, str(e.input), plan, stored)
-        dropped = drop_rows(out, set(plan.changed) | set(plan.removed))
-        log.info("embed: dropped %d rows from %s (%d changed texts to re-embed, %d ids no longer "
-                 "in the input)", dropped, out.uri, len(plan.changed), len(plan.removed))
+    dropped = _sync(out, e, plan, stored)
     pending = plan.pending
     log.info("embed: %d texts, %d already in %s, %d to embed", len(ids), len(ids) - len(pending),
              out.uri, len(pending))
-    rows, busy, fingerprint, dim, truncated = 0, 0.0, None, None, 0
     t0 = time.perf_counter()
-    if pending:
-        ds = ray.data.from_items(
-            [{schema.ID: ids[k], TEXT: texts[k], TEXT_HASH: hashes[k]} for k in pending],
-            override_num_blocks=max(1, math.ceil(len(pending) / int(e.batch_size))),
-        ).map_batches(
-            EmbedStage, fn_constructor_kwargs={"cfg": typed(cfg)}, batch_format="numpy",
-            batch_size=int(e.batch_size), compute=ray.data.ActorPoolStrategy(size=int(e.num_actors)),
-            num_cpus=float(e.num_cpus_per_actor), num_gpus=float(e.num_gpus_per_actor),
-        )
-        provenance = {**settings, "run_id": uuid.uuid4().hex[:12]}
-        writer = ShardWriter(out, int(e.rows_per_shard), provenance)
-        progress = ProgressLine("embed", len(ids), unit="texts", done=len(ids) - len(pending))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            if not len(batch[schema.ID]):
-                continue
-            progress.update(len(batch[schema.ID]))
-            fingerprint = str(batch[_FINGERPRINT][0])
-            provenance["fingerprint"] = fingerprint
-            busy += float(np.asarray(batch[_SECONDS]).sum())
-            truncated += int(np.asarray(batch[_TRUNCATED]).sum())
-            table = _table(batch, bool(e.keep_text))
-            dim = table.schema.field(EMBEDDING).type.list_size
-            rows += table.num_rows
-            writer.add(table)
-        writer.close()
+    run = _embed_pending(cfg, out, corpus, hashes, pending, settings) if pending else _EmbedRun()
     pipeline_s = time.perf_counter() - t0
     done_after, shards = read_done_ids(out)
     missing = set(ids) - set(done_after)
@@ -402,38 +482,47 @@ def run_embed(cfg: DictConfig) -> dict[str, Any]:
             f"{len(missing)} of {len(ids)} texts have no embedding in {out.uri} after the run; "
             f"rerun `l2vg embed` to fill them in."
         )
-    manifest = {
+    manifest = _embed_manifest(cfg, out, corpus, plan, dropped, run, shards, pipeline_s,
+                               time.perf_counter() - start)
+    out.write_atomic(schema.MANIFEST_FILE, lambda tmp: _write(out, tmp, manifest))
+    speed = f"; {manifest['texts_per_s']} texts/s" if manifest["texts_per_s"] else ""
+    cut = (f"; {run.truncated} texts were longer than the model reads and were cut"
+           if run.truncated else "")
+    print(f"embed: {manifest['rows']} embeddings in {out.uri} ({run.rows} new, "
+          f"{manifest['rows_skipped_existing']} already there){speed}{cut}", flush=True)
+    return manifest
+
+
+def _embed_manifest(cfg: DictConfig, out: OutputDir, corpus: Corpus, plan: ResumePlan,
+                    dropped: int, run: _EmbedRun, shards: list[dict[str, Any]], pipeline_s: float,
+                    wall_s: float) -> dict[str, Any]:
+    e = cfg.embed
+    n = len(corpus.ids)
+    return {
         "output_dir": out.uri,
         "input": str(e.input),
         "rows": sum(s["rows"] for s in shards),
-        "rows_embedded": rows,
-        "rows_skipped_existing": len(ids) - len(pending),
+        "rows_embedded": run.rows,
+        "rows_skipped_existing": n - len(plan.pending),
         "rows_reembedded_changed": len(plan.changed),
         "rows_dropped": dropped,
-        "rows_truncated": truncated,
+        "rows_truncated": run.truncated,
         "rows_skipped_empty": corpus.skipped_empty,
         "rows_merged_duplicate_texts": corpus.merged_duplicates,
-        "dim": dim or next((s.get("dim") for s in shards if s.get("dim")), None),
+        "dim": run.dim or next((s.get("dim") for s in shards if s.get("dim")), None),
         "model": str(e.model),
-        "fingerprint": fingerprint or next((s.get("fingerprint") for s in shards), None),
+        "fingerprint": run.fingerprint or next((s.get("fingerprint") for s in shards), None),
         "instruction": e.instruction,
         "normalize": bool(e.normalize),
         "keep_text": bool(e.keep_text),
         "shards": [{"file": s["file"], "rows": s["rows"]} for s in shards],
-        "texts_per_s": round(rows / pipeline_s, 2) if rows and pipeline_s > 0 else None,
-        "texts_per_s_per_actor": round(rows / busy, 2) if busy > 0 else None,
+        "texts_per_s": round(run.rows / pipeline_s, 2) if run.rows and pipeline_s > 0 else None,
+        "texts_per_s_per_actor": round(run.rows / run.busy_s, 2) if run.busy_s > 0 else None,
         "pipeline_s": round(pipeline_s, 3),
-        "wall_s": round(time.perf_counter() - start, 3),
+        "wall_s": round(wall_s, 3),
         "versions": package_versions(),
         "config": to_dict(cfg)["embed"],
     }
-    out.write_atomic(schema.MANIFEST_FILE, lambda tmp: _write(out, tmp, manifest))
-    speed = f"; {manifest['texts_per_s']} texts/s" if manifest["texts_per_s"] else ""
-    cut = (f"; {truncated} texts were longer than the model reads and were cut"
-           if truncated else "")
-    print(f"embed: {manifest['rows']} embeddings in {out.uri} ({rows} new, "
-          f"{manifest['rows_skipped_existing']} already there){speed}{cut}", flush=True)
-    return manifest
 
 
 def _write(out: OutputDir, path: str, manifest: dict) -> None:

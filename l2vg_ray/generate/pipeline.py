@@ -4,8 +4,8 @@
 
 1. load and clean the queries (``queries.load_queries``), id = ``schema.query_id(query)``;
 2. resume: ids already in complete shards under ``generate.output_dir`` are skipped;
-3. ONE Ray Data pipeline over the pending rows (``GenerateStage`` -> ``TeacherStage``, actor
-   pools that keep their engines across the whole run);
+3. ONE Ray Data pipeline over the pending rows (``stages.GenerateStage`` ->
+   ``stages.TeacherStage``, actor pools that keep their engines across the whole run);
 4. the driver iterates the results and writes a shard each time ``rows_per_shard`` rows have
    arrived (and the remainder at the end): a temp file renamed into place, so a killed run
    leaves either a complete shard (whose ids count as done) or nothing that counts;
@@ -52,7 +52,6 @@ _TEACHER_SECONDS = "_l2vg_teacher_s"
 _BACKEND = "_l2vg_backend"
 
 
-
 # --------------------------------------------------------------------------------------------
 # Timing wrappers: per-stage seconds and the backend the actors actually built
 
@@ -91,6 +90,15 @@ class _RunStats:
     teacher_models: set[str] = field(default_factory=set)
     shards: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, batch: dict[str, Any]) -> None:
+        """Count a result batch: rows, tokens, per-stage busy seconds, backends, teachers."""
+        self.rows += len(batch[schema.ID])
+        self.generated_tokens += int(np.asarray(batch[schema.RESPONSE_TOKENS]).sum())
+        self.generate_busy_s += float(np.asarray(batch[_GEN_SECONDS]).sum())
+        self.teacher_busy_s += float(np.asarray(batch[_TEACHER_SECONDS]).sum())
+        self.backends.update(str(b) for b in batch[_BACKEND])
+        self.teacher_models.update(str(t) for t in batch[schema.TEACHER_MODEL])
+
 
 def _check_resume_compatible(previous: list[dict[str, Any]], expected: dict[str, Any], uri: str) -> None:
     for prov in previous:
@@ -113,8 +121,12 @@ def _load_llm_tokenizer(cfg: DictConfig):
 
 def _stage_plan(cfg: DictConfig) -> list[tuple[type, dict[str, Any]]]:
     """(stage class, map_batches kwargs) of both stages, wrapped for timing."""
-    from l2vg_ray.generate.backends import GenerateStage, generate_stage_kwargs
-    from l2vg_ray.generate.teacher import TeacherStage, teacher_stage_kwargs
+    from l2vg_ray.generate.stages import (
+        GenerateStage,
+        TeacherStage,
+        generate_stage_kwargs,
+        teacher_stage_kwargs,
+    )
 
     plan = []
     for cls, kwargs, column, backend in (
@@ -145,21 +157,20 @@ def _iter_results(ds) -> Iterator[dict[str, Any]]:
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
-def run_generate(cfg: DictConfig) -> dict[str, Any]:
-    """Generate the dataset of ``cfg`` into ``generate.output_dir`` (resumable, exactly once).
+@dataclass
+class _Plan:
+    """What this run generates: the pending (id, query) rows, the complete shards' provenance,
+    and the generator settings every shard of the folder must share."""
 
-    Returns the manifest (also written to ``<output_dir>/manifest.json``).
-    """
-    from l2vg_ray.generate.backends import GenerationSettings, check_generate_config
-    from l2vg_ray.generate.queries import load_queries
+    pending: list[tuple[str, str]]
+    previous: list[dict[str, Any]]
+    generator: dict[str, Any]
 
-    start = time.perf_counter()
-    g = cfg.generate
-    check_generate_config(g)
-    out = OutputDir.from_path(str(g.output_dir))
 
-    queries, query_stats = load_queries(cfg, tokenizer=_load_llm_tokenizer(cfg))
-    ids = [schema.query_id(q) for q in queries]
+def _plan_run(cfg: DictConfig, out: OutputDir, ids: list[str], queries: list[str]) -> _Plan:
+    """Resume: the rows not yet in a complete shard, after refusing a folder this run cannot
+    continue (other generator settings, or rows whose queries left the query set)."""
+    from l2vg_ray.generate.backends import GenerationSettings
 
     out.fs.create_dir(out.root, recursive=True)
     if stale := out.remove_stale_temps():
@@ -167,12 +178,11 @@ def run_generate(cfg: DictConfig) -> dict[str, Any]:
     done, previous = read_done_ids(out)
     generator = {
         "generator_model": str(cfg.model.llm),
-        "sampling_params": GenerationSettings.from_config(g).to_json(),
+        "sampling_params": GenerationSettings.from_config(cfg.generate).to_json(),
     }
     _check_resume_compatible(previous, generator, out.uri)
     pending = [(i, q) for i, q in zip(ids, queries, strict=True) if i not in done]
-    wanted = set(ids)
-    stale_ids = len(done - wanted)
+    stale_ids = len(done - set(ids))
     if stale_ids:
         raise ConfigError(
             f"{out.uri} holds {stale_ids} rows whose queries are not in this run's query set "
@@ -184,53 +194,71 @@ def run_generate(cfg: DictConfig) -> dict[str, Any]:
         "generate: %d queries, %d already in %d shard(s) of %s, %d to generate",
         len(ids), len(ids) - len(pending), len(previous), out.uri, len(pending),
     )
+    return _Plan(pending, previous, generator)
 
+
+def _generate_pending(
+    cfg: DictConfig, out: OutputDir, plan: _Plan, n_queries: int
+) -> tuple[_RunStats, float]:
+    """Run the pipeline over ``plan.pending`` and write its shards; (stats, pipeline seconds)."""
+    g = cfg.generate
+    provenance = {
+        **plan.generator,
+        "run_id": uuid.uuid4().hex[:12],
+        "backend_requested": str(g.backend),
+        "l2vg_ray": package_versions().get("l2vg-ray", "unknown"),
+    }
+    writer = ShardWriter(out, int(g.rows_per_shard), provenance)
+    ds = build_dataset(cfg, [i for i, _ in plan.pending], [q for _, q in plan.pending])
+    t0 = time.perf_counter()
     run = _RunStats()
-    pipeline_s = 0.0
-    if pending:
-        provenance = {
-            **generator,
-            "run_id": uuid.uuid4().hex[:12],
-            "backend_requested": str(g.backend),
-            "l2vg_ray": package_versions().get("l2vg-ray", "unknown"),
-        }
-        writer = ShardWriter(out, int(g.rows_per_shard), provenance)
-        ds = build_dataset(cfg, [i for i, _ in pending], [q for _, q in pending])
-        t0 = time.perf_counter()
-        dim: int | None = None
-        progress = ProgressLine("generate", len(ids), done=len(ids) - len(pending))
-        for batch in _iter_results(ds):
-            if not len(batch[schema.ID]):
-                continue
-            progress.update(len(batch[schema.ID]))
-            if dim is None:
-                dim = embedding_dim(batch)
-                teacher_model = str(batch[schema.TEACHER_MODEL][0])
-                _check_resume_compatible(
-                    previous, {"teacher_model": teacher_model, "teacher_dim": dim}, out.uri
-                )
-                provenance.update(teacher_model=teacher_model, teacher_dim=dim)
-            run.rows += len(batch[schema.ID])
-            run.generated_tokens += int(np.asarray(batch[schema.RESPONSE_TOKENS]).sum())
-            run.generate_busy_s += float(np.asarray(batch[_GEN_SECONDS]).sum())
-            run.teacher_busy_s += float(np.asarray(batch[_TEACHER_SECONDS]).sum())
-            run.backends.update(str(b) for b in batch[_BACKEND])
-            run.teacher_models.update(str(t) for t in batch[schema.TEACHER_MODEL])
-            provenance["backend"] = ",".join(sorted(run.backends))
-            writer.add(batch_to_table(batch, dim))
-        writer.close()
-        pipeline_s = time.perf_counter() - t0
-        run.shards = writer.written
+    dim: int | None = None
+    progress = ProgressLine("generate", n_queries, done=n_queries - len(plan.pending))
+    for batch in _iter_results(ds):
+        if not len(batch[schema.ID]):
+            continue
+        progress.update(len(batch[schema.ID]))
+        if dim is None:
+            dim = embedding_dim(batch)
+            teacher_model = str(batch[schema.TEACHER_MODEL][0])
+            _check_resume_compatible(
+                plan.previous, {"teacher_model": teacher_model, "teacher_dim": dim}, out.uri
+            )
+            provenance.update(teacher_model=teacher_model, teacher_dim=dim)
+        run.add(batch)
+        provenance["backend"] = ",".join(sorted(run.backends))
+        writer.add(batch_to_table(batch, dim))
+    writer.close()
+    run.shards = writer.written
+    return run, time.perf_counter() - t0
+
+
+def run_generate(cfg: DictConfig) -> dict[str, Any]:
+    """Generate the dataset of ``cfg`` into ``generate.output_dir`` (resumable, exactly once).
+
+    Returns the manifest (also written to ``<output_dir>/manifest.json``).
+    """
+    from l2vg_ray.generate.queries import load_queries
+
+    start = time.perf_counter()
+    out = OutputDir.from_path(str(cfg.generate.output_dir))
+    queries, query_stats = load_queries(cfg, tokenizer=_load_llm_tokenizer(cfg))
+    ids = [schema.query_id(q) for q in queries]
+    plan = _plan_run(cfg, out, ids, queries)
+
+    run, pipeline_s = _RunStats(), 0.0
+    if plan.pending:
+        run, pipeline_s = _generate_pending(cfg, out, plan, len(ids))
 
     done_after, shards_after = read_done_ids(out)
-    missing = wanted - done_after
+    missing = set(ids) - done_after
     if missing:
         raise RuntimeError(
-            f"{len(missing)} of {len(wanted)} queries have no row in {out.uri} after the run "
+            f"{len(missing)} of {len(set(ids))} queries have no row in {out.uri} after the run "
             f"(e.g. {sorted(missing)[:3]}). Rerun `l2vg generate` to fill them in."
         )
     manifest = _manifest(
-        cfg, out, query_stats, len(ids), len(ids) - len(pending), run, pipeline_s,
+        cfg, out, query_stats, len(ids), len(ids) - len(plan.pending), run, pipeline_s,
         shards_after, time.perf_counter() - start,
     )
     out.write_atomic(

@@ -1,4 +1,4 @@
-"""Teachers (responses -> the embeddings the encoder learns to align with) and ``TeacherStage``.
+"""Teachers: responses -> the embeddings the encoder learns to align with.
 
 Four kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
 
@@ -13,7 +13,8 @@ Four kinds, chosen by ``teacher.kind`` in the ``TEACHERS`` registry:
   position, raw (not normalised): the official second version's ``BAAI/bge-m3-unsupervised``.
 
 A teacher has ``.name`` (written to TEACHER_MODEL), ``.dim`` and
-``embed(texts) -> float32 (N, dim)``. ``TeacherStage`` is the thin Ray Data wrapper.
+``embed(texts) -> float32 (N, dim)``; ``build_teacher(spec)`` builds the one a config names. The
+Ray Data wrapper that holds one per actor is ``TeacherStage`` in ``stages.py``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from l2vg_ray import schema
-from l2vg_ray.config import DTYPES, ConfigError, L2VGConfig, ModelConfig, TeacherConfig, typed
-from l2vg_ray.generate.backends import column_to_list
+from l2vg_ray.config import L2VGConfig, ModelConfig, TeacherConfig, typed
 from l2vg_ray.registry import Registry
-from l2vg_ray.torch_utils import load_tokenizer, resolve_device, set_threads, torch_dtype
+from l2vg_ray.torch_utils import load_tokenizer, resolve_device, torch_dtype
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -302,54 +301,3 @@ def teacher_dim(cfg: TeacherSpec | DictConfig | L2VGConfig) -> int:
 
         return int(AutoConfig.from_pretrained(str(path)).hidden_size)
     return int(build_teacher(spec).dim)  # an unusual layout: load it once to ask
-
-
-class TeacherStage:
-    """``map_batches`` callable: RESPONSE -> TEACHER_EMBEDDING (float32 rows), TEACHER_MODEL."""
-
-    def __init__(self, spec: TeacherSpec) -> None:
-        set_threads(spec.teacher.num_cpus_per_actor)
-        self.teacher = build_teacher(spec)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # a pandas batch
-            batch = {c: batch[c].to_numpy() for c in batch.columns}
-        schema.require_columns(batch.keys(), [schema.RESPONSE], stage="TeacherStage")
-        texts = [str(t) for t in column_to_list(batch, schema.RESPONSE)]
-        emb = self.teacher.embed(texts)
-        if emb.shape != (len(texts), self.teacher.dim) or emb.dtype != np.float32:
-            raise ValueError(
-                f"Teacher {self.teacher.name!r} returned {emb.dtype} {emb.shape}; expected "
-                f"float32 ({len(texts)}, {self.teacher.dim}). Fix the teacher's embed()."
-            )
-        out = dict(batch)
-        out[schema.TEACHER_EMBEDDING] = emb
-        out[schema.TEACHER_MODEL] = np.array([self.teacher.name] * len(texts), dtype=object)
-        return out
-
-
-def check_teacher_config(t: Any) -> None:
-    """The teacher section's own checks (no model, no Ray): run at load and by the stage."""
-    TEACHERS.get(str(t.kind))  # an unknown kind lists the known ones
-    for key in ("num_actors", "batch_size", "max_length"):
-        if int(getattr(t, key)) < 1:
-            raise ConfigError(f"teacher.{key}={getattr(t, key)}; it must be >= 1.")
-    if t.dtype is not None and str(t.dtype) not in DTYPES:
-        raise ConfigError(f"teacher.dtype={t.dtype!r}; use null (model.dtype) or one of {list(DTYPES)}.")
-
-
-def teacher_stage_kwargs(cfg: TeacherSpec | DictConfig | L2VGConfig) -> dict[str, Any]:
-    """``Dataset.map_batches(TeacherStage, batch_format="numpy", **teacher_stage_kwargs(cfg))``;
-    the actors get a ``TeacherSpec``."""
-    import ray.data
-
-    spec = TeacherSpec.of(cfg)
-    t = spec.teacher
-    check_teacher_config(t)  # fail on the driver, before any actor starts
-    return {
-        "fn_constructor_kwargs": {"spec": spec},
-        "compute": ray.data.ActorPoolStrategy(size=int(t.num_actors)),
-        "num_cpus": float(t.num_cpus_per_actor),
-        "num_gpus": float(t.num_gpus_per_actor),
-        "batch_size": int(t.batch_size),
-    }

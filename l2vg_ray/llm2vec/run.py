@@ -236,6 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     set_threads(config["cpus"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train_phase(config["args"], ctx.get_world_rank(), ctx.get_world_size(), ray.train.report)
 
 

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 from ray import serve
 
-from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, load_config, typed
+from l2vg_ray.config import ConfigError, L2VGConfig, ServeConfig, check_serve, load_config, typed
 from l2vg_ray.registry import Registry
 from l2vg_ray.serve import ServeLoadError
 from l2vg_ray.serve.core import EmbedItem, EmbedResult, decode_texts, embed_items
@@ -426,26 +426,7 @@ class EmbeddingServer:
 def deployment_options(serve_cfg: Any) -> dict[str, Any]:
     """Ray Serve deployment options from ``cfg.serve`` (autoscaling and resources)."""
     s = serve_cfg
-    if not 0 <= s.min_replicas <= s.max_replicas or s.max_replicas < 1:
-        raise ConfigError(
-            f"serve.min_replicas={s.min_replicas} and serve.max_replicas="
-            f"{s.max_replicas}: need 0 <= min_replicas <= max_replicas, max >= 1."
-        )
-    if s.max_batch_size < 1:
-        raise ConfigError(f"serve.max_batch_size must be >= 1, got {s.max_batch_size}.")
-    if s.max_ongoing_requests < 1:
-        raise ConfigError(f"serve.max_ongoing_requests must be >= 1, got {s.max_ongoing_requests}.")
-    if not 0 < s.target_ongoing_requests <= s.max_ongoing_requests:
-        raise ConfigError(
-            f"serve.target_ongoing_requests={s.target_ongoing_requests} must be > 0 "
-            f"and <= serve.max_ongoing_requests={s.max_ongoing_requests}."
-        )
-    for key in ("max_batch_tokens", "max_queued_texts", "max_queued_requests"):
-        if s[key] < 1:
-            raise ConfigError(f"serve.{key} must be >= 1, got {s[key]}.")
-    for key in ("body_timeout_s", "request_timeout_s"):
-        if s[key] <= 0:
-            raise ConfigError(f"serve.{key} must be > 0 seconds, got {s[key]}.")
+    check_serve(s)  # a section built in code (build_app args) fails here, naming the key
     return {
         "autoscaling_config": {
             "min_replicas": int(s.min_replicas),

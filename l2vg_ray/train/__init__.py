@@ -2,11 +2,15 @@
 
 - ``schedule``: learning-rate schedules (pure) and the optimiser factory.
 - ``batching``: global batch = micro-batch x workers x accumulation, steps per epoch (pure).
-- ``data``: inspecting and validating the generated Parquet, the deterministic micro-batch stream.
+- ``data``: checking the generated Parquet, reading it once into held-out, probe and training
+  rows, the deterministic micro-batch stream.
 - ``state``: checkpoint layout, RNG states.
 - ``metrics``: the curves CSV and plot.
-- ``loop``: ``train_loop_per_worker`` (one code path for 1 worker, N workers, N nodes).
-- ``trainer``: ``run_train(cfg)`` - validate, build the ``TorchTrainer``, fit, export ``final/``.
+- ``validation``: held-out metrics and their references.
+- ``loop``: ``train_loop_per_worker`` running ``L2VGTrainRecipe`` (``setup`` -> ``train`` ->
+  ``cleanup``; one code path for 1 worker, N workers, N nodes).
+- ``faults``: test-only fault injection (a worker that kills itself once).
+- ``trainer``: ``run_train(cfg)`` - validate, prepare the workers' inputs, fit, export ``final/``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The training data: inspect and validate the generated Parquet (driver side, before any worker
-starts) and stream deterministic micro-batches from a worker's shard.
+"""The training data: check the generated Parquet against the config and read it ONCE (driver
+side, before any worker starts) into the held-out rows, the probe rows, the targets' moments and
+the training rows; then stream deterministic micro-batches from a worker's shard.
 
 Determinism: the Ray Data pipeline runs with ``preserve_order`` (so ``streaming_split`` hands each
 worker the same rows every time), each epoch is shuffled in a local buffer seeded by
@@ -10,8 +11,9 @@ seed therefore gives the same batches whether or not the run was interrupted.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,9 @@ from l2vg_ray import schema, storage
 from l2vg_ray.config import ConfigError
 from l2vg_ray.dataset import DatasetInfo
 from l2vg_ray.train.batching import BatchPlan, micro_batches_per_epoch
+
+if TYPE_CHECKING:
+    from l2vg_ray.method.losses import TargetStats
 
 # Columns the training loop reads; the rest of the generated schema stays on disk.
 TRAIN_COLUMNS = (schema.QUERY, schema.RESPONSE, schema.TEACHER_EMBEDDING)
@@ -44,81 +49,9 @@ def check_data_against_config(
     return info.teacher_dim
 
 
-def read_train_dataset(info: DatasetInfo, *, exclude_ids: frozenset[str] = frozenset()):
-    """The Ray Dataset of the training columns, files in a fixed order, without ``exclude_ids``
-    (the held-out validation rows)."""
-    import ray.data
-
-    fs, _ = storage.filesystem(info.path)
-    # Materialised in the driver, before the workers claim their CPUs: on a small node the
-    # workers hold every core and Ray Data excludes them from its budget, so a read task
-    # scheduled later would wait forever. Only the three training columns are kept (in the
-    # object store, shared by the workers of a node, spilled to disk when large); every epoch
-    # and every restart then splits the same blocks in the same order.
-    ds = ray.data.read_parquet(
-        list(info.files), columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs
-    )
-    ds = ds.map_batches(_DropRows(exclude_ids), batch_format="pyarrow")
-    return ds.materialize()
-
-
-class _DropRows:
-    """``map_batches`` callable: drop the rows whose id is in ``ids``, then the id column."""
-
-    def __init__(self, ids: frozenset[str]) -> None:
-        self.ids = pa.array(sorted(ids), type=pa.string())
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
-        if len(self.ids):
-            table = table.filter(pc.invert(pc.is_in(table[schema.ID], value_set=self.ids)))
-        return table.drop_columns([schema.ID])
-
-
-def _id_rank(row_id: str, seed: int) -> bytes:
-    return hashlib.sha256(f"{seed}/{row_id}".encode()).digest()[:8]
-
-
-def _all_ids(info: DatasetInfo) -> list[str]:
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.filesystem(info.path)
-    ids: list[str] = []
-    for f in info.files:
-        ids.extend(pq.read_table(f, columns=[schema.ID], filesystem=fs).column(0).to_pylist())
-    return ids
-
-
-def unused_ids(info: DatasetInfo, *, val_ids: frozenset[str], max_rows: int | None,
-               seed: int) -> frozenset[str]:
-    """Training rows left out by ``train.max_rows``: all but the first ``max_rows`` of the
-    non-held-out ids in seeded hash order (empty when ``max_rows`` is None)."""
-    if max_rows is None:
-        return frozenset()
-    if max_rows < 1:
-        raise ConfigError(f"train.max_rows must be >= 1 or null, got {max_rows}.")
-    rest = sorted((i for i in _all_ids(info) if i not in val_ids),
-                  key=lambda i: _id_rank(i, seed + 1))
-    return frozenset(rest[max_rows:])
-
-
-def validation_ids(info: DatasetInfo, *, val_rows: int, seed: int) -> frozenset[str]:
-    """The ``val_rows`` ids held out for validation: those with the smallest seeded hash, so the
-    choice depends only on the ids and the seed (not on file order or the number of workers).
-
-    At most a tenth of the data is held out: a small dataset keeps most of its rows for training.
-    """
-    if val_rows <= 0:
-        return frozenset()
-    ids = _all_ids(info)
-    n = min(val_rows, len(ids) // 10)
-    return frozenset(sorted(ids, key=lambda i: _id_rank(i, seed))[:n])
-
-
 @dataclass
 class ValidationRows:
-    """The held-out rows, plain and picklable (passed to every worker)."""
+    """Rows as plain lists and a float32 matrix (the held-out rows, the probe rows)."""
 
     queries: list[str]
     responses: list[str]
@@ -130,78 +63,152 @@ class ValidationRows:
     def head(self, n: int) -> ValidationRows:
         return ValidationRows(self.queries[:n], self.responses[:n], self.teacher[:n])
 
+    @classmethod
+    def from_table(cls, table: pa.Table) -> ValidationRows:
+        """The rows of a table with the training columns (others are ignored)."""
+        if table.num_rows == 0:
+            dim = table.schema.field(schema.TEACHER_EMBEDDING).type.list_size
+            return cls([], [], np.zeros((0, dim), dtype=np.float32))
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS}
+        queries, responses, teacher = batch_lists(batch)
+        return cls(queries, responses, teacher)
 
-def read_validation_rows(info: DatasetInfo, ids: frozenset[str]) -> ValidationRows:
-    """The rows of ``ids``, in a fixed order (sorted by id)."""
-    import pyarrow.compute as pc
+    def to_table(self) -> pa.Table:
+        values = pa.array(self.teacher.reshape(-1), type=pa.float32())
+        teacher = pa.FixedSizeListArray.from_arrays(values, self.teacher.shape[1])
+        return pa.table({
+            schema.QUERY: pa.array(self.queries, type=pa.string()),
+            schema.RESPONSE: pa.array(self.responses, type=pa.string()),
+            schema.TEACHER_EMBEDDING: teacher,
+        })
+
+
+def write_rows(rows: ValidationRows, path: str) -> str:
+    """Write ``rows`` as one Parquet file at ``path`` (local or a URI) for the workers."""
     import pyarrow.parquet as pq
 
-    fs, _ = storage.filesystem(info.path)
-    value_set = pa.array(sorted(ids), type=pa.string())
-    parts = []
-    for f in info.files:
-        t = pq.read_table(f, columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs)
-        parts.append(t.filter(pc.is_in(t[schema.ID], value_set=value_set)))
-    table = pa.concat_tables(parts).sort_by(schema.ID) if parts else None
-    if table is None or table.num_rows == 0:
-        return ValidationRows([], [], np.zeros((0, info.teacher_dim), dtype=np.float32))
-    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS}
-    queries, responses, teacher = batch_lists(batch)
-    return ValidationRows(queries, responses, np.array(teacher, dtype=np.float32))
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows.to_table(), sink)
+    storage.write_bytes(path, sink.getvalue().to_pybytes())
+    return path
 
 
-def read_probe_rows(
-    info: DatasetInfo, n: int, *, exclude_ids: frozenset[str] = frozenset()
-) -> ValidationRows:
-    """The first ``n`` training rows in file order (for the ridge-probe reference)."""
-    import pyarrow.compute as pc
+def read_rows(path: str) -> ValidationRows:
+    """The rows ``write_rows`` wrote at ``path``."""
     import pyarrow.parquet as pq
 
-    if n <= 0:
-        return ValidationRows([], [], np.zeros((0, info.teacher_dim), dtype=np.float32))
+    return ValidationRows.from_table(pq.read_table(pa.BufferReader(storage.read_bytes(path))))
+
+
+@dataclass
+class TrainingData:
+    """The generated dataset after ONE read on the driver, split into what training needs."""
+
+    tables: list[pa.Table]  # the training rows (TRAIN_COLUMNS), one table per shard, file order
+    heldout: ValidationRows  # the held-out rows, sorted by id
+    probe: ValidationRows  # the first training rows in file order (ridge probe, calibration)
+    stats: TargetStats  # moments of the training rows' teacher embeddings
+
+    @property
+    def num_rows(self) -> int:
+        """Training rows (held-out rows and rows left out by ``train.max_rows`` excluded)."""
+        return sum(t.num_rows for t in self.tables)
+
+
+def read_training_data(
+    info: DatasetInfo, *, val_rows: int, max_rows: int | None, probe_rows: int, seed: int
+) -> TrainingData:
+    """Read the training columns of every shard once and derive the split from that table:
+    ``val_rows`` held-out rows (``validation_ids``), at most ``max_rows`` training rows
+    (``unused_ids``), the first ``probe_rows`` training rows and the targets' moments.
+
+    The driver holds the training columns in memory until ``train_dataset`` has put them in the
+    object store (the previous path read the files five times instead).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+
+    from l2vg_ray.method.losses import TargetStats
+
     fs, _ = storage.filesystem(info.path)
-    excluded = pa.array(sorted(exclude_ids), type=pa.string())
-    parts, have = [], 0
-    for f in info.files:
-        t = pq.read_table(f, columns=[schema.ID, *TRAIN_COLUMNS], filesystem=fs)
-        if len(excluded):
-            t = t.filter(pc.invert(pc.is_in(t[schema.ID], value_set=excluded)))
-        parts.append(t.slice(0, n - have))
-        have += parts[-1].num_rows
-        if have >= n:
-            break
-    table = pa.concat_tables(parts)
-    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS}
-    queries, responses, teacher = batch_lists(batch)
-    return ValidationRows(queries, responses, np.array(teacher, dtype=np.float32))
+    columns = [schema.ID, *TRAIN_COLUMNS]
+    shards = [pq.read_table(f, columns=columns, filesystem=fs) for f in info.files]
+    ids = [i for t in shards for i in t.column(schema.ID).to_pylist()]
+    val_ids = validation_ids(ids, val_rows=val_rows, seed=seed)
+    excluded = val_ids | unused_ids(ids, val_ids=val_ids, max_rows=max_rows, seed=seed)
+    held, dropped = (pa.array(sorted(s), type=pa.string()) for s in (val_ids, excluded))
+    heldout = pa.concat_tables([t.filter(pc.is_in(t[schema.ID], value_set=held)) for t in shards])
+    tables = [
+        t.filter(pc.invert(pc.is_in(t[schema.ID], value_set=dropped))).drop_columns([schema.ID])
+        for t in shards
+    ]
+    n, total, total_sq = target_moments(tables)
+    return TrainingData(
+        tables=tables,
+        heldout=ValidationRows.from_table(heldout.sort_by(schema.ID)),
+        probe=ValidationRows.from_table(pa.concat_tables(tables).slice(0, max(0, probe_rows))),
+        stats=TargetStats.from_moments(n, torch.from_numpy(total), torch.from_numpy(total_sq)),
+    )
+
+
+def train_dataset(tables: list[pa.Table]):
+    """The Ray Dataset the workers split: ``tables`` (one block each, in order) put in the object
+    store by the driver.
+
+    Already materialised, with no read task to schedule: on a small node the workers hold every
+    core and Ray Data excludes them from its budget, so a read scheduled later would wait forever.
+    The blocks live in the object store (shared by a node's workers, spilled to disk when large);
+    every epoch and every restart splits the same blocks in the same order.
+    """
+    import ray.data
+
+    return ray.data.from_arrow(tables)
+
+
+def _id_rank(row_id: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}/{row_id}".encode()).digest()[:8]
+
+
+def validation_ids(ids: Sequence[str], *, val_rows: int, seed: int) -> frozenset[str]:
+    """The ``val_rows`` ids held out for validation: those with the smallest seeded hash, so the
+    choice depends only on the ids and the seed (not on file order or the number of workers).
+
+    At most a tenth of the data is held out: a small dataset keeps most of its rows for training.
+    """
+    if val_rows <= 0:
+        return frozenset()
+    n = min(val_rows, len(ids) // 10)
+    return frozenset(sorted(ids, key=lambda i: _id_rank(i, seed))[:n])
+
+
+def unused_ids(ids: Sequence[str], *, val_ids: frozenset[str], max_rows: int | None,
+               seed: int) -> frozenset[str]:
+    """Training rows left out by ``train.max_rows``: all but the first ``max_rows`` of the
+    non-held-out ids in seeded hash order (empty when ``max_rows`` is None)."""
+    if max_rows is None:
+        return frozenset()
+    if max_rows < 1:
+        raise ConfigError(f"train.max_rows must be >= 1 or null, got {max_rows}.")
+    rest = sorted((i for i in ids if i not in val_ids), key=lambda i: _id_rank(i, seed + 1))
+    return frozenset(rest[max_rows:])
 
 
 def target_moments(
-    info: DatasetInfo, *, exclude_ids: frozenset[str] = frozenset()
+    tables: Sequence[pa.Table], *, chunk_rows: int = 4096
 ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(rows, sum, sum of squares) of the teacher embeddings per dimension, in float64, over the
-    training rows; streamed file by file and batch by batch so memory stays small."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.filesystem(info.path)
-    excluded = pa.array(sorted(exclude_ids), type=pa.string())
-    n, total = 0, np.zeros(info.teacher_dim)
-    total_sq = np.zeros(info.teacher_dim)
-    for f in info.files:
-        with fs.open_input_file(f) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(
-                batch_size=4096, columns=[schema.ID, schema.TEACHER_EMBEDDING]
-            ):
-                if len(excluded):
-                    batch = batch.filter(pc.invert(pc.is_in(batch.column(0), value_set=excluded)))
-                if batch.num_rows == 0:
-                    continue
-                emb = batch.column(1)
-                x = emb.flatten().to_numpy().reshape(len(emb), info.teacher_dim).astype(np.float64)
-                n += len(x)
-                total += x.sum(0)
-                total_sq += (x * x).sum(0)
+    """(rows, sum, sum of squares) of the teacher embeddings per dimension, in float64, over
+    ``tables``; ``chunk_rows`` rows at a time so the float64 copy stays small."""
+    dim = tables[0].schema.field(schema.TEACHER_EMBEDDING).type.list_size
+    n, total, total_sq = 0, np.zeros(dim), np.zeros(dim)
+    for table in tables:
+        column = table.column(schema.TEACHER_EMBEDDING)
+        for start in range(0, table.num_rows, chunk_rows):
+            emb = column.slice(start, chunk_rows).combine_chunks()
+            x = emb.flatten().to_numpy().reshape(len(emb), dim).astype(np.float64)
+            n += len(x)
+            total += x.sum(0)
+            total_sq += (x * x).sum(0)
     return n, total, total_sq
 
 

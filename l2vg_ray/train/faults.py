@@ -35,8 +35,8 @@ def fault_from_env() -> Fault | None:
     raw = os.environ.get(FAULT_ENV)
     if not raw:
         return None
-    fault = json.loads(raw)
-    return Fault(step=int(fault["step"]), rank=int(fault.get("rank", 0)), marker=str(fault["marker"]))
+    f = json.loads(raw)
+    return Fault(step=int(f["step"]), rank=int(f.get("rank", 0)), marker=str(f["marker"]))
 
 
 def maybe_fail(fault: Fault | None, *, step: int, rank: int, last_checkpoint: str | None) -> None:

@@ -8,101 +8,56 @@ Runs live under ``cluster.storage_path`` (default ``<train.output_dir>/ray_resul
 ``train-<timestamp>-<id>``; ``train.resume=true`` (``l2vg train --resume``) reuses the latest run
 that holds a checkpoint, which Ray Train V2 restores (``ray.train.get_checkpoint()`` in the loop).
 Worker deaths within a run are retried ``train.max_failures`` times from the latest checkpoint.
+
+The workers' inputs come from ONE read of the training data (``prepare_inputs``): the training
+rows go to the object store as a Ray Dataset, the held-out and probe rows to Parquet files in the
+run's folder (``worker_inputs/``), and the workers' config (``loop.WorkerConfig``) holds only
+config, numbers and those paths.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
     import ray.train
+    from ray.train.torch import TorchTrainer
 
-from l2vg_ray.config import ConfigError, typed, validate
-from l2vg_ray.dataset import inspect_dataset
-from l2vg_ray.method.losses import ALIGNMENT_LOSSES, TargetStats
+from l2vg_ray.config import ConfigError, typed
+from l2vg_ray.dataset import DatasetInfo, inspect_dataset
 from l2vg_ray.storage import absolute as storage_absolute
 from l2vg_ray.storage import filesystem as storage_fs
 from l2vg_ray.storage import join as storage_join
-from l2vg_ray.tracking import check_tracking, log_training, tracked
+from l2vg_ray.tracking import log_training, tracked
 from l2vg_ray.train import data as train_data
 from l2vg_ray.train import state as ckpt
-from l2vg_ray.train.batching import plan_batches, total_steps
+from l2vg_ray.train.batching import BatchPlan, plan_batches, total_steps
+from l2vg_ray.train.faults import fault_from_env
 from l2vg_ray.train.loop import WORKER_KEY, WorkerConfig, train_loop_per_worker
 from l2vg_ray.train.metrics import plot_curves, write_metrics_csv
-from l2vg_ray.train.schedule import SCHEDULERS
 from l2vg_ray.train.state import SNAPSHOT_FILE
 
 log = logging.getLogger(__name__)
 
-# Test-only: JSON {"step": k, "rank": r, "marker": path}. Worker ``r`` SIGKILLs itself after
-# optimiser step ``k`` unless ``marker`` exists (it creates it first), i.e. once per marker.
-FAULT_ENV = "L2VG_TRAIN_FAULT"
 RUN_PREFIX = "train-"
-PRECISIONS = ("auto", "bf16", "fp32")
-HEAD_INITS = ("default", "calibrated")
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
 SUMMARY_FILE = "train_summary.json"
-
-
-def check_train_config(cfg: DictConfig) -> None:
-    """Config-only checks of the train section (no data, no Ray)."""
-    validate(cfg)
-    t = cfg.train
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.scheduler={t.scheduler!r} is unknown; use one of {list(SCHEDULERS)}.")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={t.precision!r} is unknown; use one of {list(PRECISIONS)}.")
-    ALIGNMENT_LOSSES.get(str(t.align_loss))  # an unknown name lists the known ones
-    if t.head_init not in HEAD_INITS:
-        raise ConfigError(f"train.head_init={t.head_init!r} is unknown; use one of {list(HEAD_INITS)}.")
-    if t.head_init == "calibrated" and t.calibration_rows < 1:
-        raise ConfigError(
-            f"train.head_init=calibrated needs train.calibration_rows >= 1, got {t.calibration_rows}."
-        )
-    if t.report_every_s < 0:
-        raise ConfigError(f"train.report_every_s must be >= 0 (0 = every step), got {t.report_every_s}.")
-    if t.val_rows < 0 or t.probe_rows < 0:
-        raise ConfigError(
-            f"train.val_rows={t.val_rows} and train.probe_rows={t.probe_rows} must be >= 0 "
-            f"(0 turns validation / the ridge probe off)."
-        )
-    for key in ("checkpoint_every", "log_every", "num_to_keep", "eval_every"):
-        if t[key] < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
-    if t.shuffle_buffer < 0 or t.max_failures < -1:
-        raise ConfigError(
-            f"train.shuffle_buffer={t.shuffle_buffer} must be >= 0 and train.max_failures="
-            f"{t.max_failures} >= -1 (-1 = retry forever)."
-        )
-    if t.epochs is not None and t.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1 or null, got {t.epochs}.")
-    if t.lr <= 0 or (t.lr_heads is not None and t.lr_heads <= 0):
-        raise ConfigError(f"train.lr={t.lr} and train.lr_heads={t.lr_heads} must be > 0 "
-                          f"(lr_heads null = lr).")
-    if t.weight_decay < 0 or t.max_grad_norm <= 0:
-        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0 and "
-                          f"train.max_grad_norm={t.max_grad_norm} > 0.")
-    if t.recon_weight < 0 or t.align_weight < 0 or t.recon_weight == t.align_weight == 0:
-        raise ConfigError(f"train.recon_weight={t.recon_weight} and train.align_weight="
-                          f"{t.align_weight} must be >= 0 and not both 0.")
-    if t.use_gpu is False and t.gpus_per_worker > 0:
-        raise ConfigError(
-            f"train.gpus_per_worker={t.gpus_per_worker} with train.use_gpu=false: set "
-            f"train.use_gpu=true to train on GPUs, or gpus_per_worker=0."
-        )
+# The held-out and probe rows the workers read, in the run's folder under the storage path.
+INPUTS_DIR = "worker_inputs"
+HELDOUT_FILE = "heldout.parquet"
+PROBE_FILE = "probe.parquet"
 
 
 def storage_path(cfg: DictConfig) -> str:
@@ -135,104 +90,25 @@ def new_run_name() -> str:
     return f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def fault_from_env() -> dict[str, Any] | None:
-    raw = os.environ.get(FAULT_ENV)
-    if not raw:
-        return None
-    fault = json.loads(raw)
-    return {"step": int(fault["step"]), "rank": int(fault.get("rank", 0)), "marker": str(fault["marker"])}
-
-
 def run_train(cfg: DictConfig) -> dict:
     """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary."""
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    check_train_config(cfg)
     t = cfg.train
-    check_tracking(t.tracking)
     plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
     info = inspect_dataset(str(t.data_dir))
     teacher_dim = train_data.check_data_against_config(
         info, teacher_dim=cfg.model.teacher_dim, plan=plan
     )
     storage = storage_path(cfg)
-    if t.resume:
-        name = latest_run_name(storage)
-        if name is None:
-            raise ConfigError(
-                f"train.resume=true but no run with a checkpoint exists under {storage!r}. "
-                f"Train without --resume first (or set cluster.storage_path to the old runs)."
-            )
-        log.info("Resuming run %s from its latest checkpoint", name)
-    else:
-        name = new_run_name()
-
-    val_ids = train_data.validation_ids(info, val_rows=int(t.val_rows), seed=int(t.seed))
-    val_rows = train_data.read_validation_rows(info, val_ids)
-    unused = train_data.unused_ids(info, val_ids=val_ids, max_rows=t.max_rows, seed=int(t.seed))
-    n, total, total_sq = train_data.target_moments(info, exclude_ids=val_ids | unused)
-    stats = TargetStats.from_moments(n, torch.from_numpy(total), torch.from_numpy(total_sq))
-    probe = train_data.read_probe_rows(
-        info, max(int(t.probe_rows), int(t.calibration_rows)), exclude_ids=val_ids | unused
+    name = run_name(storage, resume=bool(t.resume))
+    inputs = prepare_inputs(
+        cfg, info, plan=plan, teacher_dim=teacher_dim,
+        inputs_dir=storage_join(storage, name, INPUTS_DIR),
     )
-    steps = total_steps(t.max_steps, t.epochs, n, plan)
-    log.info(
-        "Targets: %d training rows, %d held out; mean-vector MSE %.5f, zero-vector MSE %.5f",
-        n, len(val_rows), stats.mean_vector_mse, stats.zero_vector_mse,
-    )
-    resources = {"CPU": float(t.cpus_per_worker)}
-    if t.use_gpu:
-        resources["GPU"] = float(t.gpus_per_worker or 1.0)
-    with warnings.catch_warnings():  # Ray's own use of a deprecated field, nothing to act on
-        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
-        ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # the same rows reach the same worker on every (re)start
-    c = typed(cfg)
-    worker = WorkerConfig(
-        model=c.model,
-        train=c.train,
-        cache_dir=c.cache_dir,
-        plan=plan,
-        total_steps=steps,
-        teacher_dim=teacher_dim,
-        target_stats=stats,
-        val=val_rows,
-        probe=probe.head(int(t.probe_rows)),
-        calibration=tuple(probe.queries[: int(t.calibration_rows)])
-        if t.head_init == "calibrated" else (),
-        fault=fault_from_env(),
-    )
-    loop_config = {WORKER_KEY: worker}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=bool(t.use_gpu), resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            # Ray Train's own INFO lines (worker-group start-up, "Checkpoint successfully
-            # created") only in its log files; our loop logs progress and validation itself.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-        datasets={"train": train_data.read_train_dataset(info, exclude_ids=val_ids | unused)},
-        dataset_config=DataConfig(execution_options=ingest),
-    )
+    trainer = build_trainer(cfg, inputs, name=name, storage=storage)
     log.info(
         "Training %d steps: global batch %d = %d rows x %d workers x %d accumulation; %d "
-        "training rows of %d", steps, plan.global_batch, plan.micro_batch, plan.num_workers,
-        plan.grad_accum_steps, n, info.num_rows,
+        "training rows of %d", inputs.worker.total_steps, plan.global_batch, plan.micro_batch,
+        plan.num_workers, plan.grad_accum_steps, inputs.train_rows, info.num_rows,
     )
     start = time.perf_counter()
     result: ray.train.Result = trainer.fit()
@@ -249,6 +125,117 @@ def run_train(cfg: DictConfig) -> dict:
             summary_file = Path(str(t.output_dir)) / SUMMARY_FILE
             summary_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_name(storage: str, *, resume: bool) -> str:
+    """A new run's name, or with ``resume`` the newest run under ``storage`` with a checkpoint."""
+    if not resume:
+        return new_run_name()
+    name = latest_run_name(storage)
+    if name is None:
+        raise ConfigError(
+            f"train.resume=true but no run with a checkpoint exists under {storage!r}. "
+            f"Train without --resume first (or set cluster.storage_path to the old runs)."
+        )
+    log.info("Resuming run %s from its latest checkpoint", name)
+    return name
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What the ``TorchTrainer`` gets: the workers' config and the training rows."""
+
+    worker: WorkerConfig
+    dataset: Any  # ray.data.MaterializedDataset of the training rows
+    train_rows: int
+
+
+def prepare_inputs(
+    cfg: DictConfig, info: DatasetInfo, *, plan: BatchPlan, teacher_dim: int, inputs_dir: str
+) -> WorkerInputs:
+    """Read the training data ONCE and derive every input of the workers from that table: the
+    split, the targets' moments, the step count, the held-out and probe rows (files under
+    ``inputs_dir``) and the training rows (in the object store)."""
+    t = cfg.train
+    data = train_data.read_training_data(
+        info, val_rows=int(t.val_rows), max_rows=t.max_rows, seed=int(t.seed),
+        probe_rows=max(int(t.probe_rows), int(t.calibration_rows)),
+    )
+    worker = worker_config(cfg, data, plan=plan, teacher_dim=teacher_dim, inputs_dir=inputs_dir)
+    return WorkerInputs(worker, train_data.train_dataset(data.tables), data.num_rows)
+
+
+def worker_config(
+    cfg: DictConfig, data: train_data.TrainingData, *, plan: BatchPlan, teacher_dim: int,
+    inputs_dir: str,
+) -> WorkerConfig:
+    """The workers' config: typed sections, numbers and paths, no rows (see ``WorkerConfig``).
+    The held-out and probe rows are written as Parquet under ``inputs_dir``, shared storage
+    every worker reads; a rerun of the same run (``--resume``) writes the same files."""
+    t, stats = cfg.train, data.stats
+    log.info(
+        "Targets: %d training rows, %d held out; mean-vector MSE %.5f, zero-vector MSE %.5f",
+        data.num_rows, len(data.heldout), stats.mean_vector_mse, stats.zero_vector_mse,
+    )
+    files = {
+        key: train_data.write_rows(rows, storage_join(inputs_dir, file)) if len(rows) else None
+        for key, rows, file in (("heldout_file", data.heldout, HELDOUT_FILE),
+                                ("probe_file", data.probe, PROBE_FILE))
+    }
+    c = typed(cfg)
+    return WorkerConfig(
+        model=c.model,
+        train=c.train,
+        cache_dir=c.cache_dir,
+        plan=plan,
+        total_steps=total_steps(t.max_steps, t.epochs, data.num_rows, plan),
+        teacher_dim=teacher_dim,
+        target_stats=stats,
+        fault=fault_from_env(),
+        **files,
+    )
+
+
+def build_trainer(
+    cfg: DictConfig, inputs: WorkerInputs, *, name: str, storage: str
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of run ``name``: workers and their resources, checkpoints, retries."""
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = float(t.gpus_per_worker or 1.0)
+    with warnings.catch_warnings():  # Ray's own use of a deprecated field, nothing to act on
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same rows reach the same worker on every (re)start
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={WORKER_KEY: inputs.worker},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=bool(t.use_gpu), resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            # Ray Train's own INFO lines (worker-group start-up, "Checkpoint successfully
+            # created") only in its log files; our loop logs progress and validation itself.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": inputs.dataset},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
 
 
 def export_run(

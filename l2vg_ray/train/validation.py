@@ -146,7 +146,7 @@ def probe_reference(
 
 
 @torch.inference_mode()
-def validate(
+def heldout_metrics(
     encoder: L2VGEncoder,
     rows: ValidationRows,
     *,

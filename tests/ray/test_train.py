@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from l2vg_ray.config import load_config
 from l2vg_ray.testing import write_fixture_dataset
+from l2vg_ray.train import faults, trainer
 from l2vg_ray.train import state as ckpt
-from l2vg_ray.train import trainer
 
 STEPS = 6  # 24 rows / 2 workers / micro-batch 2 = 6 micro-batches per epoch: a kill at step 3
 KILL_AT = 3  # lands after checkpoint 2, so the restart must replay steps 3..6 from disk
@@ -159,7 +159,7 @@ def test_worker_killed_mid_run_is_restarted_and_matches_the_uninterrupted_run(
 ):
     _, ref = reference
     marker = tmp_path / "killed"
-    monkeypatch.setenv(trainer.FAULT_ENV, json.dumps({"step": KILL_AT, "rank": 1, "marker": str(marker)}))
+    monkeypatch.setenv(faults.FAULT_ENV, json.dumps({"step": KILL_AT, "rank": 1, "marker": str(marker)}))
     cfg = make_config(tmp_path, tiny_llm_dir, tiny_teacher_dir, train_data_dir, "train.max_failures=1")
     summary = trainer.run_train(cfg)
     assert marker.is_file(), "the fault hook never fired"
@@ -178,7 +178,7 @@ def test_resume_flag_continues_a_failed_run(
 
     _, ref = reference
     marker = tmp_path / "killed"
-    monkeypatch.setenv(trainer.FAULT_ENV, json.dumps({"step": KILL_AT, "rank": 0, "marker": str(marker)}))
+    monkeypatch.setenv(faults.FAULT_ENV, json.dumps({"step": KILL_AT, "rank": 0, "marker": str(marker)}))
     cfg = make_config(tmp_path, tiny_llm_dir, tiny_teacher_dir, train_data_dir, "train.max_failures=0")
     with pytest.raises(TrainingFailedError):
         trainer.run_train(cfg)

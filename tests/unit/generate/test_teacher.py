@@ -1,4 +1,4 @@
-"""Teachers without Ray: sentence-transformers and mean-pooled-LLM embeddings, the stage, dims."""
+"""Teachers without Ray: sentence-transformers and mean-pooled-LLM embeddings, dims."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from l2vg_ray import schema
-from l2vg_ray.config import ConfigError
 from l2vg_ray.generate.teacher import (
     TEACHERS,
-    TeacherSpec,
-    TeacherStage,
     build_teacher,
     teacher_dim,
     teacher_spec,
-    teacher_stage_kwargs,
 )
-from l2vg_ray.testing import TINY_QUERIES
 from l2vg_ray.torch_utils import mean_pool
 
 TEXTS = ["Paris is the capital of France.", "Two plus two is four.", "", "The sea is wide."]
@@ -28,24 +22,6 @@ def test_mean_pool_averages_only_masked_positions():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
     out = mean_pool(hidden, mask)
     assert torch.equal(out, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
-
-
-def test_teacher_stage_gives_float32_rows(tiny_config):
-    stage = TeacherStage(**teacher_stage_kwargs(tiny_config)["fn_constructor_kwargs"])
-    batch = {
-        schema.ID: np.array(["a", "b", "c", "d"], dtype=object),
-        schema.RESPONSE: np.array(TEXTS, dtype=object),
-    }
-    out = stage(batch)
-    emb = out[schema.TEACHER_EMBEDDING]
-    assert emb.dtype == np.float32 and emb.shape == (4, 32) == (4, teacher_dim(tiny_config))
-    assert np.isfinite(emb).all() and not np.allclose(emb[0], emb[1])
-    assert set(out[schema.TEACHER_MODEL]) == {tiny_config.model.teacher}
-    assert list(out[schema.ID]) == ["a", "b", "c", "d"]
-    # A row's embedding does not depend on the batch it came in.
-    np.testing.assert_allclose(stage.teacher.embed([TEXTS[1]])[0], emb[1], atol=1e-5)
-    with pytest.raises(ValueError, match=r"TeacherStage needs columns \['response'\]"):
-        stage({schema.QUERY: np.array(TINY_QUERIES[:2], dtype=object)})
 
 
 def test_mean_pooled_llm_teacher_pools_response_tokens(tiny_config, tiny_llm_dir):
@@ -84,23 +60,7 @@ def test_unknown_teacher_kind_lists_the_known_ones(tiny_config):
         match="Unknown teacher kind 'bge'. Known: cls-encoder, llm2vec, mean-pooled-llm, "
               "sentence-transformers",
     ):
-        teacher_stage_kwargs(tiny_config)
-
-
-def test_teacher_stage_kwargs_describe_the_actor_pool(tiny_config):
-    import ray.data
-
-    tiny_config.teacher.num_actors = 2
-    tiny_config.teacher.num_gpus_per_actor = 0.5
-    kw = teacher_stage_kwargs(tiny_config)
-    assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
-    assert (kw["compute"].min_size, kw["compute"].max_size) == (2, 2)
-    assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (1.0, 0.5, 4)
-    spec = kw["fn_constructor_kwargs"]["spec"]
-    assert isinstance(spec, TeacherSpec) and spec.teacher.num_actors == 2  # typed, resolved
-    tiny_config.teacher.batch_size = 0
-    with pytest.raises(ConfigError, match="teacher.batch_size=0"):
-        teacher_stage_kwargs(tiny_config)
+        teacher_spec(tiny_config)
 
 
 # ----------------------------------------------------------------------------- llm2vec teacher

@@ -1,4 +1,5 @@
-"""Held-out validation and its references (l2vg_ray.train.validation, train.data splits)."""
+"""Held-out validation and its references (l2vg_ray.train.validation), and the one read of the
+training data that splits it (train.data.read_training_data)."""
 
 from __future__ import annotations
 
@@ -42,27 +43,48 @@ def test_mse_and_cos():
     assert V.mse_and_cos(a, b) == (pytest.approx(2.5), pytest.approx(0.0))
 
 
-def test_validation_ids_are_a_seeded_tenth_at_most_and_stable(tmp_path):
+def _fixture(tmp_path, n_rows: int = 40):
+    """The fixture dataset's info and its whole table (one shard)."""
+    import pyarrow.parquet as pq
+
     from l2vg_ray.testing import write_fixture_dataset
 
-    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
-    ids = train_data.validation_ids(info, val_rows=100, seed=3)
+    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=n_rows)))
+    return info, pq.read_table(info.files[0])
+
+
+def test_validation_ids_are_a_seeded_tenth_at_most_and_stable(tmp_path):
+    _, table = _fixture(tmp_path)
+    all_ids = table.column("id").to_pylist()
+    ids = train_data.validation_ids(all_ids, val_rows=100, seed=3)
     assert len(ids) == 4  # capped at a tenth of 40 rows
-    assert ids == train_data.validation_ids(info, val_rows=100, seed=3)
-    assert ids != train_data.validation_ids(info, val_rows=100, seed=4)
-    assert train_data.validation_ids(info, val_rows=0, seed=3) == frozenset()
-    rows = train_data.read_validation_rows(info, ids)
+    assert ids == train_data.validation_ids(all_ids[::-1], val_rows=100, seed=3)  # order-free
+    assert ids != train_data.validation_ids(all_ids, val_rows=100, seed=4)
+    assert train_data.validation_ids(all_ids, val_rows=0, seed=3) == frozenset()
+
+
+def test_one_read_gives_heldout_probe_moments_and_training_rows(tmp_path):
+    info, table = _fixture(tmp_path)
+    ids = train_data.validation_ids(table.column("id").to_pylist(), val_rows=100, seed=3)
+    data = train_data.read_training_data(info, val_rows=100, max_rows=None, probe_rows=10, seed=3)
+    rows = data.heldout
     assert len(rows) == 4 and rows.teacher.shape == (4, 32) and rows.teacher.dtype == np.float32
-    # Moments over the training rows only, equal to a direct computation.
-    n, total, sq = train_data.target_moments(info, exclude_ids=ids)
-    table = __import__("pyarrow.parquet", fromlist=["x"]).read_table(info.files[0])
+    by_id = sorted(i for i in table.column("id").to_pylist() if i in ids)
+    queries = dict(zip(table.column("id").to_pylist(), table.column("query").to_pylist(), strict=True))
+    assert rows.queries == [queries[i] for i in by_id]  # sorted by id
+    # The training rows: the rest, in file order, only the training columns.
     emb = np.stack(table.column("teacher_embedding").to_pylist())
     keep = np.array([i not in ids for i in table.column("id").to_pylist()])
+    assert data.num_rows == 36 and data.tables[0].column_names == list(train_data.TRAIN_COLUMNS)
+    # Moments over the training rows only, equal to a direct computation.
+    n, total, sq = train_data.target_moments(data.tables, chunk_rows=7)
     assert n == 36
     np.testing.assert_allclose(total, emb[keep].sum(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sq, (emb[keep] ** 2).sum(0), rtol=1e-6, atol=1e-6)
-    probe = train_data.read_probe_rows(info, 10, exclude_ids=ids)
-    assert len(probe) == 10 and not set(probe.queries) & set(rows.queries)
+    torch.testing.assert_close(data.stats.mean, torch.from_numpy(emb[keep].mean(0)).float())
+    # The probe rows: the first training rows in file order.
+    kept_queries = [q for q, k in zip(table.column("query").to_pylist(), keep, strict=True) if k]
+    assert data.probe.queries == kept_queries[:10] and not set(data.probe.queries) & set(rows.queries)
 
 
 def test_validate_reports_raw_mse_and_skips_recon_at_zero_weight(tiny_llm_dir):
@@ -75,27 +97,28 @@ def test_validate_reports_raw_mse_and_skips_recon_at_zero_weight(tiny_llm_dir):
     t = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     rows = train_data.ValidationRows([f"q{i}?" for i in range(5)], [f"a{i}." for i in range(5)], t)
     stats = TargetStats.from_targets(torch.from_numpy(t))
-    m = V.validate(enc, rows, batch_size=2, recon_weight=1.0, align_loss="normalized-mse",
+    m = V.heldout_metrics(enc, rows, batch_size=2, recon_weight=1.0, align_loss="normalized-mse",
                    target_stats=stats)
     expected, _ = V.mse_and_cos(torch.from_numpy(enc.encode(rows.queries)), torch.from_numpy(t))
     assert m["val_align_mse"] == pytest.approx(expected, rel=1e-5)
     assert m["val_align_loss"] == pytest.approx(expected / stats.mean_vector_mse, rel=1e-4)
     assert np.isfinite(m["val_recon_loss"])
-    m0 = V.validate(enc, rows, batch_size=2, recon_weight=0.0, align_loss="mse", target_stats=None)
+    m0 = V.heldout_metrics(enc, rows, batch_size=2, recon_weight=0.0, align_loss="mse", target_stats=None)
     assert np.isnan(m0["val_recon_loss"]) and m0["val_align_mse"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_max_rows_keeps_a_seeded_subset_of_the_training_rows(tmp_path):
     from l2vg_ray.config import ConfigError
-    from l2vg_ray.testing import write_fixture_dataset
 
-    info = inspect_dataset(str(write_fixture_dataset(tmp_path / "d", n_rows=40)))
-    val = train_data.validation_ids(info, val_rows=4, seed=0)
-    unused = train_data.unused_ids(info, val_ids=val, max_rows=10, seed=0)
+    info, table = _fixture(tmp_path)
+    ids = table.column("id").to_pylist()
+    val = train_data.validation_ids(ids, val_rows=4, seed=0)
+    unused = train_data.unused_ids(ids, val_ids=val, max_rows=10, seed=0)
     assert len(unused) == 26 and not unused & val
-    assert unused == train_data.unused_ids(info, val_ids=val, max_rows=10, seed=0)
-    assert train_data.unused_ids(info, val_ids=val, max_rows=None, seed=0) == frozenset()
-    n, _, _ = train_data.target_moments(info, exclude_ids=val | unused)
-    assert n == 10
+    assert unused == train_data.unused_ids(ids, val_ids=val, max_rows=10, seed=0)
+    assert train_data.unused_ids(ids, val_ids=val, max_rows=None, seed=0) == frozenset()
+    data = train_data.read_training_data(info, val_rows=4, max_rows=10, probe_rows=0, seed=0)
+    assert data.num_rows == 10 and len(data.heldout) == 4 and len(data.probe) == 0
+    assert train_data.target_moments(data.tables)[0] == 10
     with pytest.raises(ConfigError, match="max_rows"):
-        train_data.unused_ids(info, val_ids=val, max_rows=0, seed=0)
+        train_data.unused_ids(ids, val_ids=val, max_rows=0, seed=0)

@@ -16,7 +16,7 @@ from l2vg_ray import schema
 from l2vg_ray.config import ConfigError
 from l2vg_ray.dataset import inspect_dataset
 from l2vg_ray.testing import write_fixture_dataset
-from l2vg_ray.train import batching, metrics, schedule, state, trainer
+from l2vg_ray.train import batching, faults, metrics, schedule, state, trainer
 from l2vg_ray.train import data as train_data
 
 
@@ -208,20 +208,6 @@ def test_metrics_csv_and_plot(tmp_path):
 
 
 # ----------------------------------------------------------------------------- trainer helpers
-def test_train_config_checks(tiny_config):
-    trainer.check_train_config(tiny_config)
-    for key, value, match in [
-        ("scheduler", "step", "train.scheduler='step'"),
-        ("precision", "fp8", "train.precision='fp8'"),
-        ("checkpoint_every", 0, "train.checkpoint_every must be >= 1"),
-        ("gpus_per_worker", 1.0, "use_gpu=true"),
-    ]:
-        bad = tiny_config.copy()
-        bad.train[key] = value
-        with pytest.raises(ConfigError, match=match):
-            trainer.check_train_config(bad)
-
-
 def test_latest_run_name_picks_the_newest_run_with_a_checkpoint(tmp_path):
     assert trainer.latest_run_name(str(tmp_path / "none")) is None
     for name, snapshot in (("train-20260101-000000-aaaaaa", True),
@@ -234,11 +220,18 @@ def test_latest_run_name_picks_the_newest_run_with_a_checkpoint(tmp_path):
     assert trainer.new_run_name() > "train-20260103"
 
 
-def test_fault_injection_is_read_from_the_environment(monkeypatch):
-    monkeypatch.delenv(trainer.FAULT_ENV, raising=False)
-    assert trainer.fault_from_env() is None
-    monkeypatch.setenv(trainer.FAULT_ENV, json.dumps({"step": 3, "marker": "/tmp/m"}))
-    assert trainer.fault_from_env() == {"step": 3, "rank": 0, "marker": "/tmp/m"}
+def test_fault_injection_is_read_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(faults.FAULT_ENV, raising=False)
+    assert faults.fault_from_env() is None
+    monkeypatch.setenv(faults.FAULT_ENV, json.dumps({"step": 3, "marker": "/tmp/m"}))
+    assert faults.fault_from_env() == faults.Fault(step=3, rank=0, marker="/tmp/m")
+    # Not due (another step or rank, or its marker exists): the worker goes on.
+    fault = faults.Fault(step=3, rank=1, marker=str(tmp_path / "m"))
+    faults.maybe_fail(fault, step=2, rank=1, last_checkpoint=None)
+    faults.maybe_fail(fault, step=3, rank=0, last_checkpoint=None)
+    (tmp_path / "m").write_text("")
+    faults.maybe_fail(fault, step=3, rank=1, last_checkpoint=None)
+    faults.maybe_fail(None, step=3, rank=1, last_checkpoint=None)
 
 
 def test_optimizer_puts_the_heads_in_their_own_group_at_lr_heads():

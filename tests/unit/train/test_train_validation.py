@@ -43,9 +43,3 @@ def test_resume_without_a_previous_run(cfg):
     cfg.train.resume = True
     with pytest.raises(ConfigError, match="no run with a checkpoint exists"):
         run_train(cfg)
-
-
-def test_unknown_scheduler(cfg):
-    cfg.train.scheduler = "warmup-stable"
-    with pytest.raises(ConfigError, match="train.scheduler='warmup-stable' is unknown"):
-        run_train(cfg)
