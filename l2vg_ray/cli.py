@@ -25,10 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from l2vg_ray import storage
-from l2vg_ray.config import ConfigError, InputError, load_config, to_yaml
+from l2vg_ray.config import ConfigError, InputError, load_config, select, to_yaml, typed
 from l2vg_ray.models.resolver import unavailable_models
 from l2vg_ray.packaged_data import DataUnavailable
 from l2vg_ray.serve import ServeLoadError
@@ -174,8 +172,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(to_yaml(cfg))
         return 0
     # Relative local paths resolved here, on the node that reads the config (inside a Ray job
-    # the workers run elsewhere); hub ids, names and URIs stay as they are.
-    cfg = storage.absolute_paths(cfg)
+    # the workers run elsewhere); hub ids, names and URIs stay as they are. From here on the
+    # config is the typed L2VGConfig every stage takes.
+    cfg = typed(storage.absolute_paths(cfg))
     _precheck(args, cfg)
     if args.command == "decode":
         return _decode(cfg, texts)
@@ -206,8 +205,6 @@ def _split_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if texts and args.command != "decode":
         raise ConfigError(f"Unexpected arguments {texts}: overrides must look like key=value.")
     overrides = _expand_aliases(args.command, overrides)
-    if args.command == "train" and args.resume:
-        overrides.append("train.resume=true")
     if args.command == "decode" and args.max_new_tokens is not None:
         overrides.append(f"decode.max_new_tokens={args.max_new_tokens}")
     return overrides, texts
@@ -251,7 +248,7 @@ def _run_generate(cfg, args):
 def _run_train(cfg, args):
     from l2vg_ray.train.trainer import run_train
 
-    return run_train(cfg)
+    return run_train(cfg, resume=args.resume)
 
 
 def _run_eval(cfg, args):
@@ -319,7 +316,7 @@ def _check_model_path(cfg, key: str) -> None:
     every Ray task or Serve replica (which would retry an error that cannot change)."""
     from l2vg_ray.text_encoders import ENCODER_CONFIG_FILE
 
-    spec = str(OmegaConf.select(cfg, key))
+    spec = str(select(cfg, key))
     folder = Path(spec).expanduser()
     if spec.startswith(("/", ".", "~")) and not folder.exists():
         raise ConfigError(

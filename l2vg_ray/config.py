@@ -237,7 +237,6 @@ class TrainConfig:
     use_gpu: bool = resource_field(False)
     cpus_per_worker: float = resource_field(1.0)
     gpus_per_worker: float = resource_field(0.0)
-    resume: bool = resource_field(False)
     # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
     precision: str = "auto"
     # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = file order.
@@ -865,6 +864,14 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def select(cfg: DictConfig | L2VGConfig, key: str) -> Any:
+    """The value at a dotted ``key`` (``"eval.model"``) of a config, typed or not."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def typed(cfg: DictConfig | L2VGConfig) -> L2VGConfig:
     """The resolved, validated config as its dataclasses: the one form that crosses Ray
     boundaries (actors, tasks, Train workers and Serve replicas read attributes of it, never
@@ -876,6 +883,7 @@ def typed(cfg: DictConfig | L2VGConfig) -> L2VGConfig:
             f"typed() takes the DictConfig of load_config() or an L2VGConfig, got "
             f"{type(cfg).__name__}. Build configs with l2vg_ray.config.load_config()."
         )
+    validate(cfg)  # a DictConfig changed after load_config is checked again here
     out = OmegaConf.to_object(cfg)
     if not isinstance(out, L2VGConfig):  # a section was passed (e.g. cfg.train)
         raise TypeError(

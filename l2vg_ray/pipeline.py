@@ -19,7 +19,6 @@ Markers live next to the artifacts, so they work on local disks and on ``s3://``
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -28,16 +27,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from l2vg_ray import storage
 from l2vg_ray.config import (
     EvalConfig,
     GenerateConfig,
+    L2VGConfig,
     ModelConfig,
     TeacherConfig,
     TrainConfig,
     not_hashed,
+    select,
+    to_dict,
+    typed,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ SUCCESS = "_SUCCESS.json"
 STARTED = "_STARTED.json"
 STAGES = ("generate", "train", "eval")
 
-StageFn = Callable[[DictConfig], dict]
+StageFn = Callable[..., dict]  # (cfg: L2VGConfig) -> summary; train also takes resume=
 
 
 @dataclass(frozen=True)
@@ -81,20 +84,20 @@ NOT_HASHED: dict[str, set[str]] = {
 }
 
 
-def stage_output(cfg: DictConfig, stage: str) -> str:
-    return str(OmegaConf.select(cfg, SPECS[stage].output_key))
+def stage_output(cfg: L2VGConfig, stage: str) -> str:
+    return str(select(cfg, SPECS[stage].output_key))
 
 
-def depends_on_upstream(cfg: DictConfig, stage: str) -> bool:
+def depends_on_upstream(cfg: L2VGConfig, stage: str) -> bool:
     """Whether ``stage`` reads the output of its upstream stage under this config."""
     if stage == "eval":  # eval reads the trained encoder only when eval.model points at it
         return str(cfg.eval.model).startswith(str(cfg.train.output_dir))
     return SPECS[stage].upstream is not None
 
 
-def stage_fingerprint(cfg: DictConfig, stage: str, upstream_hash: str | None = None) -> dict:
+def stage_fingerprint(cfg: L2VGConfig, stage: str, upstream_hash: str | None = None) -> dict:
     """The resolved config values that define ``stage``'s output (JSON-able)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = to_dict(cfg)
     model = _drop(resolved["model"], NOT_HASHED["model"])
     if MODEL_KEYS[stage] is not None:
         model = {k: model[k] for k in MODEL_KEYS[stage]}
@@ -115,7 +118,7 @@ def config_hash(fingerprint: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def read_marker(cfg: DictConfig, stage: str, name: str = SUCCESS) -> dict | None:
+def read_marker(cfg: L2VGConfig, stage: str, name: str = SUCCESS) -> dict | None:
     path = storage.join(stage_output(cfg, stage), name)
     if not storage.exists(path):
         return None
@@ -126,7 +129,7 @@ def read_marker(cfg: DictConfig, stage: str, name: str = SUCCESS) -> dict | None
         return None
 
 
-def stage_status(cfg: DictConfig, stage: str, digest: str) -> str:
+def stage_status(cfg: L2VGConfig, stage: str, digest: str) -> str:
     """``done`` (skip), ``partial`` (rerun, resume) , ``stale`` (clear, rerun) or ``new``."""
     done = read_marker(cfg, stage, SUCCESS)
     started = read_marker(cfg, stage, STARTED)
@@ -159,7 +162,7 @@ _MISSING = object()
 EXTENDABLE = {"generate": ("generate.queries.",)}
 
 
-def _previous_fingerprint(cfg: DictConfig, stage: str) -> dict | None:
+def _previous_fingerprint(cfg: L2VGConfig, stage: str) -> dict | None:
     for name in (SUCCESS, STARTED):
         marker = read_marker(cfg, stage, name)
         if marker is not None and isinstance(marker.get("config"), Mapping):
@@ -168,7 +171,7 @@ def _previous_fingerprint(cfg: DictConfig, stage: str) -> dict | None:
 
 
 def run_stage(
-    cfg: DictConfig,
+    cfg: L2VGConfig,
     stage: str,
     fn: StageFn,
     *,
@@ -218,11 +221,10 @@ def run_stage(
         storage.join(out, STARTED),
         {"stage": stage, "config_hash": digest, "config": fingerprint, "started_at": started_at},
     )
-    stage_cfg = cfg
-    if stage == "train" and status == "partial" and _has_train_checkpoint(cfg):
-        stage_cfg = copy.deepcopy(cfg)
-        stage_cfg.train.resume = True
-    summary = fn(stage_cfg)
+    if stage == "train":
+        summary = fn(cfg, resume=status == "partial" and _has_train_checkpoint(cfg))
+    else:
+        summary = fn(cfg)
     seconds = round(time.time() - started_at, 2)
     record = {**record, "seconds": seconds, "summary": summary}
     if isinstance(summary, Mapping) and summary.get("failed"):
@@ -253,7 +255,7 @@ def run_stage(
 
 
 def run_pipeline(
-    cfg: DictConfig,
+    cfg: L2VGConfig,
     *,
     serve: bool = False,
     runners: Mapping[str, StageFn] | None = None,
@@ -266,7 +268,8 @@ def run_pipeline(
     Assumes Ray is initialised (``init_ray``). ``runners`` replaces stage functions by name
     (tests); by default they are ``run_generate``, ``run_train`` and ``run_eval``.
     """
-    cfg = storage.absolute_paths(cfg)
+    if isinstance(cfg, DictConfig):  # from Python; the CLI passes the typed, absolute config
+        cfg = typed(storage.absolute_paths(cfg))
     _warn_if_multinode(cfg)
     runners = {**_default_runners(), **(runners or {})}
     started = time.time()
@@ -289,7 +292,7 @@ def run_pipeline(
     return result
 
 
-def serve_and_query(cfg: DictConfig, text: str = "What is the capital of France?") -> dict:
+def serve_and_query(cfg: L2VGConfig, text: str = "What is the capital of France?") -> dict:
     """Start the Serve app, send one real POST /v1/embeddings, shut Serve down."""
     import httpx
     from ray import serve
@@ -323,7 +326,7 @@ def serve_and_query(cfg: DictConfig, text: str = "What is the capital of France?
         serve.shutdown()
 
 
-def artifacts(cfg: DictConfig, records: Mapping[str, dict]) -> dict[str, Any]:
+def artifacts(cfg: L2VGConfig, records: Mapping[str, dict]) -> dict[str, Any]:
     """Where the results are: data, encoder, curves, eval tables, plus other files the stages
     reported (their echoed configs left out)."""
     summaries = {stage: rec.get("summary") or {} for stage, rec in records.items()}
@@ -370,17 +373,17 @@ def format_summary(result: Mapping[str, Any]) -> str:
 
 
 def _default_runners() -> dict[str, StageFn]:
-    def generate(cfg: DictConfig) -> dict:
+    def generate(cfg: L2VGConfig) -> dict:
         from l2vg_ray.generate.pipeline import run_generate
 
         return run_generate(cfg)
 
-    def train(cfg: DictConfig) -> dict:
+    def train(cfg: L2VGConfig, *, resume: bool = False) -> dict:
         from l2vg_ray.train.trainer import run_train
 
-        return run_train(cfg)
+        return run_train(cfg, resume=resume)
 
-    def evaluate(cfg: DictConfig) -> dict:
+    def evaluate(cfg: L2VGConfig) -> dict:
         from l2vg_ray.eval.runner import run_eval
 
         return run_eval(cfg)
@@ -406,7 +409,7 @@ def _paths_in(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, s
     return out
 
 
-def _check_clearable(cfg: DictConfig, stage: str) -> None:
+def _check_clearable(cfg: L2VGConfig, stage: str) -> None:
     """Refuse to delete a stage folder that holds the run's root or another stage's output."""
     out = stage_output(cfg, stage).rstrip("/")
     others = [stage_output(cfg, s).rstrip("/") for s in STAGES if s != stage]
@@ -418,14 +421,15 @@ def _check_clearable(cfg: DictConfig, stage: str) -> None:
         )
 
 
-def _has_train_checkpoint(cfg: DictConfig) -> bool:
-    """Whether an interrupted training run left a checkpoint that ``train.resume`` can use."""
+def _has_train_checkpoint(cfg: L2VGConfig) -> bool:
+    """Whether an interrupted training run left a checkpoint that ``run_train(resume=True)`` can
+    continue."""
     from l2vg_ray.train.trainer import latest_run_name, storage_path
 
     return latest_run_name(storage_path(cfg)) is not None
 
 
-def _warn_if_multinode(cfg: DictConfig) -> None:
+def _warn_if_multinode(cfg: L2VGConfig) -> None:
     import ray
 
     if ray.is_initialized():

@@ -171,7 +171,7 @@ class WandbTracker:
 @contextmanager
 def tracked(cfg: Any, stage: str) -> Iterator[Tracker | None]:
     """The stage's tracker (``cfg.<stage>.tracking``), or None when tracking is off."""
-    tcfg = cfg[stage].tracking
+    tcfg = getattr(cfg, stage).tracking
     if not tcfg.kind:
         yield None
         return

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from l2vg_ray.config import typed
+from l2vg_ray.config import L2VGConfig, typed
 from l2vg_ray.eval.worker import TaskJob, job_encoder, loads_so_far
 from l2vg_ray.torch_utils import set_threads
 from l2vg_ray.tracking import log_evaluation, tracked
@@ -150,8 +150,9 @@ def model_slug(model: str) -> str:
     return mteb_model_name(model).split("/", 1)[1]
 
 
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
+def run_eval(cfg: L2VGConfig) -> dict[str, Any]:
     """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
     from l2vg_ray.eval.suites import suite_task_names
 
     e = cfg.eval

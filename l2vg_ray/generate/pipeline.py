@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from pyarrow import fs as pafs
 
 from l2vg_ray import schema
-from l2vg_ray.config import ConfigError, to_dict
+from l2vg_ray.config import ConfigError, L2VGConfig, to_dict, typed
 from l2vg_ray.dataset import (
     OutputDir,
     ShardWriter,
@@ -233,11 +233,12 @@ def _generate_pending(
     return run, time.perf_counter() - t0
 
 
-def run_generate(cfg: DictConfig) -> dict[str, Any]:
+def run_generate(cfg: L2VGConfig) -> dict[str, Any]:
     """Generate the dataset of ``cfg`` into ``generate.output_dir`` (resumable, exactly once).
 
     Returns the manifest (also written to ``<output_dir>/manifest.json``).
     """
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
     from l2vg_ray.generate.queries import load_queries
 
     start = time.perf_counter()

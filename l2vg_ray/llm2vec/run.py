@@ -34,7 +34,7 @@ from l2vg_ray.models import resolve_model
 from l2vg_ray.torch_utils import set_threads
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _fit(args: WorkerArgs, x: LLM2VecConfig) -> None:
     trainer.fit()
 
 
-def run_llm2vec(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
+def run_llm2vec(cfg: L2VGConfig) -> dict[str, Any]:
     """Build the LLM2Vec teacher of ``llm2vec.llm`` into ``llm2vec.output_dir`` (Ray initialised
     by the caller). Steps already done are skipped; an interrupted one resumes."""
     c = typed(cfg)

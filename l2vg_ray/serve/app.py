@@ -553,7 +553,7 @@ def wait_until_ready(url: str, *, timeout_s: float) -> dict:
 
 
 def run_serve(
-    cfg: DictConfig, *, blocking: bool = True, encoder_factory: EncoderLoader | None = None
+    cfg: L2VGConfig, *, blocking: bool = True, encoder_factory: EncoderLoader | None = None
 ) -> dict:
     """Deploy the app on the connected Ray cluster and wait until it answers.
 
@@ -561,6 +561,7 @@ def run_serve(
     ``blocking=False`` returns at once (the caller calls ``ray.serve.shutdown()`` or
     ``serve.delete(result["app_name"])`` when done).
     """
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
     s = cfg.serve
     app = build_application(cfg, encoder_factory=encoder_factory)
     host, port = _start_serve(

@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from l2vg_ray.config import L2VGConfig
 
 __all__ = ["run_train"]
 
 
-def run_train(cfg: DictConfig) -> dict:
+def run_train(cfg: L2VGConfig, *, resume: bool = False) -> dict:
     """See ``l2vg_ray.train.trainer.run_train`` (imported lazily: Ray and torch are heavy)."""
     from l2vg_ray.train.trainer import run_train as _run_train
 
-    return _run_train(cfg)
+    return _run_train(cfg, resume=resume)

@@ -5,7 +5,7 @@ name, the data folder, its teacher dimension), so a bad config fails in a second
 naming the value and the fix instead of after the workers have loaded the LLM.
 
 Runs live under ``cluster.storage_path`` (default ``<train.output_dir>/ray_results``) as
-``train-<timestamp>-<id>``; ``train.resume=true`` (``l2vg train --resume``) reuses the latest run
+``train-<timestamp>-<id>``; ``run_train(cfg, resume=True)`` (``l2vg train --resume``) reuses the latest run
 that holds a checkpoint, which Ray Train V2 restores (``ray.train.get_checkpoint()`` in the loop).
 Worker deaths within a run are retried ``train.max_failures`` times from the latest checkpoint.
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-from l2vg_ray.config import ConfigError, typed
+from l2vg_ray.config import ConfigError, L2VGConfig, typed
 from l2vg_ray.dataset import DatasetInfo, inspect_dataset
 from l2vg_ray.storage import absolute as storage_absolute
 from l2vg_ray.storage import filesystem as storage_fs
@@ -90,8 +90,11 @@ def new_run_name() -> str:
     return f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def run_train(cfg: DictConfig) -> dict:
-    """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary."""
+def run_train(cfg: L2VGConfig, *, resume: bool = False) -> dict:
+    """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary. With
+    ``resume`` (``l2vg train --resume``; the pipeline after an interruption) the latest run under
+    the storage path continues from its checkpoint."""
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
     t = cfg.train
     plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
     info = inspect_dataset(str(t.data_dir))
@@ -99,7 +102,7 @@ def run_train(cfg: DictConfig) -> dict:
         info, teacher_dim=cfg.model.teacher_dim, plan=plan
     )
     storage = storage_path(cfg)
-    name = run_name(storage, resume=bool(t.resume))
+    name = run_name(storage, resume=resume)
     inputs = prepare_inputs(
         cfg, info, plan=plan, teacher_dim=teacher_dim,
         inputs_dir=storage_join(storage, name, INPUTS_DIR),
@@ -134,7 +137,7 @@ def run_name(storage: str, *, resume: bool) -> str:
     name = latest_run_name(storage)
     if name is None:
         raise ConfigError(
-            f"train.resume=true but no run with a checkpoint exists under {storage!r}. "
+            f"--resume: no run with a checkpoint exists under {storage!r}. "
             f"Train without --resume first (or set cluster.storage_path to the old runs)."
         )
     log.info("Resuming run %s from its latest checkpoint", name)

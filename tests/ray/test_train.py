@@ -1,6 +1,6 @@
 """Ray Train on the tiny model, 2 CPU workers: loss goes down, checkpoints hold only the small
 trainable state, and a run whose worker is SIGKILLed mid-run (restarted by FailureConfig, or
-resumed with train.resume=true) ends where the uninterrupted run ends."""
+resumed with run_train(resume=True)) ends where the uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -183,8 +183,7 @@ def test_resume_flag_continues_a_failed_run(
     with pytest.raises(TrainingFailedError):
         trainer.run_train(cfg)
     assert marker.is_file()
-    cfg.train.resume = True
-    summary = trainer.run_train(cfg)
+    summary = trainer.run_train(cfg, resume=True)
     assert summary["run_name"] == trainer.latest_run_name(trainer.storage_path(cfg))
     assert summary["resumed_at_steps"] == [2]
     assert_same_state(trainable(Path(summary["final_dir"])), trainable(Path(ref["final_dir"])))

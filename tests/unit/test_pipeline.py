@@ -23,8 +23,8 @@ class FakeStages:
         return {stage: self._make(stage) for stage in pipeline.STAGES}
 
     def _make(self, stage):
-        def run(cfg):
-            self.calls.append((stage, bool(cfg.train.resume)))
+        def run(cfg, *, resume=False):
+            self.calls.append((stage, resume))
             out = Path(pipeline.stage_output(cfg, stage))
             out.mkdir(parents=True, exist_ok=True)
             (out / "part.txt").write_text(f"{stage} lr={cfg.train.lr}")
@@ -292,7 +292,7 @@ def test_resource_fields_are_left_out_of_the_stage_hash_and_the_rest_is_in(tmp_p
     from l2vg_ray.config import TrainConfig, load_config, not_hashed
 
     skipped = not_hashed(TrainConfig)
-    assert {"num_workers", "output_dir", "tracking", "resume"} <= skipped
+    assert {"num_workers", "output_dir", "tracking"} <= skipped
     assert "lr" not in skipped and "batch_size" not in skipped
 
     def train_hash(*overrides: str) -> str:

@@ -40,6 +40,5 @@ def test_too_few_rows_for_one_batch(cfg):
 
 
 def test_resume_without_a_previous_run(cfg):
-    cfg.train.resume = True
     with pytest.raises(ConfigError, match="no run with a checkpoint exists"):
-        run_train(cfg)
+        run_train(cfg, resume=True)
