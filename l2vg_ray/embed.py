@@ -58,7 +58,7 @@ from l2vg_ray.dataset import (
     package_versions,
     read_done_ids,
 )
-from l2vg_ray.ray_utils import ProgressLine
+from l2vg_ray.ray_utils import ACTOR_POOL_ARGS, ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,7 @@ def embed_stage_kwargs(cfg: EmbedSpec | DictConfig | L2VGConfig) -> dict[str, An
         "num_cpus": float(e.num_cpus_per_actor),
         "num_gpus": float(e.num_gpus_per_actor),
         "batch_size": int(e.batch_size),
+        **ACTOR_POOL_ARGS,  # no restarts: see l2vg_ray.ray_utils
     }
 
 

@@ -33,6 +33,17 @@ QUIET_ENV = {
     # accelerations (triton, tcmalloc) that a generation run does not act on
     "VLLM_LOGGING_LEVEL": "ERROR",
 }
+# Ray Train 2.60 starts a PreemptionWatcher actor per run (max_restarts=-1, the workers' handles
+# as constructor arguments), which makes Ray Core log an error line for every training run
+# ("constructor arguments in the object store and max_restarts > 0"). It reports preempted spot
+# nodes to the workers; this project's runs resume from their checkpoints instead, so the watcher
+# is off unless cluster.env_vars (or the environment) sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1.
+TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Data actor pools (generation engines, teachers, embedders) get their stage as a reference
+# in the object store and max_restarts=-1 by default, the same error line. A crashed actor is not
+# restarted here: the stage fails, and a rerun resumes from its written shards (exactly once), so
+# nothing is lost; an engine's restart would cost its whole start-up anyway.
+ACTOR_POOL_ARGS = {"max_restarts": 0}
 
 
 def quiet_ray_logs() -> None:
@@ -106,6 +117,8 @@ def init_ray(cluster_cfg, **kwargs) -> None:
     wanted = {**quiet, **{str(k): str(v) for k, v in (cluster_cfg.env_vars or {}).items()}}
     env_vars = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
     os.environ.update(quiet)  # the driver too
+    for key, value in TRAIN_ENV.items():  # read by Ray Train's driver side, passed to its controller
+        os.environ.setdefault(key, str((cluster_cfg.env_vars or {}).get(key, value)))
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
         log.info("Connecting to the Ray cluster at %s", address)

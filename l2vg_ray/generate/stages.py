@@ -35,6 +35,7 @@ from l2vg_ray.config import (
 )
 from l2vg_ray.generate.backends import GenerationSettings, actor_python, build_backend
 from l2vg_ray.generate.teacher import TeacherSpec, build_teacher
+from l2vg_ray.ray_utils import ACTOR_POOL_ARGS
 from l2vg_ray.torch_utils import set_threads
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
         "num_cpus": float(g.num_cpus_per_actor),
         "num_gpus": float(g.num_gpus_per_actor),
         "batch_size": int(g.batch_size),
+        **ACTOR_POOL_ARGS,  # no restarts: see l2vg_ray.ray_utils
     }
     if g.memory_gb_per_actor is not None:
         kwargs["memory"] = int(g.memory_gb_per_actor * 2**30)
@@ -177,4 +179,5 @@ def teacher_stage_kwargs(cfg: TeacherSpec | DictConfig | L2VGConfig) -> dict[str
         "num_cpus": float(t.num_cpus_per_actor),
         "num_gpus": float(t.num_gpus_per_actor),
         "batch_size": int(t.batch_size),
+        **ACTOR_POOL_ARGS,  # no restarts: see l2vg_ray.ray_utils
     }

@@ -117,7 +117,8 @@ def test_embed_stage_takes_typed_sections_and_checks_its_input_columns(tiny_conf
     tiny_config.embed.num_actors = 2
     tiny_config.embed.batch_size = 3
     kw = embed_stage_kwargs(tiny_config)
-    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size"}
+    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size",
+                       "max_restarts"}
     assert isinstance(kw["compute"], ray.data.ActorPoolStrategy) and kw["compute"].max_size == 2
     spec = kw["fn_constructor_kwargs"]["spec"]
     assert isinstance(spec, EmbedSpec) and isinstance(spec.embed, EmbedConfig)

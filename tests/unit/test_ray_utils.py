@@ -56,3 +56,22 @@ def test_ray_data_progress_blocks_are_turned_off():
         assert not ctx.enable_progress_bars and not ctx.enable_operator_progress_bars
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars = before
+
+
+def test_init_ray_turns_the_train_preemption_watcher_off_unless_asked(monkeypatch):
+    """Ray Train's watcher logs an error line per run; off by default, on via cluster.env_vars."""
+    import os
+
+    import ray
+
+    from l2vg_ray.config import load_config
+    from l2vg_ray.ray_utils import TRAIN_ENV, init_ray
+
+    key = next(iter(TRAIN_ENV))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    for env_vars, expected in (({}, "0"), ({key: "1"}, "1")):
+        monkeypatch.delenv(key, raising=False)
+        cfg = load_config(None, [f"cluster.env_vars={env_vars}".replace("'", "")])
+        init_ray(cfg.cluster)
+        assert os.environ[key] == expected

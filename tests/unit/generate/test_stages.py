@@ -63,7 +63,9 @@ def test_generate_stage_kwargs_describe_the_actor_pool(tiny_config):
     tiny_config.generate.num_cpus_per_actor = 2.0
     tiny_config.generate.num_gpus_per_actor = 1.0
     kw = generate_stage_kwargs(tiny_config)
-    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size"}
+    assert set(kw) == {"fn_constructor_kwargs", "compute", "num_cpus", "num_gpus", "batch_size",
+                       "max_restarts"}
+    assert kw["max_restarts"] == 0  # no constructor-in-object-store error line; reruns resume
     assert isinstance(kw["compute"], ray.data.ActorPoolStrategy)
     assert (kw["compute"].min_size, kw["compute"].max_size) == (3, 3)
     assert (kw["num_cpus"], kw["num_gpus"], kw["batch_size"]) == (2.0, 1.0, 4)
