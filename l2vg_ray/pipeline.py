@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from l2vg_ray import storage
 from l2vg_ray.config import (
+    ConfigError,
     EvalConfig,
     GenerateConfig,
     L2VGConfig,
@@ -170,6 +171,32 @@ def _previous_fingerprint(cfg: L2VGConfig, stage: str) -> dict | None:
     return None
 
 
+def _settle_stale(cfg: L2VGConfig, stage: str, fingerprint: dict, out: str, *,
+                  overwrite: bool) -> str:
+    """Output made with another config: ``partial`` when only a generate stage's query set grew
+    (its rows are reused), else refused - or, with ``overwrite``, deleted (``stale``)."""
+    diff = differing_keys(_previous_fingerprint(cfg, stage), fingerprint)
+    prefixes = EXTENDABLE.get(stage, ())
+    if diff and prefixes and all(k.startswith(prefixes) for k in diff):
+        log.info("[%s] %s: only %s changed; reusing the rows already generated", stage, out,
+                 ", ".join(diff))
+        return "partial"
+    if not overwrite:
+
+        shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
+        raise ConfigError(
+            f"[{stage}] {out} holds output made with a different config (differing keys: "
+            f"{shown or 'unknown: the old marker has no config'}). Nothing was deleted. "
+            f"Either give this run its own folder (name=NEW_NAME, or "
+            f"{SPECS[stage].output_key}=...), or replace the old output with --overwrite."
+        )
+    _check_clearable(cfg, stage)
+    log.warning("[%s] --overwrite: deleting %s (made with another config: %s) and rerunning",
+                stage, out, ", ".join(diff))
+    storage.delete(out)
+    return "stale"
+
+
 def run_stage(
     cfg: L2VGConfig,
     stage: str,
@@ -193,27 +220,7 @@ def run_stage(
         log.info("[%s] skipped: %s holds its output for this config (%s)", stage, out, digest)
         return {**record, "status": "skipped", "summary": read_marker(cfg, stage)["summary"]}
     if status == "stale":
-        diff = differing_keys(_previous_fingerprint(cfg, stage), fingerprint)
-        prefixes = EXTENDABLE.get(stage, ())
-        if diff and prefixes and all(k.startswith(prefixes) for k in diff):
-            log.info("[%s] %s: only %s changed; reusing the rows already generated", stage, out,
-                     ", ".join(diff))
-            status = "partial"
-        elif not overwrite:
-            from l2vg_ray.config import ConfigError
-
-            shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
-            raise ConfigError(
-                f"[{stage}] {out} holds output made with a different config (differing keys: "
-                f"{shown or 'unknown: the old marker has no config'}). Nothing was deleted. "
-                f"Either give this run its own folder (name=NEW_NAME, or "
-                f"{SPECS[stage].output_key}=...), or replace the old output with --overwrite."
-            )
-        else:
-            _check_clearable(cfg, stage)
-            log.warning("[%s] --overwrite: deleting %s (made with another config: %s) and rerunning",
-                        stage, out, ", ".join(diff))
-            storage.delete(out)
+        status = _settle_stale(cfg, stage, fingerprint, out, overwrite=overwrite)
     elif status == "partial":
         log.info("[%s] resuming an interrupted run in %s", stage, out)
     started_at = time.time()
