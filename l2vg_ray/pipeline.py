@@ -182,7 +182,6 @@ def _settle_stale(cfg: L2VGConfig, stage: str, fingerprint: dict, out: str, *,
                  ", ".join(diff))
         return "partial"
     if not overwrite:
-
         shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
         raise ConfigError(
             f"[{stage}] {out} holds output made with a different config (differing keys: "
