@@ -69,8 +69,12 @@ class QuerySource:
     """One source of unlabelled queries (a registry: see l2vg_ray.generate.queries)."""
 
     source: str = "file"  # file | sharegpt | pyserini | huggingface | bundled | mix
-    path: Optional[str] = None  # file source: JSONL / Parquet / CSV; pyserini: topic file name
-    name: Optional[str] = None  # huggingface: dataset id, e.g. McGill-NLP/llm2vec-gen-tulu
+    # file source: .jsonl / .json / .parquet (text in `column`), .csv / .tsv (tables with a
+    # header), .txt (one text per line); pyserini: the topic file's name
+    path: Optional[str] = None
+    # huggingface: dataset id, e.g. McGill-NLP/llm2vec-gen-tulu; bundled: which shipped file
+    # (quickstart | smollm2-135m-laptop, l2vg_ray.generate.queries.BUNDLED_FILES)
+    name: Optional[str] = None
     split: str = "train"
     column: str = "query"  # column / field holding the query text
     limit: Optional[int] = None  # keep at most this many queries (after cleaning)
@@ -883,7 +887,6 @@ def typed(cfg: DictConfig | L2VGConfig) -> L2VGConfig:
             f"typed() takes the DictConfig of load_config() or an L2VGConfig, got "
             f"{type(cfg).__name__}. Build configs with l2vg_ray.config.load_config()."
         )
-    validate(cfg)  # a DictConfig changed after load_config is checked again here
     out = OmegaConf.to_object(cfg)
     if not isinstance(out, L2VGConfig):  # a section was passed (e.g. cfg.train)
         raise TypeError(

@@ -454,7 +454,7 @@ def _embed_pending(cfg: DictConfig, out: OutputDir, corpus: Corpus, hashes: list
 
 def run_embed(cfg: L2VGConfig) -> dict[str, Any]:
     """Embed ``embed.input`` into ``embed.output_dir`` (resumable, exactly once)."""
-    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked there)
     start = time.perf_counter()
     e = cfg.embed
     if not e.input:

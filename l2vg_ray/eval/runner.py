@@ -152,7 +152,7 @@ def model_slug(model: str) -> str:
 
 def run_eval(cfg: L2VGConfig) -> dict[str, Any]:
     """Evaluate ``cfg.eval.model`` on ``cfg.eval.suite``; prints one table, writes the report."""
-    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked there)
     from l2vg_ray.eval.suites import suite_task_names
 
     e = cfg.eval

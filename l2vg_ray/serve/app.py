@@ -561,7 +561,7 @@ def run_serve(
     ``blocking=False`` returns at once (the caller calls ``ray.serve.shutdown()`` or
     ``serve.delete(result["app_name"])`` when done).
     """
-    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked there)
     s = cfg.serve
     app = build_application(cfg, encoder_factory=encoder_factory)
     host, port = _start_serve(

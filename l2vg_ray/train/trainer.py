@@ -94,7 +94,7 @@ def run_train(cfg: L2VGConfig, *, resume: bool = False) -> dict:
     """Train the encoder on ``train.data_dir``; write ``final/``, curves and a summary. With
     ``resume`` (``l2vg train --resume``; the pipeline after an interruption) the latest run under
     the storage path continues from its checkpoint."""
-    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked, then typed)
+    cfg = typed(cfg)  # a DictConfig from load_config is accepted (checked there)
     t = cfg.train
     plan = plan_batches(t.batch_size, t.num_workers, t.grad_accum_steps)
     info = inspect_dataset(str(t.data_dir))

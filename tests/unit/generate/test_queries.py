@@ -387,3 +387,29 @@ def test_real_sharegpt_and_pyserini_packages():
         assert stats["kept"] == 6980
     except ArchiveUnavailable as e:
         skip_if_not_served(e)
+
+
+def test_the_shipped_laptop_responses_serve_a_precomputed_run(tmp_path):
+    """configs/laptop.yaml trains on the shipped responses: every query the bundled source gives
+    has its response, and the file matches its recorded hash and row count."""
+    import hashlib
+    import pathlib
+
+    path = Q.bundled_queries_path("smollm2-135m-laptop")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["sha256"]
+    root = pathlib.Path(__file__).resolve().parents[3]
+    cfg = load_config(root / "configs" / "laptop.yaml", [f"cache_dir={tmp_path}"])
+    assert cfg.generate.backend == "precomputed"
+    queries, _ = Q.load_queries(cfg)
+    pairs = Q.read_pairs(cfg.generate.queries, tmp_path, str(cfg.generate.response_column))
+    assert len(queries) == meta["rows"] > 8000
+    assert all(q.strip() in pairs for q in queries)
+    assert sum(bool(pairs[q.strip()]) for q in queries) > 0.99 * len(queries)
+
+
+def test_an_unknown_bundled_name_lists_the_shipped_files(tmp_path):
+    with pytest.raises(ConfigError, match="names no bundled file; with source=bundled use one of "
+                                          "quickstart, smollm2-135m-laptop"):
+        Q.load_queries(_cfg(tmp_path, "generate.queries.source=bundled",
+                            "generate.queries.name=tulu"))

@@ -57,7 +57,7 @@ def test_unknown_teacher_kind_lists_the_known_ones(tiny_config):
     tiny_config.teacher.kind = "bge"
     with pytest.raises(
         ValueError,
-        match="teacher.kind='bge' is unknown; use one of cls-encoder, llm2vec, mean-pooled-llm, "
+        match="Unknown teacher kind 'bge'. Known: cls-encoder, llm2vec, mean-pooled-llm, "
               "sentence-transformers",
     ):
         teacher_spec(tiny_config)
