@@ -702,12 +702,8 @@ def check_teacher(t: Any) -> None:
 
 
 def check_tracking(section: str, tr: Any) -> None:
-    if tr.kind is not None:
-        try:
-            one_of("tracking.kind", tr.kind)
-        except ConfigError:
-            raise ConfigError(f"{section}.tracking.kind={tr.kind!r} is unknown; use null (off) "
-                              f"or one of {', '.join(VOCABULARIES['tracking.kind'])}.") from None
+    if tr.kind is not None:  # null = off
+        one_of("tracking.kind", tr.kind, shown=f"{section}.tracking.kind")
 
 
 def check_train(t: Any) -> None:
@@ -824,11 +820,7 @@ def check_decode(d: Any) -> None:
 
 
 def check_export(x: Any) -> None:
-    try:
-        one_of("eval.instructions", x.instructions)
-    except ConfigError:
-        raise ConfigError(f"export.instructions={x.instructions!r} is unknown; use one of "
-                          f"{', '.join(VOCABULARIES['eval.instructions'])}.") from None
+    one_of("eval.instructions", x.instructions, shown="export.instructions")
 
 
 def check_embed(e: Any) -> None:
