@@ -26,6 +26,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "outputs" / "laptop-generate" / "data"))
     p.add_argument("--name", default="smollm2-135m-laptop")
+    p.add_argument("--config", default="configs/laptop-generate.yaml",
+                   help="the config that generated --data (recorded beside the file)")
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
 
@@ -53,7 +55,8 @@ def main() -> int:
     meta = {
         "rows": table.num_rows, "columns": cols, "generator_model": generators,
         "sampling_params": [json.loads(x) for x in params],
-        "source_config": manifest.get("config_file") or manifest.get("config", {}).get("name"),
+        "source_config": args.config,
+        "backend": manifest.get("backend"), "generated_at": manifest.get("written_at"),
         "bytes": out.stat().st_size, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
