@@ -3,8 +3,8 @@ this module to register them into ``BASELINES``.
 
 - ``teacher``: the configured teacher (``teacher.kind``, ``teacher.model``) as a text encoder.
   A sentence-transformers teacher reads the eval instructions as any sentence-transformers model;
-  a pooled-LLM teacher (``mean-pooled-llm``, ``llm2vec``) embeds each text exactly as it embeds
-  responses in training - no instruction, which it never saw.
+  a pooled-LLM teacher (``mean-pooled-llm``, ``llm2vec``) embeds each text as it embeds responses
+  in training - no instruction, which it never saw - at the evaluation's input length.
 - ``generate-then-encode``: the LLM writes a response (a generation backend, greedy by default),
   the teacher embeds it - what LLM2Vec-Gen learns to do in one forward pass.
 """
@@ -12,6 +12,7 @@ this module to register them into ``BASELINES``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,6 +62,9 @@ def build_teacher(cfg: L2VGConfig, cache_dir: str | None) -> TextEncoder:
     if kind == "sentence-transformers":
         return SentenceTransformerEncoder(teacher_spec(TeacherSpec.of(cfg)), cache_dir=cache_dir,
                                           device=resolve_device(str(cfg.model.device)))
+    # Evaluated at the input length every encoder gets (model.max_length, set from eval.max_length
+    # by load_encoder), not at the training-time teacher.max_length of short responses.
+    cfg = replace(cfg, teacher=replace(cfg.teacher, max_length=int(cfg.model.max_length)))
     encoder = getattr(build_teacher_model(cfg), "encoder", None)
     if encoder is None:
         raise ConfigError(f"teacher.kind={kind} has no text-encoder form to evaluate; the "
