@@ -58,7 +58,7 @@ from l2vg_ray.dataset import (
     package_versions,
     read_done_ids,
 )
-from l2vg_ray.ray_utils import ACTOR_POOL_ARGS, ProgressLine
+from l2vg_ray.ray_utils import ACTOR_POOL_ARGS, ProgressLine, actor_pool_args_accepted
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,9 @@ def _embed_pending(cfg: DictConfig, out: OutputDir, corpus: Corpus, hashes: list
     ds = ray.data.from_items(
         [{schema.ID: ids[k], TEXT: texts[k], TEXT_HASH: hashes[k]} for k in pending],
         override_num_blocks=max(1, math.ceil(len(pending) / int(e.batch_size))),
-    ).map_batches(EmbedStage, batch_format="numpy", **embed_stage_kwargs(cfg))
+    )
+    with actor_pool_args_accepted():
+        ds = ds.map_batches(EmbedStage, batch_format="numpy", **embed_stage_kwargs(cfg))
     provenance = {**settings, "run_id": uuid.uuid4().hex[:12]}
     writer = ShardWriter(out, int(e.rows_per_shard), provenance)
     progress = ProgressLine("embed", len(ids), unit="texts", done=len(ids) - len(pending))

@@ -42,7 +42,7 @@ from l2vg_ray.dataset import (
     package_versions,
     read_done_ids,
 )
-from l2vg_ray.ray_utils import ProgressLine
+from l2vg_ray.ray_utils import ProgressLine, actor_pool_args_accepted
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,9 @@ def build_dataset(cfg: DictConfig, ids: list[str], queries: list[str]):
         [{schema.ID: i, schema.QUERY: q} for i, q in zip(ids, queries, strict=True)],
         override_num_blocks=max(1, math.ceil(len(ids) / batch_size)),
     )
-    for cls, kwargs in _stage_plan(cfg):
-        ds = ds.map_batches(cls, **kwargs)
+    with actor_pool_args_accepted():
+        for cls, kwargs in _stage_plan(cfg):
+            ds = ds.map_batches(cls, **kwargs)
     return ds
 
 

@@ -127,11 +127,11 @@ class TeacherStage:
 
 
 # Ray Data hands every pool actor its stage (class + fn_constructor_kwargs, ray.put once per
-# operator) and its DataContext as object references, and gives the actors max_restarts=-1.
-# Ray Core then logs, once per driver process, "has constructor arguments in the object store
-# and max_restarts > 0" (ray-project/ray#53727) for any actor pool, whatever the arguments'
-# size. The references live as long as the operator, so a restart still finds them; the line
-# goes only with map_batches(max_restarts=0), which would give up restarting a crashed actor.
+# operator) and its DataContext as object references, and gives the actors max_restarts=-1 by
+# default. Ray Core then logs, once per driver process, "has constructor arguments in the object
+# store and max_restarts > 0" (ray-project/ray#53727) for any actor pool, whatever the
+# arguments' size. The pools here run with max_restarts=0 (ray_utils.ACTOR_POOL_ARGS): a crashed
+# actor fails the stage and the rerun resumes from the written shards.
 
 
 def generate_stage_kwargs(cfg: DictConfig | L2VGConfig) -> dict[str, Any]:
