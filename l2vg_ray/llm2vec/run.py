@@ -214,8 +214,14 @@ class PhaseTrainer:
         """The adapter in LLM2Vec's layout (rank 0); ``DONE`` last, so a folder with it is whole."""
         if self.rank:
             return
-        self.model.peft_config["default"].base_model_name_or_path = self.args.llm
+        # Saved against the local base folder (PEFT reads its config.json while saving), then
+        # adapter_config.json names the spec as given (a hub id or packaged name works anywhere).
+        self.model.peft_config["default"].base_model_name_or_path = self.args.base_path
         self.model.save_pretrained(self.folder)
+        config_file = self.folder / "adapter_config.json"
+        adapter = json.loads(config_file.read_text())
+        adapter["base_model_name_or_path"] = self.args.llm
+        config_file.write_text(json.dumps(adapter, indent=2))
         if self.args.phase == "mntp":
             self.tokenizer.save_pretrained(self.folder)
         (self.folder / DONE_FILE).write_text(json.dumps({"steps": self.step}))
