@@ -169,18 +169,19 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def warn_if_not_shared(cfg: DictConfig, num_nodes: int) -> list[str]:
-    """On a multi-node cluster, warn about outputs on node-local paths; returns the warnings."""
+def warn_if_not_shared(cfg: Any, num_nodes: int) -> list[str]:
+    """On a multi-node cluster, warn about outputs on node-local paths; returns the warnings.
+    ``cfg`` is the typed config or a DictConfig (attributes only)."""
     if num_nodes <= 1:
         return []
-    keys = ("generate.output_dir", "train.output_dir", "eval.output_dir")
+    outputs = {f"{s}.output_dir": str(getattr(cfg, s).output_dir) for s in ("generate", "train", "eval")}
     storage = cfg.cluster.storage_path
     warnings = [
-        f"{key}={OmegaConf.select(cfg, key)!r} is a local path on a {num_nodes}-node cluster: "
+        f"{key}={value!r} is a local path on a {num_nodes}-node cluster: "
         f"every node must see it at the same path (an NFS/EFS mount), otherwise set output_dir "
         f"to s3://... or gs://..."
-        for key in keys
-        if is_local(str(OmegaConf.select(cfg, key)))
+        for key, value in outputs.items()
+        if is_local(value)
     ]
     if storage is None or is_local(str(storage)):
         warnings.append(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from l2vg_ray import pipeline, storage
-from l2vg_ray.config import ConfigError, load_config
+from l2vg_ray.config import ConfigError, load_config, typed
 
 
 class FakeStages:
@@ -281,6 +281,7 @@ def test_multinode_warnings_name_local_outputs(tmp_path):
     cfg = make_cfg(tmp_path)
     assert storage.warn_if_not_shared(cfg, 1) == []
     warnings = storage.warn_if_not_shared(cfg, 3)
+    assert storage.warn_if_not_shared(typed(cfg), 3) == warnings  # the CLI passes the typed config
     assert any("train.output_dir" in w for w in warnings)
     assert any("cluster.storage_path" in w for w in warnings)
     shared = make_cfg(tmp_path, "output_dir=s3://bucket/run", "cluster.storage_path=s3://bucket/ckpt")
