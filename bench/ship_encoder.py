@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--config", default="configs/laptop.yaml")
     p.add_argument("--name", default="l2vg-smollm2-135m-laptop")
     p.add_argument("--quality", default=str(ROOT / "bench" / "results" / "quality.json"))
+    p.add_argument("--label", default="student",
+                   help="its row in the quality benchmark (student | student-unsup)")
     p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
     args = p.parse_args()
 
@@ -49,7 +51,8 @@ def main() -> int:
         p.error(f"{dest} exists; pass --force to replace it.")
     stages = {s: _read(run / d / "_SUCCESS.json") for s, d in
               (("generate", "data"), ("train", "train"), ("eval", "eval"))}
-    train = stages["train"].get("summary") or {}
+    # a stage run on its own (l2vg train, not l2vg run) has no marker: its summary file then
+    train = stages["train"].get("summary") or _read(run / "train" / "train_summary.json")
     evaluation = stages["eval"].get("summary") or {}
     manifest = _read(run / "data" / "manifest.json")
     quality = _read(Path(args.quality))
@@ -69,8 +72,10 @@ def main() -> int:
                                             "validation")},
         "offline_suite": {k: evaluation.get(k) for k in ("max_docs", "mean_main_score",
                                                          "mean_by_type", "scores")},
-        "quality_benchmark": ({"student": quality["models"]["student"], "targets": quality.get("targets")}
-                              if quality.get("models", {}).get("student") else None),
+        "quality_benchmark": (
+            {args.label: quality["models"][args.label],
+             "targets": quality.get("paper_targets" if args.label == "student-unsup" else "targets")}
+            if quality.get("models", {}).get(args.label) else None),
         "versions": package_versions(),
     }
     if dest.exists():
