@@ -137,7 +137,8 @@ def _packaged_encoder(name: str) -> Callable[[Path], Path]:
             raise FileNotFoundError(
                 f"The packaged encoder {name!r} is missing from {folder}: reinstall l2vg-ray "
                 f"(its package data), or train it again with `l2vg run --config "
-                f"configs/laptop.yaml` and pass the trained folder instead."
+                f"{PACKAGED_ENCODERS.get(name, 'configs/laptop.yaml')}` and pass the trained "
+                f"folder instead."
             )
         return folder
 
@@ -146,17 +147,23 @@ def _packaged_encoder(name: str) -> Callable[[Path], Path]:
 
 # Trained LLM2Vec-Gen encoders shipped with the project (the trainable state only, ~2 MB; the
 # frozen LLM they sit on is itself a packaged model). `l2vg eval/serve/decode model=NAME`.
-PACKAGED_MODELS.add(
-    "l2vg-smollm2-135m-laptop",
-    PackagedModel(
-        name="l2vg-smollm2-135m-laptop",
-        kind="l2vg-encoder",
-        package="l2vg-ray",
-        install_hint="reinstall l2vg-ray (package data under l2vg_ray/resources/encoders)",
-        materialize=_packaged_encoder("l2vg-smollm2-135m-laptop"),
-        needs_cache=False,
-    ),
-)
+# -> the config that trained it (its recipe.json holds the hashes, data and scores)
+PACKAGED_ENCODERS = {
+    "l2vg-smollm2-135m-laptop": "configs/laptop-generate.yaml",  # distillation (all-MiniLM-L6-v2)
+    "l2vg-smollm2-135m-laptop-unsup": "configs/laptop-unsup.yaml",  # the paper's setting
+}
+for _name in PACKAGED_ENCODERS:
+    PACKAGED_MODELS.add(
+        _name,
+        PackagedModel(
+            name=_name,
+            kind="l2vg-encoder",
+            package="l2vg-ray",
+            install_hint="reinstall l2vg-ray (package data under l2vg_ray/resources/encoders)",
+            materialize=_packaged_encoder(_name),
+            needs_cache=False,
+        ),
+    )
 
 
 def is_packaged(spec: str) -> bool:
