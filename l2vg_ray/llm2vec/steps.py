@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from l2vg_ray.generate.teacher import make_bidirectional
-from l2vg_ray.torch_utils import load_tokenizer, torch_dtype
+from l2vg_ray.torch_utils import load_tokenizer, mean_pool, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -133,8 +133,7 @@ def mntp_loss(model: Any, head: Any, input_ids: torch.Tensor, attention_mask: to
 def mean_embeddings(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The mean of the last hidden states over every real token (the teacher's pooling)."""
     hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return mean_pool(hidden, attention_mask)
 
 
 def simcse_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
