@@ -287,6 +287,11 @@ class EvalConfig:
     # score, sending their cache misses to them: classifier fits overlap with encoding.
     encoders: int = resource_field(0)
     scoring_cpus: float = resource_field(1.0)  # CPUs per task when eval.encoders > 0
+    # Custom Ray resources each eval task (and encoder actor and corpus shard task) asks for
+    # besides num_cpus / num_gpus, e.g. {eval_slot: 1}: the tasks then run only on (and, pending,
+    # are autoscaler demand for) the node type that offers that resource. On KubeRay the GPU
+    # group is reached through num_gpus_per_task instead.
+    resources_per_task: dict[str, float] = resource_field(default_factory=dict)
     # Input tokens per text at evaluation, for the trained encoder and the pooled-LLM
     # baselines alike; null = model.max_length (the training length). A recipe that trains on
     # short queries for speed still embeds whole documents here.
@@ -413,6 +418,10 @@ class ServeConfig:
     app_name: str = "l2vg"  # Ray Serve application name
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = pick a free port
+    # Where Serve runs its HTTP proxies (Ray Serve's ProxyLocation): EveryNode (Serve's default:
+    # the head and every node holding a replica) | HeadOnly (one proxy, on the head: nodes that
+    # share one host and port, as a local autoscaling cluster's do, cannot each bind it).
+    proxy_location: str = "EveryNode"
     route_prefix: str = "/"
     batching: bool = True  # False: one model call per request (for benchmarks)
     # Model calls whose texts hold at least this many characters run on the replica's model
@@ -448,8 +457,16 @@ class ServeConfig:
     target_ongoing_requests: float = 8.0
     # HTTP requests one replica holds at once; >= max_batch_size so batches can fill.
     max_ongoing_requests: int = 64
+    # Seconds the load must stay above / below target_ongoing_requests before Serve adds /
+    # removes a replica (Ray Serve's AutoscalingConfig.upscale_delay_s / downscale_delay_s;
+    # these defaults are Serve's own).
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Custom Ray resources per model replica, e.g. {serve_slot: 1}: replicas then run only on
+    # (and, pending, are autoscaler demand for) the node type that offers that resource.
+    resources: dict[str, float] = field(default_factory=dict)
     ready_timeout_s: float = 600.0  # run_serve waits this long for /healthz
     load_retries: int = 2  # Serve retries a replica whose model failed to load this many times
     access_log: bool = True  # Serve's per-request log lines (proxy and replicas)
@@ -508,6 +525,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     OmegaConf.set_struct(cfg.cluster.env_vars, False)  # a free-form mapping: any variable name
     OmegaConf.set_struct(cfg.generate.chat_template_kwargs, False)  # any template argument
     OmegaConf.set_struct(cfg.generate.engine_kwargs, False)  # any vllm.LLM argument
+    OmegaConf.set_struct(cfg.eval.resources_per_task, False)  # any custom Ray resource name
+    OmegaConf.set_struct(cfg.serve.resources, False)
     layers: list[tuple[str, Any]] = []
     if path is not None:
         layers.extend(_yaml_layers(Path(path)))
@@ -523,12 +542,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, layer)
         except (ConfigAttributeError, ConfigKeyError) as e:
             key = getattr(e, "full_key", None) or str(e)
+            if str(key).startswith("+"):  # Hydra's add-a-key marker: free-form keys need none
+                raise ConfigError(
+                    f"Override key {key!r} in {source} starts with '+'; drop it: a key of a "
+                    f"free-form mapping is set directly (eval.resources_per_task.eval_slot=1)."
+                ) from None
             raise ConfigError(
                 f"Unknown config key {key!r} in {source}. Check its spelling; valid keys are "
                 f"the fields of l2vg_ray.config.L2VGConfig (see `l2vg run --dry-run`)."
             ) from None
         except ValidationError as e:
-            raise ConfigError(f"Invalid value in {source}: {e.msg} (key {e.full_key!r}).") from None
+            # YAML reads {eval_slot:1} as the key 'eval_slot:1' with no value
+            hint = (" Write a space after the colon in a mapping: {eval_slot: 1}."
+                    if ":" in str(e.full_key).rpartition(".")[2] else "")
+            raise ConfigError(f"Invalid value in {source}: {e.msg} (key {e.full_key!r}).{hint}"
+                              ) from None
     if str(cfg.cache_dir).startswith("~"):
         cfg.cache_dir = str(Path(cfg.cache_dir).expanduser())
     validate(cfg)
@@ -620,6 +648,7 @@ VOCABULARIES: dict[str, tuple[str, ...]] = {
                    "offline-all", "offline-bigbench"),  # eval.suites.SUITES
     "eval.instructions": ("project", "paper"),  # eval.adapter.INSTRUCTION_SETS
     "serve.loader": ("encoder", "sentence-transformers"),  # serve.app.ENCODER_LOADERS
+    "serve.proxy_location": ("EveryNode", "HeadOnly"),  # ray.serve.config.ProxyLocation
 }
 
 
@@ -636,6 +665,22 @@ def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: float, note: s
         value = getattr(obj, key)
         if value is not None and value < low:
             raise ConfigError(f"{section}.{key}={value}; it must be >= {low}{note}.")
+
+
+def check_resources(key: str, resources: Any, builtin: dict[str, str]) -> None:
+    """A mapping of custom Ray resources (``key``): names of Ray's own resources are refused,
+    naming the config key that sets them (``builtin``, by lower-case name), and every amount is a
+    number >= 0."""
+    for name, amount in (resources or {}).items():
+        lower = str(name).lower()
+        if lower in ("cpu", "gpu", "memory", "object_store_memory"):
+            raise ConfigError(
+                f"{key}.{name}={amount}: {name} is one of Ray's own resources, not a custom one; "
+                f"{builtin.get(lower, 'this stage does not reserve it')}. Remove it from {key}."
+            )
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+            raise ConfigError(f"{key}.{name}={amount!r}; it must be a number >= 0 (units of that "
+                              f"resource each one asks for, e.g. {key}.{name}=1).")
 
 
 def check_model(m: ModelConfig | DictConfig) -> None:
@@ -760,11 +805,15 @@ def check_eval(e: Any) -> None:
     _at_least("eval", e, ("max_docs",), MIN_DOCS, " (the offline tasks need that many examples)")
     if e.scoring_cpus <= 0:
         raise ConfigError(f"eval.scoring_cpus={e.scoring_cpus}; it must be > 0.")
+    check_resources("eval.resources_per_task", e.resources_per_task, {
+        "cpu": "set eval.num_cpus_per_task (and eval.scoring_cpus with eval.encoders > 0)",
+        "gpu": "set eval.num_gpus_per_task"})
 
 
 def check_serve(s: Any) -> None:
     """The ``serve`` section: the loader name, replica bounds, batching and request limits."""
     one_of("serve.loader", s.loader)
+    one_of("serve.proxy_location", s.proxy_location)
     if not 0 <= s.min_replicas <= s.max_replicas or s.max_replicas < 1:
         raise ConfigError(
             f"serve.min_replicas={s.min_replicas} and serve.max_replicas="
@@ -775,6 +824,9 @@ def check_serve(s: Any) -> None:
                            "max_request_bytes", "max_tokens_per_text", "max_new_tokens"), 1)
     _at_least("serve", s, ("port", "model_thread_min_chars", "batch_wait_timeout_s", "num_cpus",
                            "num_gpus", "load_retries"), 0)
+    _at_least("serve", s, ("upscale_delay_s", "downscale_delay_s"), 0, " seconds")
+    check_resources("serve.resources", s.resources, {"cpu": "set serve.num_cpus",
+                                                     "gpu": "set serve.num_gpus"})
     if not 0 < s.target_ongoing_requests <= s.max_ongoing_requests:
         raise ConfigError(
             f"serve.target_ongoing_requests={s.target_ongoing_requests} must be > 0 "

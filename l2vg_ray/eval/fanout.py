@@ -1,7 +1,8 @@
 """Run one Ray task per job with bounded concurrency; a job that raises is reported, not fatal.
 
-``fan_out(fn, jobs, ...)`` submits ``fn(job)`` as Ray tasks with ``num_cpus`` / ``num_gpus`` each
-(so that on a cluster, pending tasks are autoscaler demand for those resources), keeps at most
+``fan_out(fn, jobs, ...)`` submits ``fn(job)`` as Ray tasks with ``num_cpus`` / ``num_gpus`` and
+any custom ``resources`` each (so that on a cluster, pending tasks are autoscaler demand for
+those resources, e.g. ``{"eval_slot": 1}`` for the node type that offers it), keeps at most
 ``max_concurrency`` in flight (a ``ray.wait`` window; <= 0 = all at once), retries a task up to
 ``max_retries`` times on *system* failures (a worker or node dying) but never on an exception
 raised by ``fn`` itself: that is a result, returned as a failed ``Outcome`` with its error while
@@ -41,6 +42,27 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:2000]
 
 
+def task_options(
+    fn: Callable[[Any], Any],
+    *,
+    num_cpus: float,
+    num_gpus: float,
+    max_retries: int,
+    resources: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The ``.options(...)`` of ``fan_out``'s Ray tasks (``resources`` only when non-empty)."""
+    opts: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "max_retries": max_retries,
+        "retry_exceptions": False,  # an exception from fn is the task's answer, not a crash
+        "name": f"eval:{getattr(fn, '__name__', 'job')}",
+    }
+    if resources:
+        opts["resources"] = dict(resources)
+    return opts
+
+
 def fan_out(
     fn: Callable[[Any], Any],
     jobs: Sequence[Any],
@@ -50,6 +72,7 @@ def fan_out(
     num_gpus: float = 0.0,
     max_concurrency: int = 2,
     max_retries: int = 1,
+    resources: dict[str, float] | None = None,
     on_done: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """``fn(job)`` for every job as a Ray task; outcomes in job order. Assumes Ray is initialised."""
@@ -59,13 +82,8 @@ def fan_out(
         raise ValueError(f"fan_out: {len(keys)} keys for {len(jobs)} jobs.")
     if not ray.is_initialized():
         raise RuntimeError("fan_out needs Ray: call l2vg_ray.ray_utils.init_ray(cfg.cluster) first.")
-    remote = ray.remote(fn).options(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        max_retries=max_retries,
-        retry_exceptions=False,  # an exception from fn is the task's answer, not a crash
-        name=f"eval:{getattr(fn, '__name__', 'job')}",
-    )
+    remote = ray.remote(fn).options(**task_options(
+        fn, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, resources=resources))
     window = len(jobs) if max_concurrency <= 0 else max_concurrency
     pending = list(range(len(jobs)))
     in_flight: dict[Any, tuple[int, float]] = {}

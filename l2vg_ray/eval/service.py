@@ -1,7 +1,8 @@
 """Encoder actors (``eval.encoders`` > 0): the model lives in a few actors, the tasks only score.
 
-    run_eval -> encoder_actors(job, n)   n Ray actors, each with eval.num_cpus/gpus_per_task;
-                                         each loads the model at its first text, keeps it
+    run_eval -> encoder_actors(job, n)   n Ray actors, each with eval.num_cpus/gpus_per_task and
+                                         eval.resources_per_task; each loads the model at its
+                                         first text, keeps it
              -> fan_out(evaluate_task)   one Ray task per mteb task, eval.scoring_cpus each and
                                          no GPU: mteb runs here; its cache misses go to an actor
 
@@ -66,6 +67,17 @@ class EncoderServer:
         return loads_so_far()
 
 
+def actor_options(job: TaskJob) -> dict[str, Any]:
+    """The ``.options(...)`` of an encoder actor: a task that encodes would ask the same
+    (eval.num_cpus/gpus_per_task, and eval.resources_per_task when set)."""
+    opts: dict[str, Any] = {"num_cpus": float(job.eval.num_cpus_per_task),
+                            "num_gpus": float(job.eval.num_gpus_per_task),
+                            "max_restarts": 1, "max_task_retries": 1}
+    if job.custom_resources:
+        opts["resources"] = job.custom_resources
+    return opts
+
+
 @contextlib.contextmanager
 def encoder_actors(job: TaskJob, n: int) -> Iterator[tuple[Any, ...]]:
     """``n`` encoder actors for ``job``'s model (none for ``n <= 0``), killed on exit; each holds
@@ -75,9 +87,7 @@ def encoder_actors(job: TaskJob, n: int) -> Iterator[tuple[Any, ...]]:
     if n <= 0:
         yield ()
         return
-    server = ray.remote(EncoderServer).options(
-        num_cpus=float(job.eval.num_cpus_per_task), num_gpus=float(job.eval.num_gpus_per_task),
-        max_restarts=1, max_task_retries=1)
+    server = ray.remote(EncoderServer).options(**actor_options(job))
     actors = tuple(server.remote(job) for _ in range(n))
     try:
         yield actors

@@ -56,14 +56,24 @@ class TaskJob:
         return str(self.cfg.eval.cache_dir) if self.cfg.eval.cache_dir else None
 
     @property
-    def task_resources(self) -> dict[str, float]:
+    def custom_resources(self) -> dict[str, float]:
+        """eval.resources_per_task as Ray's ``resources`` option (empty = none asked for)."""
+        return {str(k): float(v) for k, v in self.cfg.eval.resources_per_task.items()}
+
+    @property
+    def task_resources(self) -> dict[str, Any]:
         """``num_cpus`` / ``num_gpus`` of this job's Ray task (and of its corpus shards): with
         encoder actors (eval.encoders > 0) it only scores (eval.scoring_cpus, no GPU), else it
-        also encodes (eval.num_cpus_per_task / num_gpus_per_task)."""
+        also encodes (eval.num_cpus_per_task / num_gpus_per_task). Either way ``resources``
+        (eval.resources_per_task, when set) keeps it on the eval node type."""
         e = self.cfg.eval
         if e.encoders > 0:
-            return {"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0}
-        return {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)}
+            out: dict[str, Any] = {"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0}
+        else:
+            out = {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)}
+        if self.custom_resources:
+            out["resources"] = self.custom_resources
+        return out
 
 
 _ENCODERS: dict[str, Any] = {}

@@ -424,17 +424,24 @@ class EmbeddingServer:
 
 
 def deployment_options(serve_cfg: Any) -> dict[str, Any]:
-    """Ray Serve deployment options from ``cfg.serve`` (autoscaling and resources)."""
+    """Ray Serve deployment options from ``cfg.serve`` (autoscaling and resources). Custom
+    resources (``serve.resources``) make pending replicas autoscaler demand for the node type
+    that offers them."""
     s = serve_cfg
     check_serve(s)  # a section built in code (build_app args) fails here, naming the key
+    actor: dict[str, Any] = {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus)}
+    if s.resources:
+        actor["resources"] = {str(k): float(v) for k, v in s.resources.items()}
     return {
         "autoscaling_config": {
             "min_replicas": int(s.min_replicas),
             "initial_replicas": max(1, int(s.min_replicas)),
             "max_replicas": int(s.max_replicas),
             "target_ongoing_requests": float(s.target_ongoing_requests),
+            "upscale_delay_s": float(s.upscale_delay_s),
+            "downscale_delay_s": float(s.downscale_delay_s),
         },
-        "ray_actor_options": {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus)},
+        "ray_actor_options": actor,
         "max_ongoing_requests": int(s.max_ongoing_requests),
         "max_queued_requests": int(s.max_queued_requests),
         "max_constructor_retry_count": max(1, int(s.load_retries) + 1),
@@ -501,7 +508,8 @@ def _free_port(host: str) -> int:
 
 
 def _start_serve(
-    host: str, port: int, *, access_log: bool = True, request_timeout_s: float | None = None
+    host: str, port: int, *, access_log: bool = True, request_timeout_s: float | None = None,
+    proxy_location: str = "EveryNode",
 ) -> tuple[str, int]:
     """Start Serve's HTTP proxy on host:port, or reuse the running one (whose address wins)."""
     from ray.serve.context import _get_global_client
@@ -523,6 +531,7 @@ def _start_serve(
         http_options["request_timeout_s"] = float(request_timeout_s) + 10.0
     serve.start(
         http_options=http_options,
+        proxy_location=proxy_location,
         # The controller's and proxies' own INFO lines (deployments, replicas, routes) go to
         # Ray's log files; request access logs follow serve.access_log.
         logging_config={"enable_access_log": access_log, "log_level": "WARNING"},
@@ -569,6 +578,7 @@ def run_serve(
         int(s.port),
         access_log=bool(s.access_log),
         request_timeout_s=float(s.request_timeout_s),
+        proxy_location=str(s.proxy_location),
     )
     try:  # returns once a replica holds the model (it loads in the constructor)
         serve.run(app, name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False)

@@ -25,6 +25,20 @@ BAD = [
     ("eval.max_concurrency=0", "eval.max_concurrency=0"),
     ("eval.scoring_cpus=0", "eval.scoring_cpus=0"),
     ("eval.tracking.kind=neptune", "eval.tracking.kind='neptune'"),
+    ("eval.resources_per_task.CPU=1", "eval.resources_per_task.CPU=1.0: CPU is one of Ray's own "
+                                      "resources, not a custom one; set eval.num_cpus_per_task"),
+    ("eval.resources_per_task.gpu=1", "set eval.num_gpus_per_task"),
+    ("eval.resources_per_task.Memory=1", "eval.resources_per_task.Memory=1.0: Memory is one of"),
+    ("eval.resources_per_task.eval_slot=-1", "eval.resources_per_task.eval_slot=-1.0; it must be "
+                                             "a number >= 0"),
+    ("eval.resources_per_task.eval_slot=0.5", None),
+    ("serve.resources.GPU=1", "serve.resources.GPU=1.0: GPU is one of Ray's own resources, not "
+                              "a custom one; set serve.num_gpus"),
+    ("serve.resources.object_store_memory=1", "serve.resources.object_store_memory=1.0"),
+    ("serve.resources.serve_slot=-2", "serve.resources.serve_slot=-2.0; it must be a number >= 0"),
+    ("serve.upscale_delay_s=-1", "serve.upscale_delay_s=-1.0; it must be >= 0 seconds"),
+    ("serve.downscale_delay_s=-0.5", "serve.downscale_delay_s=-0.5; it must be >= 0 seconds"),
+    ("serve.downscale_delay_s=0", None),
     ("generate.num_actors=0", "generate.num_actors=0"),
     ("generate.top_p=2", "generate.top_p=2"),
     ("generate.temperature=-1", "generate.temperature=-1"),
@@ -87,6 +101,45 @@ def test_every_problem_is_listed_at_once():
         load_config(None, ["serve.max_batch_size=0", "train.lr=-1"])
 
 
+@pytest.mark.parametrize("overrides", [
+    ["eval.resources_per_task.eval_slot=1", "serve.resources.serve_slot=1"],
+    ["eval.resources_per_task={eval_slot: 1}", "serve.resources={serve_slot: 1}"],
+])
+def test_custom_resources_take_any_name_in_both_override_forms(overrides):
+    cfg = load_config(None, overrides)
+    assert cfg.eval.resources_per_task == {"eval_slot": 1.0}
+    assert cfg.serve.resources == {"serve_slot": 1.0}
+    assert load_config(None).eval.resources_per_task == {}
+
+
+def test_custom_resources_from_yaml(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("eval:\n  resources_per_task:\n    eval_slot: 1\n"
+                    "serve:\n  resources: {serve_slot: 0.5}\n  upscale_delay_s: 5\n")
+    cfg = load_config(path, ["eval.resources_per_task.big_mem=2"])
+    assert cfg.eval.resources_per_task == {"eval_slot": 1.0, "big_mem": 2.0}
+    assert cfg.serve.resources == {"serve_slot": 0.5} and cfg.serve.upscale_delay_s == 5.0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("eval.resources_per_task={eval_slot:1}", "Write a space after the colon"),  # YAML: 'eval_slot:1'
+    ("+eval.resources_per_task.eval_slot=1", "'; drop it: a key of a free-form mapping"),  # Hydra's +
+    ("eval.resources_per_task.eval_slot=many", "could not be converted to Float"),
+])
+def test_a_malformed_resource_override_says_how_to_write_it(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_a_typed_serve_section_with_a_non_number_resource_is_refused():
+    import dataclasses
+
+    from l2vg_ray.config import ServeConfig, check_serve
+
+    with pytest.raises(ConfigError, match=r"serve.resources.serve_slot='one'; it must be a number"):
+        check_serve(dataclasses.replace(ServeConfig(), resources={"serve_slot": "one"}))
+
+
 def test_both_loss_weights_zero_is_refused():
     with pytest.raises(ConfigError, match="not both 0"):
         load_config(None, ["train.recon_weight=0", "train.align_weight=0"])
@@ -102,6 +155,8 @@ def test_a_typed_config_is_checked_too():
 
 
 def _registry_names() -> dict[str, set[str]]:
+    from ray.serve.config import ProxyLocation
+
     from l2vg_ray.eval.adapter import INSTRUCTION_SETS
     from l2vg_ray.eval.suites import SUITES
     from l2vg_ray.generate.backends import GENERATION_BACKENDS, SAMPLING_MODES
@@ -125,6 +180,8 @@ def _registry_names() -> dict[str, set[str]]:
         "eval.suite": set(SUITES.names()),
         "eval.instructions": set(INSTRUCTION_SETS),
         "serve.loader": set(ENCODER_LOADERS.names()),
+        # Serve's ProxyLocation less Disabled (the app is HTTP: it needs a proxy)
+        "serve.proxy_location": {p.value for p in ProxyLocation} - {"Disabled"},
     }
 
 

@@ -11,7 +11,8 @@ from l2vg_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("model", "generate", "teacher", "train", "eval", "serve", "embed", "cluster")
-FREE_FORM = ("cluster.env_vars.", "generate.chat_template_kwargs.", "generate.engine_kwargs.")
+FREE_FORM = ("cluster.env_vars.", "generate.chat_template_kwargs.", "generate.engine_kwargs.",
+             "eval.resources_per_task.", "serve.resources.")
 # `section.key` inside backticks, optionally followed by =value or : value.
 KEY = re.compile(r"`((?:{})(?:\.[a-z_][a-z0-9_]*)+)(?:[=:][^`]*)?`".format("|".join(SECTIONS)))
 # In a stage's part of docs/stages.md, a bare `key: value` / `key=value` is that section's key.

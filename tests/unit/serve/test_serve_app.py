@@ -247,8 +247,10 @@ def test_deployment_options_from_config():
             "initial_replicas": 1,
             "max_replicas": 4,
             "target_ongoing_requests": 16.0,
+            "upscale_delay_s": 30.0,  # Serve's defaults
+            "downscale_delay_s": 600.0,
         },
-        "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
+        "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},  # no custom resources asked
         "max_ongoing_requests": 48,
         "max_queued_requests": 256,
         "max_constructor_retry_count": 3,
@@ -267,6 +269,24 @@ def test_deployment_options_from_config():
             deployment_options(load_config(None, bad).serve)
 
 
+def test_deployment_options_carry_custom_resources_and_scaling_delays():
+    """On an autoscaling cluster a pending replica that asks serve_slot is demand for the node
+    type offering it; Serve itself accepts the options (its own validation, no Ray started)."""
+    from l2vg_ray.serve.app import EmbeddingModel, deployment_options
+
+    cfg = load_config(None, ["serve.resources.serve_slot=1", "serve.upscale_delay_s=5",
+                             "serve.downscale_delay_s=60", "serve.num_gpus=1"])
+    options = deployment_options(cfg.serve)
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0,
+                                            "resources": {"serve_slot": 1.0}}
+    scaling = options["autoscaling_config"]
+    assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (5.0, 60.0)
+    deployment = EmbeddingModel.options(**options)
+    assert deployment._replica_config.resource_dict == {"CPU": 1.0, "GPU": 1.0, "serve_slot": 1.0}
+    assert deployment._deployment_config.autoscaling_config.upscale_delay_s == 5.0
+    assert deployment._deployment_config.autoscaling_config.downscale_delay_s == 60.0
+
+
 def test_build_app_reads_args_and_rejects_typos(tiny_teacher_dir, tmp_path):
     from ray.serve import Application
 
@@ -278,6 +298,8 @@ def test_build_app_reads_args_and_rejects_typos(tiny_teacher_dir, tmp_path):
         "port": 0,
         "batching": False,
         "cache_dir": str(tmp_path),
+        "resources": {"serve_slot": 1},  # a mapping, as a serve config file's args give it
+        "downscale_delay_s": 60,
     }
     assert isinstance(build_app(args), Application)
     with pytest.raises(ConfigError, match="modle"):
