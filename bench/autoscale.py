@@ -50,6 +50,7 @@ from l2vg_ray.local_cluster import (
     Sample,
     WorkerType,
     free_ports,
+    server_process,
 )
 
 RESULTS = ROOT / "bench" / "results"
@@ -152,7 +153,6 @@ def windows(records: list[RequestRecord], width: float = 2.0) -> list[dict[str, 
 
 
 def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) -> dict[str, Any]:
-    import httpx
     import numpy as np
 
     port = free_ports(1)[0]
@@ -164,23 +164,9 @@ def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) ->
            "serve.upscale_delay_s=2", "serve.downscale_delay_s=10", "serve.num_cpus=1",
            "serve.resources.serve_slot=1", "serve.proxy_location=HeadOnly",
            "serve.ready_timeout_s=300", "serve.access_log=false"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"l2vg serve exited; see {log}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"no answer from {url}; see {log}")
-            time.sleep(2)
+    with server_process(cmd, f"{url}/healthz", name="l2vg serve", env=cluster.env, cwd=ROOT,
+                        log=log, timeout_s=400, stop_signal=signal.SIGINT):
         body = {"model": "l2vg", "input": [f"a sentence about topic number {i}" for i in range(16)]}
         with ClusterWatch(cluster.dashboard, interval_s=1.0, tasks=False, serve=True) as watch:
             watch.wait_for(lambda s: model_replicas(s.replicas) == 1, timeout_s=60)
@@ -196,12 +182,6 @@ def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) ->
                            timeout_s=idle_timeout_s + 240)
             time.sleep(3)
         serving_end = watch.now()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     s = watch.samples
     lat = np.array([r.seconds for r in load.records if r.status == 200]) * 1000
     up = first(s, lambda x: model_replicas(x.replicas) > 1, load_start)

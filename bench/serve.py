@@ -34,15 +34,14 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import _common  # noqa: F401  (environment and sys.path)
+
+from l2vg_ray.local_cluster import server_process
 
 HOST = "127.0.0.1"
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
@@ -275,37 +274,6 @@ def run_peer(args: argparse.Namespace) -> list[dict]:
         cmd += ["--cache-dir", args.cache_dir]
     with server_process(cmd, f"http://{HOST}:{port}/healthz", name="The peer server"):
         return measure("fastapi-peer", f"http://{HOST}:{port}/v1/embeddings", args, "peer")
-
-
-@contextmanager
-def server_process(
-    cmd: list[str], health_url: str, *, name: str, env: dict | None = None
-) -> Iterator[subprocess.Popen]:
-    """Start a server subprocess, wait (300 s at most) until ``health_url`` answers 200, and
-    stop it on exit."""
-    import httpx
-
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}.")
-            try:
-                if httpx.get(health_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not start within 300 s.")
-            time.sleep(0.5)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # ---------------------------------------------------------------- Infinity

@@ -19,6 +19,7 @@ watching process): alive nodes, tasks waiting for a node, and Serve replicas per
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,44 @@ class RequestLoad:
         """Requests not answered 200 (an HTTP error status or no answer at all)."""
         with self._lock:
             return [r for r in self.records if r.status != 200]
+
+
+@contextlib.contextmanager
+def server_process(
+    cmd: list[str], health_url: str, *, name: str, env: dict[str, str] | None = None,
+    cwd: str | Path | None = None, log: Path | None = None, timeout_s: float = 300.0,
+    stop_signal: int = signal.SIGTERM,
+) -> Iterator[subprocess.Popen]:
+    """Start a server process (its output to ``log``, else inherited), wait until ``health_url``
+    answers 200, and stop it on exit (``stop_signal``; SIGINT lets ``l2vg serve`` shut Serve
+    down), then kill it if it has not ended after 60 s."""
+    import httpx
+
+    out = log.open("w") if log is not None else None
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out,
+                            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+    seen = f"; see {log}" if log is not None else ""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}{seen}.")
+            try:
+                if httpx.get(health_url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not answer {health_url} within {timeout_s:.0f} s"
+                                   f"{seen}.")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.send_signal(stop_signal)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if out is not None:
+            out.close()

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from l2vg_ray.local_cluster import (
@@ -26,6 +25,7 @@ from l2vg_ray.local_cluster import (
     RequestLoad,
     WorkerType,
     free_ports,
+    server_process,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,40 +131,22 @@ def test_serve_scales_out_under_load_and_back_in_without_losing_a_request(
         "serve.resources.serve_slot=1", "serve.proxy_location=HeadOnly",
         "serve.ready_timeout_s=300",
     ]
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "l2vg_ray.cli", "serve", *overrides],
-                                cwd=REPO, env=cluster.env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while True:
-            assert proc.poll() is None, f"l2vg serve exited:\n{log.read_text()[-6000:]}"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"no answer from {url}:\n{log.read_text()[-6000:]}"
-            time.sleep(2)
-        body = {"model": "l2vg", "input": [f"a sentence about topic {i}" for i in range(16)]}
-        with ClusterWatch(cluster.dashboard, interval_s=1.0, tasks=False, serve=True) as watch:
-            watch.wait_for(lambda s: _model_replicas(s.replicas) == 1, timeout_s=60)
-            with RequestLoad(f"{url}/v1/embeddings", body, max_clients=8, t0=watch.t0) as load:
-                load.set_clients(1)
-                time.sleep(3)
-                load.set_clients(8)  # the ramp: 8 clients on a target of 1 ongoing per replica
-                watch.wait_for(lambda s: _model_replicas(s.replicas) >= 2, timeout_s=240)
-                time.sleep(5)
-                load.set_clients(0)
-            watch.wait_for(lambda s: _model_replicas(s.replicas) == 1 and s.nodes == 2,
-                           timeout_s=SCALE_DOWN_TIMEOUT_S + 60)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    body = {"model": "l2vg", "input": [f"a sentence about topic {i}" for i in range(16)]}
+    cmd = [sys.executable, "-m", "l2vg_ray.cli", "serve", *overrides]
+    with server_process(cmd, f"{url}/healthz", name="l2vg serve", env=cluster.env, cwd=REPO,
+                        log=log, timeout_s=400, stop_signal=signal.SIGINT), \
+            ClusterWatch(cluster.dashboard, interval_s=1.0, tasks=False, serve=True) as watch:
+        watch.wait_for(lambda s: _model_replicas(s.replicas) == 1, timeout_s=60)
+        with RequestLoad(f"{url}/v1/embeddings", body, max_clients=8, t0=watch.t0) as load:
+            load.set_clients(1)
+            time.sleep(3)
+            load.set_clients(8)  # the ramp: 8 clients on a target of 1 ongoing per replica
+            watch.wait_for(lambda s: _model_replicas(s.replicas) >= 2, timeout_s=240)
+            time.sleep(5)
+            load.set_clients(0)
+        watch.wait_for(lambda s: _model_replicas(s.replicas) == 1 and s.nodes == 2,
+                       timeout_s=SCALE_DOWN_TIMEOUT_S + 60)
 
     samples = watch.samples
     peak_nodes = max(s.nodes for s in samples)
