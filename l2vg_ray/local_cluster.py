@@ -361,14 +361,21 @@ class ClusterWatch:
         except Exception:
             return last
 
-    def sample(self) -> Sample:
-        last = self.samples[-1] if self.samples else Sample(0.0, 0, 0, {})
-        nodes = self._query(lambda d: len(list_alive_nodes(d)), last.nodes)
+    def sample(self) -> Sample | None:
+        """Query the dashboard once and record a sample; None (nothing recorded) while the
+        dashboard has never answered."""
+        last = self.samples[-1] if self.samples else None
+        try:
+            nodes = len(list_alive_nodes(self.dashboard))
+        except Exception:
+            if last is None:
+                return None
+            nodes = last.nodes
         s = Sample(round(self.now(), 2), nodes)
         if self.tasks:
-            s.pending_tasks = self._query(pending_tasks, last.pending_tasks)
+            s.pending_tasks = self._query(pending_tasks, last.pending_tasks if last else 0)
         if self.serve:
-            s.replicas = self._query(serve_replicas, last.replicas)
+            s.replicas = self._query(serve_replicas, last.replicas if last else {})
         self.samples.append(s)
         return s
 
