@@ -39,8 +39,11 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
     args = p.parse_args()
 
+    from l2vg_ray.config import load_config, typed
     from l2vg_ray.dataset import package_versions
     from l2vg_ray.models.resolver import packaged_encoder_dir
+    from l2vg_ray.pipeline import config_hashes
+    from l2vg_ray.storage import absolute_paths
 
     run = Path(args.run)
     final = run / "train" / "final"
@@ -55,12 +58,14 @@ def main() -> int:
     train = stages["train"].get("summary") or _read(run / "train" / "train_summary.json")
     evaluation = stages["eval"].get("summary") or {}
     manifest = _read(run / "data" / "manifest.json")
+    computed = config_hashes(typed(absolute_paths(load_config(args.config))))
     quality = _read(Path(args.quality))
     weights = (final / "trainable.safetensors").read_bytes()
     recipe = {
         "name": args.name,
         "config": args.config,
-        "config_hashes": {s: m.get("config_hash") for s, m in stages.items()},
+        # a stage run on its own has no marker: its hash is then computed from the config file
+        "config_hashes": {s: m.get("config_hash") or computed[s] for s, m in stages.items()},
         "stage_seconds": {s: m.get("seconds") for s, m in stages.items()},
         "trainable_sha256": hashlib.sha256(weights).hexdigest(),
         "fingerprint": json.loads((final / "l2vg_config.json").read_text()).get("fingerprint"),

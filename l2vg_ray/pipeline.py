@@ -119,6 +119,15 @@ def config_hash(fingerprint: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def config_hashes(cfg: L2VGConfig) -> dict[str, str]:
+    """Each stage's config hash, chained as ``run_pipeline`` chains them (what its markers hold)."""
+    hashes: dict[str, str] = {}
+    upstream: str | None = None
+    for stage in STAGES:
+        upstream = hashes[stage] = config_hash(stage_fingerprint(cfg, stage, upstream))
+    return hashes
+
+
 def read_marker(cfg: L2VGConfig, stage: str, name: str = SUCCESS) -> dict | None:
     path = storage.join(stage_output(cfg, stage), name)
     if not storage.exists(path):
