@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import signal
@@ -59,6 +60,7 @@ CONFIG = ROOT / "configs" / "laptop.yaml"
 EVAL_WORKERS = WorkerType("eval-worker", {"CPU": 1, "eval_slot": 1}, min_workers=0, max_workers=3)
 SERVE_WORKERS = WorkerType("serve-worker", {"CPU": 1, "serve_slot": 1}, min_workers=0,
                            max_workers=3)
+MODEL = "EmbeddingModel"  # the Serve deployment that holds the encoder (and autoscales)
 # (clients, seconds): the serving ramp
 RAMP = ((1, 15), (4, 20), (8, 45))
 
@@ -83,7 +85,7 @@ def first(samples: list[Sample], predicate: Any, after: float = 0.0) -> float | 
 
 def timeline(samples: list[Sample]) -> list[dict[str, Any]]:
     return [{"t": s.t, "nodes": s.nodes, "pending_tasks": s.pending_tasks,
-             "replicas": model_replicas(s.replicas)} for s in samples]
+             "replicas": s.replicas_of(MODEL)} for s in samples]
 
 
 def run_eval(cluster: LocalRayCluster, max_docs: int, idle_timeout_s: float) -> dict[str, Any]:
@@ -128,10 +130,6 @@ def run_eval(cluster: LocalRayCluster, max_docs: int, idle_timeout_s: float) -> 
     }
 
 
-def model_replicas(replicas: dict[str, int]) -> int:
-    return sum(n for name, n in replicas.items() if name.endswith("/EmbeddingModel"))
-
-
 def windows(records: list[RequestRecord], width: float = 2.0) -> list[dict[str, Any]]:
     """Requests/s and latency percentiles per ``width`` seconds of send time."""
     import numpy as np
@@ -169,7 +167,7 @@ def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) ->
                         log=log, timeout_s=400, stop_signal=signal.SIGINT):
         body = {"model": "l2vg", "input": [f"a sentence about topic number {i}" for i in range(16)]}
         with ClusterWatch(cluster.dashboard, interval_s=1.0, tasks=False, serve=True) as watch:
-            watch.wait_for(lambda s: model_replicas(s.replicas) == 1, timeout_s=60)
+            watch.wait_for(lambda s: s.replicas_of(MODEL) == 1, timeout_s=60)
             load_start = watch.now()
             with RequestLoad(f"{url}/v1/embeddings", body, max_clients=8, t0=watch.t0) as load:
                 for clients, seconds in RAMP:
@@ -178,15 +176,15 @@ def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) ->
                     time.sleep(seconds)
                 load.set_clients(0)
             load_stop = watch.now()
-            watch.wait_for(lambda s: model_replicas(s.replicas) == 1 and s.nodes == 2,
+            watch.wait_for(lambda s: s.replicas_of(MODEL) == 1 and s.nodes == 2,
                            timeout_s=idle_timeout_s + 240)
             time.sleep(3)
         serving_end = watch.now()
     s = watch.samples
     lat = np.array([r.seconds for r in load.records if r.status == 200]) * 1000
-    up = first(s, lambda x: model_replicas(x.replicas) > 1, load_start)
+    up = first(s, lambda x: x.replicas_of(MODEL) > 1, load_start)
     new_node = first(s, lambda x: x.nodes > s[0].nodes, load_start)
-    down = first(s, lambda x: model_replicas(x.replicas) == 1, load_stop)
+    down = first(s, lambda x: x.replicas_of(MODEL) == 1, load_stop)
     nodes_down = first(s, lambda x: x.nodes == 2, load_stop)
     return {
         "model": "teacher (all-MiniLM-L6-v2)", "texts_per_request": len(body["input"]),
@@ -196,9 +194,9 @@ def run_serve(cluster: LocalRayCluster, target: float, idle_timeout_s: float) ->
         "failures": [r.error for r in load.failed()[:5]],
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
-        "initial_replicas": model_replicas(s[0].replicas),
-        "max_replicas": max(model_replicas(x.replicas) for x in s),
-        "final_replicas": model_replicas(s[-1].replicas),
+        "initial_replicas": s[0].replicas_of(MODEL),
+        "max_replicas": max(x.replicas_of(MODEL) for x in s),
+        "final_replicas": s[-1].replicas_of(MODEL),
         "initial_nodes": s[0].nodes, "max_nodes": max(x.nodes for x in s), "final_nodes": s[-1].nodes,
         "load_start_s": round(load_start, 1), "load_stop_s": round(load_stop, 1),
         "load_to_second_replica_s": None if up is None else round(up - load_start, 1),
@@ -262,7 +260,7 @@ def main() -> None:
     cluster = LocalRayCluster(head_cpus=1, worker_types=[EVAL_WORKERS, SERVE_WORKERS],
                               idle_timeout_s=args.idle_timeout)
     with cluster:
-        result["machine"] = {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}
+        result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
         result["cluster"] = {
             "head": {"CPU": 1},
             "worker_types": [{"name": w.name, "resources": w.resources, "min_workers": w.min_workers,

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from _common import ROOT
 
+# quality.json row -> the targets it is judged by (bench/quality.py)
+TARGETS = {"student": "targets", "student-unsup": "paper_targets"}
+
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -34,8 +37,8 @@ def main() -> int:
     p.add_argument("--config", default="configs/laptop.yaml")
     p.add_argument("--name", default="l2vg-smollm2-135m-laptop")
     p.add_argument("--quality", default=str(ROOT / "bench" / "results" / "quality.json"))
-    p.add_argument("--label", default="student",
-                   help="its row in the quality benchmark (student | student-unsup)")
+    p.add_argument("--label", default="student", choices=TARGETS,
+                   help="its row in the quality benchmark")
     p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
     args = p.parse_args()
 
@@ -79,7 +82,7 @@ def main() -> int:
                                                          "mean_by_type", "scores")},
         "quality_benchmark": (
             {args.label: quality["models"][args.label],
-             "targets": quality.get("paper_targets" if args.label == "student-unsup" else "targets")}
+             "targets": quality.get(TARGETS[args.label])}
             if quality.get("models", {}).get(args.label) else None),
         "versions": package_versions(),
     }

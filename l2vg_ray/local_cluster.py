@@ -170,8 +170,9 @@ class LocalRayCluster:
         self.temp_dirs.append(d)
         return d
 
-    def _start(self, name: str, args: list[str], num_cpus: float) -> None:
-        temp_dir = self._temp_dir(name)
+    def _start(self, name: str, args: list[str], num_cpus: float,
+               temp_dir: str | None = None) -> None:
+        temp_dir = temp_dir or self._temp_dir(name)
         log = Path(temp_dir) / f"{name}.log"
         self.logs.append(log)
         cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}",
@@ -187,15 +188,15 @@ class LocalRayCluster:
         args = ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
                 f"--ray-client-server-port={self.client_port}"]
+        head_dir = self._temp_dir("head")  # the first: tail() reads the autoscaler's log there
         if self.worker_types:
             config = autoscaling_config(
                 head_cpus=self.head_cpus, worker_types=self.worker_types,
                 gcs_address=self.address, idle_timeout_s=self.idle_timeout_s)
-            path = Path(tempfile.mkdtemp(prefix="l2vgc", dir="/tmp")) / "autoscaling.json"
-            self.temp_dirs.append(str(path.parent))
+            path = Path(head_dir) / "autoscaling.json"
             path.write_text(json.dumps(config, indent=2))
             args.append(f"--autoscaling-config={path}")
-        self._start("head", args, self.head_cpus)
+        self._start("head", args, self.head_cpus, head_dir)
         try:
             self.wait_for_nodes(1)
         except BaseException:
@@ -224,9 +225,9 @@ class LocalRayCluster:
         except Exception:  # the dashboard is not up yet
             return 0
 
-    def wait_for_nodes(self, n: int, *, at_most: bool = False, timeout_s: float | None = None) -> int:
-        """Wait until at least (``at_most``: at most) ``n`` nodes are alive; returns the count."""
-        deadline = time.time() + (timeout_s or self.startup_timeout_s)
+    def wait_for_nodes(self, n: int) -> None:
+        """Wait until at least ``n`` nodes are alive."""
+        deadline = time.time() + self.startup_timeout_s
         alive = 0
         while time.time() < deadline:
             if self.procs[0].poll() is not None:
@@ -234,12 +235,11 @@ class LocalRayCluster:
             if self.procs[-1].poll() is not None:
                 raise ProcessLookupError(f"`ray start` exited early:\n{self.tail()}")
             alive = self.alive_nodes()
-            if (alive <= n and alive > 0) if at_most else alive >= n:
-                return alive
+            if alive >= n:
+                return
             time.sleep(1)
         raise TimeoutError(
-            f"{alive} Ray nodes alive after {timeout_s or self.startup_timeout_s:.0f}s, waiting "
-            f"for {'at most' if at_most else 'at least'} {n}:\n{self.tail()}")
+            f"{alive}/{n} Ray nodes alive after {self.startup_timeout_s:.0f}s:\n{self.tail()}")
 
     def tail(self, chars: int = 3000) -> str:
         """The end of each ``ray start`` log and of the autoscaler's log (for failures)."""
@@ -326,7 +326,11 @@ class Sample:
     t: float  # seconds since the watch started
     nodes: int
     pending_tasks: int | None = None
-    replicas: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)  # RUNNING, per app/deployment
+
+    def replicas_of(self, deployment: str) -> int:
+        """RUNNING replicas of ``deployment`` (in any Serve application)."""
+        return sum(n for name, n in self.replicas.items() if name.endswith(f"/{deployment}"))
 
 
 class ClusterWatch:
@@ -365,12 +369,9 @@ class ClusterWatch:
         """Query the dashboard once and record a sample; None (nothing recorded) while the
         dashboard has never answered."""
         last = self.samples[-1] if self.samples else None
-        try:
-            nodes = len(list_alive_nodes(self.dashboard))
-        except Exception:
-            if last is None:
-                return None
-            nodes = last.nodes
+        nodes = self._query(lambda d: len(list_alive_nodes(d)), last.nodes if last else None)
+        if nodes is None:
+            return None
         s = Sample(round(self.now(), 2), nodes)
         if self.tasks:
             s.pending_tasks = self._query(pending_tasks, last.pending_tasks if last else 0)

@@ -68,14 +68,9 @@ class EncoderServer:
 
 
 def actor_options(job: TaskJob) -> dict[str, Any]:
-    """The ``.options(...)`` of an encoder actor: a task that encodes would ask the same
-    (eval.num_cpus/gpus_per_task, and eval.resources_per_task when set)."""
-    opts: dict[str, Any] = {"num_cpus": float(job.eval.num_cpus_per_task),
-                            "num_gpus": float(job.eval.num_gpus_per_task),
-                            "max_restarts": 1, "max_task_retries": 1}
-    if job.custom_resources:
-        opts["resources"] = job.custom_resources
-    return opts
+    """The ``.options(...)`` of an encoder actor: what a task that encodes would ask for
+    (``TaskJob.encoding_resources``), restarted once."""
+    return {**job.encoding_resources, "max_restarts": 1, "max_task_retries": 1}
 
 
 @contextlib.contextmanager

@@ -56,23 +56,25 @@ class TaskJob:
         return str(self.cfg.eval.cache_dir) if self.cfg.eval.cache_dir else None
 
     @property
-    def custom_resources(self) -> dict[str, float]:
-        """eval.resources_per_task as Ray's ``resources`` option (empty = none asked for)."""
-        return {str(k): float(v) for k, v in self.cfg.eval.resources_per_task.items()}
+    def encoding_resources(self) -> dict[str, Any]:
+        """What a Ray worker that encodes asks for (a task without encoder actors, or an encoder
+        actor): eval.num_cpus/gpus_per_task, and ``resources`` (eval.resources_per_task, when
+        set) keeps it on the eval node type."""
+        e = self.cfg.eval
+        out: dict[str, Any] = {"num_cpus": float(e.num_cpus_per_task),
+                               "num_gpus": float(e.num_gpus_per_task)}
+        if e.resources_per_task:
+            out["resources"] = {str(k): float(v) for k, v in e.resources_per_task.items()}
+        return out
 
     @property
     def task_resources(self) -> dict[str, Any]:
-        """``num_cpus`` / ``num_gpus`` of this job's Ray task (and of its corpus shards): with
-        encoder actors (eval.encoders > 0) it only scores (eval.scoring_cpus, no GPU), else it
-        also encodes (eval.num_cpus_per_task / num_gpus_per_task). Either way ``resources``
-        (eval.resources_per_task, when set) keeps it on the eval node type."""
-        e = self.cfg.eval
-        if e.encoders > 0:
-            out: dict[str, Any] = {"num_cpus": float(e.scoring_cpus), "num_gpus": 0.0}
-        else:
-            out = {"num_cpus": float(e.num_cpus_per_task), "num_gpus": float(e.num_gpus_per_task)}
-        if self.custom_resources:
-            out["resources"] = self.custom_resources
+        """``num_cpus`` / ``num_gpus`` (and ``resources``) of this job's Ray task and of its corpus
+        shards: with encoder actors (eval.encoders > 0) it only scores (eval.scoring_cpus, no
+        GPU, still on the eval node type), else it also encodes (``encoding_resources``)."""
+        out = self.encoding_resources
+        if self.cfg.eval.encoders > 0:
+            out.update(num_cpus=float(self.cfg.eval.scoring_cpus), num_gpus=0.0)
         return out
 
 

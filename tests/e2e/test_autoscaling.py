@@ -35,6 +35,7 @@ SERVE_WORKERS = WorkerType("serve-worker", {"CPU": 1, "serve_slot": 1}, min_work
                            max_workers=3)
 # Scale-down: the autoscaler's idle timeout, plus its loop and a raylet's exit, on a busy machine.
 SCALE_DOWN_TIMEOUT_S = IDLE_TIMEOUT_S + 120
+MODEL = "EmbeddingModel"  # the Serve deployment that holds the encoder (and autoscales)
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -114,10 +115,6 @@ def test_eval_scales_out_while_tasks_wait_and_back_in_when_idle(
         assert auto["scores"][task] == pytest.approx(score, abs=1e-6), task
 
 
-def _model_replicas(replicas: dict[str, int]) -> int:
-    return sum(n for name, n in replicas.items() if name.endswith("/EmbeddingModel"))
-
-
 def test_serve_scales_out_under_load_and_back_in_without_losing_a_request(
     cluster, tmp_path, tiny_llm_dir, tiny_teacher_dir
 ):
@@ -137,21 +134,21 @@ def test_serve_scales_out_under_load_and_back_in_without_losing_a_request(
     with server_process(cmd, f"{url}/healthz", name="l2vg serve", env=cluster.env, cwd=REPO,
                         log=log, timeout_s=400, stop_signal=signal.SIGINT), \
             ClusterWatch(cluster.dashboard, interval_s=1.0, tasks=False, serve=True) as watch:
-        watch.wait_for(lambda s: _model_replicas(s.replicas) == 1, timeout_s=60)
+        watch.wait_for(lambda s: s.replicas_of(MODEL) == 1, timeout_s=60)
         with RequestLoad(f"{url}/v1/embeddings", body, max_clients=8, t0=watch.t0) as load:
             load.set_clients(1)
             time.sleep(3)
             load.set_clients(8)  # the ramp: 8 clients on a target of 1 ongoing per replica
-            watch.wait_for(lambda s: _model_replicas(s.replicas) >= 2, timeout_s=240)
+            watch.wait_for(lambda s: s.replicas_of(MODEL) >= 2, timeout_s=240)
             time.sleep(5)
             load.set_clients(0)
-        watch.wait_for(lambda s: _model_replicas(s.replicas) == 1 and s.nodes == 2,
+        watch.wait_for(lambda s: s.replicas_of(MODEL) == 1 and s.nodes == 2,
                        timeout_s=SCALE_DOWN_TIMEOUT_S + 60)
 
     samples = watch.samples
     peak_nodes = max(s.nodes for s in samples)
-    assert max(_model_replicas(s.replicas) for s in samples) >= 2
+    assert max(s.replicas_of(MODEL) for s in samples) >= 2
     assert peak_nodes >= 3, "the added replica got no node of its own"  # head + 2 serve nodes
-    assert samples[-1].nodes == 2 and _model_replicas(samples[-1].replicas) == 1
+    assert samples[-1].nodes == 2 and samples[-1].replicas_of(MODEL) == 1
     assert len(load.records) > 0
     assert load.failed() == [], load.failed()[:5]
