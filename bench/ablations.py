@@ -2,12 +2,18 @@
 
     python bench/ablations.py [--steps 300] [--max-docs 200] [--only both,align-only]
     nohup python bench/ablations.py > logs/ablations.log 2>&1 &     # resumable: rerun to continue
+    python bench/ablations.py --config configs/laptop-unsup.yaml --data outputs/laptop-unsup/data \
+        --steps 1000 --only align-only,align-only-batch-32 --quality-suite --max-docs 300 \
+        --prefix ablation1000-unsup- --out bench/results/ablations_1000_unsup \
+        eval.max_length=256 eval.strict_data=true
 
 Every variant trains on the laptop recipe's generated data (``outputs/laptop/data``: generate it
 first with ``l2vg generate --config configs/laptop.yaml``) with ``--steps`` optimiser steps and
-is evaluated on the offline suite at ``--max-docs``. Each is an ordinary ``run_pipeline`` under
-its own name (``outputs/ablation-<variant>``), so a finished variant is skipped and an
-interrupted one resumes from its last checkpoint. Writes ``bench/results/ablations.json`` and
+is evaluated on the offline suite at ``--max-docs`` (with ``--quality-suite`` as
+``bench/quality.py`` scores, so the rows compare with quality.json's: all 1379 STS-B pairs,
+``--max-docs`` elsewhere). Each is an ordinary ``run_pipeline`` under its own name
+(``outputs/<prefix><variant>``), so a finished variant is skipped and an interrupted one resumes
+from its last checkpoint. Trailing overrides apply to every variant. Writes ``bench/results/ablations.json`` and
 ``ablations.md``: per variant the suite average, the per-type means and the held-out alignment
 MSE next to the mean-vector and ridge-probe references.
 """
@@ -27,6 +33,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "both": ("the recipe (reconstruction + alignment)", []),
     "recon-only": ("reconstruction only (alignment head left at its start)", ["train.align_weight=0"]),
     "align-only": ("alignment only (no decoder pass)", ["train.recon_weight=0"]),
+    "batch-32": ("global batch 32 instead of 8", ["train.batch_size=32"]),
+    "align-only-batch-32": ("alignment only, global batch 32",
+                            ["train.recon_weight=0", "train.batch_size=32"]),
     "tokens-1+1": ("2 special tokens", ["model.n_thought=1", "model.n_compression=1"]),
     "tokens-5+5": ("10 special tokens", ["model.n_thought=5", "model.n_compression=5"]),
     "tokens-0+10": ("0 + 10 tokens (the paper's current version)", ["model.n_thought=0"]),
@@ -46,22 +55,48 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def quality_suite_eval(args):
+    """An eval stage that scores as bench/quality.py does (STS-B whole, --max-docs elsewhere)."""
+    import quality
+
+    def run(cfg) -> dict:
+        from l2vg_ray.eval.suites import suite_task_names
+
+        names = suite_task_names(cfg)
+        work = Path(cfg.eval.output_dir)
+        extra = list(args.overrides)
+        scores = quality.evaluate(args.config, cfg.eval.model, [quality.STS_TASK],
+                                  quality.STS_PAIRS, work, extra)
+        scores.update(quality.evaluate(args.config, cfg.eval.model,
+                                       [n for n in names if n != quality.STS_TASK],
+                                       args.max_docs, work, extra))
+        return {"mean_main_score": quality.suite_mean(scores),
+                "mean_by_type": quality.type_means(scores),
+                "scores": {n: scores[n]["score"] for n in names},
+                "failed": {n: r["status"] for n, r in scores.items() if r["status"] == "failed"}}
+
+    return run
+
+
 def run_variant(name: str, overrides: list[str], args) -> dict:
     from l2vg_ray.config import load_config
     from l2vg_ray.pipeline import run_pipeline
 
     cfg = load_config(args.config, [
-        f"name=ablation-{name}",
-        f"output_dir={ROOT / 'outputs' / f'ablation-{name}'}",
+        f"name={args.prefix}{name}",
+        f"output_dir={ROOT / 'outputs' / f'{args.prefix}{name}'}",
         f"generate.output_dir={args.data}",
         f"train.max_steps={args.steps}",
         f"train.eval_every={args.steps}",
         f"train.checkpoint_every={max(50, args.steps // 3)}",
         f"eval.max_docs={args.max_docs}",
+        *(["eval.suite=offline"] if args.quality_suite else []),
+        *args.overrides,
         *overrides,
     ])
     t0 = time.perf_counter()
-    result = run_pipeline(cfg)
+    result = run_pipeline(cfg, runners={"eval": quality_suite_eval(args)} if args.quality_suite
+                          else None)
     train = result["stages"]["train"]["summary"] or {}
     ev = result["stages"]["eval"]["summary"] or {}
     val = (train.get("validation") or [{}])[-1]
@@ -82,8 +117,9 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     types = sorted({t for r in rows for t in (r.get("by_type") or {})})
-    lines = [f"# Ablations of the laptop recipe ({args.steps} steps each, offline suite at "
-             f"max_docs={args.max_docs})", "",
+    sts = " (STS-B: all 1379 pairs)" if args.quality_suite else ""
+    lines = [f"# Ablations of `{Path(args.config).name}` ({args.steps} steps each, offline suite at "
+             f"max_docs={args.max_docs}{sts})", "",
              "| variant | what | suite mean | " + " | ".join(types) + " | held-out align MSE | train s |",
              "|---|---|---|" + "---|" * len(types) + "---|---|"]
     for r in rows:
@@ -111,6 +147,10 @@ def main() -> int:
     p.add_argument("--max-docs", type=int, default=200)
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablations"))
+    p.add_argument("--prefix", default="ablation-", help="each variant runs in outputs/<prefix><variant>")
+    p.add_argument("--quality-suite", action="store_true",
+                   help="score as bench/quality.py does: all 1379 STS-B pairs, --max-docs elsewhere")
+    p.add_argument("overrides", nargs="*", help="config overrides for every variant (eval.max_length=256)")
     args = p.parse_args()
 
     from l2vg_ray.config import load_config
@@ -131,7 +171,9 @@ def main() -> int:
         rows = [done[n] for n in VARIANTS if n in done]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(
-            {"steps": args.steps, "max_docs": args.max_docs, "config": args.config, "runs": rows},
+            {"steps": args.steps, "max_docs": args.max_docs, "config": args.config,
+             "quality_suite": args.quality_suite, "overrides": args.overrides,
+             "command": "python bench/ablations.py " + " ".join(sys.argv[1:]), "runs": rows},
             indent=2, default=str) + "\n")
         out.with_suffix(".md").write_text(markdown(rows, args))
         print(markdown(rows, args), flush=True)

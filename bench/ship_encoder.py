@@ -7,7 +7,8 @@ Copies ``<run>/train/final`` (``l2vg_config.json`` + ``trainable.safetensors``, 
 LLM is itself a packaged model) to ``l2vg_ray/resources/encoders/<name>/`` and writes
 ``recipe.json`` beside it: the config file and the stage config hashes of the run
 (``_SUCCESS.json`` of each stage), the data it trained on, its held-out validation against the
-references, the stage wall times, its offline scores and the quality benchmark's, and the
+references, the loss of its first 200 steps (``bench/reproduce.py --steps`` compares them), the
+stage wall times, its offline scores and the quality benchmark's, and the
 package versions - what a rerun of the recipe must reproduce. An existing packaged encoder is
 only replaced with ``--force``.
 """
@@ -25,6 +26,18 @@ from _common import ROOT
 
 # quality.json row -> the targets it is judged by (bench/quality.py)
 TARGETS = {"student": "targets", "student-unsup": "paper_targets"}
+FIRST_STEPS = 200  # per-step losses kept in the recipe: what bench/reproduce.py --steps compares
+
+
+def first_losses(metrics_csv: Path, n: int = FIRST_STEPS) -> list[float] | None:
+    """The training loss of steps 1..n from the run's ``metrics.csv`` (None without one)."""
+    if not metrics_csv.is_file():
+        return None
+    from l2vg_ray.train.metrics import read_metrics_csv
+
+    by_step = {int(r["step"]): r["loss"] for r in read_metrics_csv(metrics_csv)
+               if r["loss"] == r["loss"]}  # rows without a loss (validation-only) are NaN
+    return [by_step[s] for s in range(1, n + 1) if s in by_step]
 
 
 def _read(path: Path) -> dict:
@@ -75,9 +88,10 @@ def main() -> int:
         "data": {k: manifest.get(k) for k in ("rows", "queries", "query_stats", "generator_model",
                                                "teacher_model", "teacher_dim", "sampling_params",
                                                "backend", "generated_tokens", "wall_s")},
-        "train": {k: train.get(k) for k in ("steps", "global_batch", "rows", "fit_time_s",
-                                            "first_loss", "final_loss", "references",
-                                            "validation")},
+        "train": {**{k: train.get(k) for k in ("steps", "global_batch", "rows", "fit_time_s",
+                                               "first_loss", "final_loss", "references",
+                                               "validation")},
+                  "first_losses": first_losses(run / "train" / "metrics.csv")},
         "offline_suite": {k: evaluation.get(k) for k in ("max_docs", "mean_main_score",
                                                          "mean_by_type", "scores")},
         "quality_benchmark": (
@@ -91,6 +105,14 @@ def main() -> int:
     dest.mkdir(parents=True)
     for f in ("l2vg_config.json", "trainable.safetensors"):
         shutil.copy2(final / f, dest / f)
+    meta = json.loads((dest / "l2vg_config.json").read_text())
+    if "objective" not in meta:  # trained before encoders recorded it: take it from the run
+        t = (stages["train"].get("config") or {}).get("train") or {}
+        if {"recon_weight", "align_weight", "align_loss"} <= set(t):
+            meta["objective"] = {"recon_weight": float(t["recon_weight"]),
+                                 "align_weight": float(t["align_weight"]),
+                                 "align_loss": str(t["align_loss"])}
+            (dest / "l2vg_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     (dest / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     size = sum(f.stat().st_size for f in dest.iterdir())
     print(f"shipped {final} as {args.name!r} -> {dest} ({size / 1e6:.2f} MB)")

@@ -229,10 +229,14 @@ def _decode(cfg, texts: list[str]) -> int:
     if empty:
         raise ConfigError(f"decode: text {empty[0]} is empty; give a text to decode (the "
                           f"/v1/decode endpoint refuses it too: 400 empty_input).")
+    from l2vg_ray.method.model import NOT_DECODABLE, can_decode
+
     encoder = load_encoder(cfg.decode.model, cfg)
     if not hasattr(encoder, "decode"):
         raise ConfigError(f"decode.model={cfg.decode.model!r} cannot decode: only trained "
                           f"encoders can.")
+    if not can_decode(encoder):
+        raise ConfigError(f"decode.model={cfg.decode.model!r} cannot decode: {NOT_DECODABLE}")
     decoded = encoder.decode(texts, max_new_tokens=int(cfg.decode.max_new_tokens))
     for text, out in zip(texts, decoded, strict=True):
         print(json.dumps({"text": text, "decoded": out}, ensure_ascii=False))

@@ -187,6 +187,10 @@ class L2VGEncoder(nn.Module):
         self.n_compression = config.n_compression
         self.dim = int(teacher_dim)
         self.name = default_name(config.llm)
+        # The training objective it was trained with ({"recon_weight", "align_weight",
+        # "align_loss"}), saved with it; None when unknown (untrained, or saved before it was
+        # recorded). recon_weight 0 means the soft prompts were never trained to be decoded.
+        self.objective: dict[str, Any] | None = None
 
         self.llm.requires_grad_(False)
         self.llm.eval()
@@ -294,6 +298,7 @@ class L2VGEncoder(nn.Module):
         enc = cls.from_config(cfg, cache_dir=cache_dir, device=device, teacher_dim=cfg.teacher_dim)
         enc.load_trainable_state_dict(load_file(str(path / TRAINABLE_FILE)))
         enc.name = meta.get("name") or enc.name
+        enc.objective = meta.get("objective")
         return enc
 
     def save(self, path: str | os.PathLike) -> None:
@@ -311,6 +316,7 @@ class L2VGEncoder(nn.Module):
             "special_tokens": self.special_tokens,
             "trainable": {k: list(v.shape) for k, v in state.items()},
             "fingerprint": self.fingerprint(),
+            **({"objective": self.objective} if self.objective is not None else {}),
         }
         # Write then rename, so a reader never sees half a checkpoint.
         tmp_w = path / f".{TRAINABLE_FILE}.tmp"
@@ -743,6 +749,8 @@ class L2VGEncoder(nn.Module):
         ``texts``: queries (special tokens are appended as in training), or precomputed soft
         prompts of shape (N, n_compression, H) from ``soft_prompts``.
         """
+        if not self.decodable:
+            raise ValueError(f"{self.name!r} cannot decode: {NOT_DECODABLE}")
         if torch.is_tensor(texts):
             soft = texts.to(self.device, torch.float32)
             if soft.dim() == 2:
@@ -772,6 +780,11 @@ class L2VGEncoder(nn.Module):
             # With inputs_embeds only, generate returns just the new tokens.
             outputs.extend(self.tokenizer.batch_decode(gen, skip_special_tokens=True))
         return outputs
+
+    @property
+    def decodable(self) -> bool:
+        """False when it was trained without the reconstruction term (``train.recon_weight=0``)."""
+        return not (self.objective is not None and self.objective.get("recon_weight") == 0)
 
     def fingerprint(self) -> str:
         """Hash of the trainable state, base model spec, token counts and numerics."""
@@ -820,6 +833,16 @@ def saved_encoder_info(path: str | os.PathLike, *, max_length: int | None = None
     state = {k: raw[k] for k in TRAINABLE_KEYS}
     return SavedEncoderInfo(name=meta.get("name") or default_name(cfg.llm), dim=int(cfg.teacher_dim),
                             fingerprint=state_fingerprint(cfg, cfg.teacher_dim, state))
+
+
+NOT_DECODABLE = ("it was trained without the reconstruction term (train.recon_weight=0), so its "
+                 "soft prompts were never trained to be decoded. Decode an encoder trained with "
+                 "train.recon_weight > 0; its embeddings work as they are.")
+
+
+def can_decode(encoder: Any) -> bool:
+    """Whether ``encoder`` (a loaded text encoder of any kind) decodes embeddings to text."""
+    return callable(getattr(encoder, "decode", None)) and bool(getattr(encoder, "decodable", True))
 
 
 def read_saved_meta(path: Path) -> dict[str, Any]:

@@ -146,10 +146,11 @@ def _packaged_encoder(name: str) -> Callable[[Path], Path]:
 
 
 # Trained LLM2Vec-Gen encoders shipped with the project (the trainable state only, ~2 MB; the
-# frozen LLM they sit on is itself a packaged model). `l2vg eval/serve/decode model=NAME`.
+# frozen LLM they sit on is itself a packaged model). `l2vg eval/serve/embed model=NAME`; both
+# trained the alignment term only, so they do not decode.
 # -> the config that trained it (its recipe.json holds the hashes, data and scores)
 PACKAGED_ENCODERS = {
-    "l2vg-smollm2-135m-laptop": "configs/laptop-generate.yaml",  # distillation (all-MiniLM-L6-v2)
+    "l2vg-smollm2-135m-laptop": "configs/laptop.yaml",  # distillation (all-MiniLM-L6-v2)
     "l2vg-smollm2-135m-laptop-unsup": "configs/laptop-unsup.yaml",  # the paper's setting
 }
 for _name in PACKAGED_ENCODERS:

@@ -178,10 +178,12 @@ class EmbeddingModel:
         self._model_thread.submit(lambda: None).result(timeout=30)
 
     async def info(self) -> dict[str, Any]:
+        from l2vg_ray.method.model import can_decode
+
         return {
             "dim": int(self._encoder.dim),
             "encoder": str(self._encoder.name),
-            "decode": callable(getattr(self._encoder, "decode", None)),
+            "decode": can_decode(self._encoder),
             "pid": os.getpid(),
         }
 
@@ -393,7 +395,8 @@ class EmbeddingServer:
             raise APIError(
                 400,
                 f"The served encoder {info['encoder']!r} cannot decode: only a trained "
-                f"LLM2Vec-Gen encoder folder can. Use /v1/embeddings.",
+                f"LLM2Vec-Gen encoder folder whose training had the reconstruction term "
+                f"(train.recon_weight > 0) can. Use /v1/embeddings.",
                 code="decode_not_supported",
             )
         fitted, decoded = await self._call("decode", req.input, req.instruction or None, max_new)

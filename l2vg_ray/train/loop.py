@@ -143,6 +143,9 @@ class L2VGTrainRecipe:
         self.encoder = L2VGEncoder.from_config(
             job.model, cache_dir=job.cache_dir, device=str(self.device), teacher_dim=job.teacher_dim
         )
+        self.encoder.objective = {"recon_weight": float(t.recon_weight),
+                                  "align_weight": float(t.align_weight),
+                                  "align_loss": str(t.align_loss)}
         self.params = self.encoder.trainable_parameters()
         self.optimizer = build_optimizer(
             self.params, lr=t.lr, weight_decay=t.weight_decay,

@@ -479,3 +479,23 @@ def test_load_encoder_max_length_reaches_the_trained_encoder_and_the_baselines(
     pooled = load_encoder("mean-pool", tiny_config, max_length=17)
     assert pooled.max_length == 17 != int(tiny_config.model.max_length)
     assert load_encoder("mean-pool", tiny_config).max_length == int(tiny_config.model.max_length)
+
+
+def test_an_encoder_trained_without_reconstruction_refuses_to_decode(tiny_llm_dir, tmp_path):
+    from l2vg_ray.method.model import can_decode
+
+    enc = make_encoder(tiny_llm_dir)
+    assert enc.objective is None and enc.decodable and can_decode(enc)  # unknown: decodes
+    enc.objective = {"recon_weight": 0.0, "align_weight": 1.0, "align_loss": "normalized-mse"}
+    enc.save(tmp_path / "enc")
+    meta = json.loads((tmp_path / "enc" / ENCODER_CONFIG_FILE).read_text())
+    assert meta["objective"]["recon_weight"] == 0.0
+    loaded = L2VGEncoder.load(tmp_path / "enc", device="cpu")
+    assert loaded.objective == enc.objective and not can_decode(loaded)
+    with pytest.raises(ValueError, match=r"train\.recon_weight=0.*never trained to be decoded"):
+        loaded.decode(QUERIES[:1], max_new_tokens=2)
+    assert loaded.fingerprint() == enc.fingerprint()  # the objective is not part of the state
+
+    enc.objective = {"recon_weight": 1.0, "align_weight": 1.0, "align_loss": "normalized-mse"}
+    enc.save(tmp_path / "both")
+    assert can_decode(L2VGEncoder.load(tmp_path / "both", device="cpu"))
