@@ -36,7 +36,7 @@ demo: setup
 	$(BIN)/l2vg run --config configs/quickstart.yaml --serve
 	@echo ""
 	@echo "The quickstart above is a 24-step smoke run. The trained encoder is the packaged"
-	@echo "l2vg-smollm2-135m-laptop (configs/laptop-generate.yaml, docs/recipes.md), on the same tasks:"
+	@echo "l2vg-smollm2-135m-laptop (configs/laptop.yaml, docs/recipes.md), on the same tasks:"
 	$(BIN)/l2vg eval --config configs/quickstart.yaml model=l2vg-smollm2-135m-laptop
 
 # The vLLM-CPU test runs first (in its own venv), then the main suite, whose pytest summary is
