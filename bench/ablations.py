@@ -63,13 +63,8 @@ def quality_suite_eval(args):
         from l2vg_ray.eval.suites import suite_task_names
 
         names = suite_task_names(cfg)
-        work = Path(cfg.eval.output_dir)
-        extra = list(args.overrides)
-        scores = quality.evaluate(args.config, cfg.eval.model, [quality.STS_TASK],
-                                  quality.STS_PAIRS, work, extra)
-        scores.update(quality.evaluate(args.config, cfg.eval.model,
-                                       [n for n in names if n != quality.STS_TASK],
-                                       args.max_docs, work, extra))
+        scores = quality.score_suite(args.config, cfg.eval.model, names, args.max_docs,
+                                     Path(cfg.eval.output_dir), list(args.overrides))
         return {"mean_main_score": quality.suite_mean(scores),
                 "mean_by_type": quality.type_means(scores),
                 "scores": {n: scores[n]["score"] for n in names},

@@ -64,6 +64,16 @@ def evaluate(cfg_path: str, model: str, tasks: list[str], max_docs: int, work: P
     return out
 
 
+def score_suite(cfg_path: str, model: str, names: list[str], max_docs: int, work: Path,
+                extra: list[str], *, sts_docs: int = STS_PAIRS) -> dict[str, dict]:
+    """``model`` on the suite's tasks ``names`` as this benchmark scores it: STS-B at ``sts_docs``
+    pairs (all of them), every other task at ``max_docs``; {task: result row} in ``names`` order."""
+    scores = evaluate(cfg_path, model, [STS_TASK], sts_docs, work, extra)
+    scores.update(evaluate(cfg_path, model, [n for n in names if n != STS_TASK], max_docs, work,
+                           extra))
+    return {n: scores[n] for n in names}
+
+
 def type_means(scores: dict[str, dict]) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for r in scores.values():
@@ -261,7 +271,6 @@ def main() -> int:
         max_docs, sts_docs, gte_docs = 60, 200, 0
     cfg = load_config(args.config, ["eval.suite=offline", *args.overrides])
     names = suite_task_names(cfg)
-    others = [n for n in names if n != STS_TASK]
     init_ray(cfg.cluster, log_to_driver=False)
     work = Path(args.work)
     t_start = time.perf_counter()
@@ -275,9 +284,8 @@ def main() -> int:
     models: dict[str, dict] = dict(previous.get("models", {}))
     for label, (spec, config) in specs.items():
         print(f"evaluating {label} ({spec}, {config})", flush=True)
-        scores = evaluate(config, spec, [STS_TASK], sts_docs, work, args.overrides)
-        scores.update(evaluate(config, spec, others, max_docs, work, args.overrides))
-        scores = {n: scores[n] for n in names}
+        scores = score_suite(config, spec, names, max_docs, work, args.overrides,
+                             sts_docs=sts_docs)
         models[label] = {"spec": spec, "config": _rel(config), "scores": scores,
                          "mean": suite_mean(scores), "by_type": type_means(scores)}
     order = ["student", "teacher", "student-unsup", "teacher-unsup", "mean-pool", "last-token"]

@@ -102,6 +102,15 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def val_diffs(validation: list[dict], recipe: dict, *, up_to: int | None = None) -> dict:
+    """{step: now, recipe, rel_diff} of the held-out MSE at every step both runs validated."""
+    now = {int(v["step"]): v["val_align_mse"] for v in validation}
+    shipped = {int(v["step"]): v["val_align_mse"]
+               for v in (recipe.get("train") or {}).get("validation") or []}
+    return {s: {"now": now[s], "recipe": shipped[s], "rel_diff": rel_diff(now[s], shipped[s])}
+            for s in sorted(now) if s in shipped and (up_to is None or s <= up_to)}
+
+
 def compare_prefix(recipe: dict, out: Path, steps: int, rtol: float) -> dict:
     from l2vg_ray.train.state import read_train_state
 
@@ -112,12 +121,7 @@ def compare_prefix(recipe: dict, out: Path, steps: int, rtol: float) -> dict:
     pairs = [(losses[s], shipped[s - 1]) for s in range(1, min(steps, len(shipped)) + 1)
              if s in losses]
     loss_diffs = [rel_diff(a, b) for a, b in pairs]
-    val_now = {int(r["step"]): r["val_align_mse"] for r in history if "val_align_mse" in r}
-    val_recipe = {int(v["step"]): v["val_align_mse"]
-                  for v in (recipe.get("train") or {}).get("validation") or []}
-    vals = {s: {"now": val_now[s], "recipe": val_recipe[s],
-                "rel_diff": rel_diff(val_now[s], val_recipe[s])}
-            for s in sorted(val_now) if s in val_recipe and s <= step}
+    vals = val_diffs([r for r in history if "val_align_mse" in r], recipe, up_to=step)
     worst = max([*loss_diffs, *(v["rel_diff"] for v in vals.values())], default=None)
     return {
         "checkpoint_step": step,
@@ -145,18 +149,10 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
     tensors = {k: float((mine[k].float() - shipped[k].float()).abs().max()
                         / shipped[k].float().abs().max().clamp_min(1e-12)) for k in shipped}
     summary = json.loads((out / "train" / "_SUCCESS.json").read_text())["summary"]
-    val_now = {v["step"]: v["val_align_mse"] for v in summary.get("validation") or []}
-    val_recipe = {v["step"]: v["val_align_mse"] for v in recipe["train"].get("validation") or []}
-    vals = {s: {"now": val_now[s], "recipe": val_recipe[s],
-                "rel_diff": rel_diff(val_now[s], val_recipe[s])}
-            for s in sorted(val_now) if s in val_recipe}
+    vals = val_diffs(summary.get("validation") or [], recipe)
     names = suite_task_names(load_config(config, ["eval.suite=offline"]))
-    work = out / "quality"
-    model = str(out / "train" / "final")
-    scores = quality.evaluate(config, model, [quality.STS_TASK], quality.STS_PAIRS, work,
-                              QUALITY_OVERRIDES)
-    scores.update(quality.evaluate(config, model, [n for n in names if n != quality.STS_TASK],
-                                   args.max_docs, work, QUALITY_OVERRIDES))
+    scores = quality.score_suite(config, str(out / "train" / "final"), names, args.max_docs,
+                                 out / "quality", QUALITY_OVERRIDES)
     bench = next(iter((recipe.get("quality_benchmark") or {}).values()), None) or {}
     recipe_scores = {t: r["score"] for t, r in (bench.get("scores") or {}).items()}
     diffs = {t: scores[t]["score"] - recipe_scores[t] for t in names
@@ -222,15 +218,16 @@ def main() -> int:
     run = run_recipe(config, out, args.steps)
     check = (compare_prefix(recipe, out, args.steps, args.rtol) if args.steps
              else compare_full(args.name, recipe, config, out, args))
+    seconds = stage_seconds(out)
     result = {
         "benchmark": "reproduce a packaged student from its recipe",
         "name": args.name, "config": recipe["config"], "mode": f"first {args.steps} steps" if args.steps
         else "whole recipe",
-        "config_hashes": hashes, "run": run, "stage_seconds": stage_seconds(out),
+        "config_hashes": hashes, "run": run, "stage_seconds": seconds,
         # a stopped run has no train marker: its training time is the run's wall time less the
         # stages before it
-        **({"train_s_to_checkpoint": round(run["wall_s"] - (stage_seconds(out).get("generate")
-                                                              or 0), 1)} if args.steps else {}),
+        **({"train_s_to_checkpoint": round(run["wall_s"] - (seconds.get("generate") or 0), 1)}
+           if args.steps else {}),
         "recipe_stage_seconds": recipe.get("stage_seconds"), **check,
         "command": "python bench/reproduce.py " + " ".join(sys.argv[1:]),
         "host": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
