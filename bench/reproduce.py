@@ -16,9 +16,11 @@ What it checks, in order:
      ``train.checkpoint_every``) is written, and compares the losses of steps 1..N and the
      held-out MSE at every validated step <= N with the recipe's (``first_losses``,
      ``validation``). The stopped run stays resumable: the same command continues it.
-   - Without ``--steps`` the run finishes; then the trained tensors are compared with the
-     packaged ones and the student is scored as ``bench/quality.py`` scores it (all 1379 STS-B
-     pairs, ``--max-docs`` elsewhere, the overrides below), against the recipe's scores.
+   - Without ``--steps`` the run trains to the end (and is stopped there: its own eval stage
+     scores with the config's settings, not the recipe's; ``--run-eval`` lets it finish); then
+     the trained tensors are compared with the packaged ones and the student is scored as
+     ``bench/quality.py`` scores it (all 1379 STS-B pairs, ``--max-docs`` elsewhere, the
+     overrides below), against the recipe's scores.
 
 Writes ``bench/results/reproduce_<name>.json``: the hash check, each stage's wall time, the
 largest loss / held-out MSE / score differences and a verdict against ``--rtol`` (losses, MSE)
@@ -42,11 +44,9 @@ QUALITY_OVERRIDES = ["eval.max_length=256", "eval.strict_data=true"]  # as READM
 
 
 def hash_check(recipe: dict, config: str) -> dict:
-    from l2vg_ray.config import load_config, typed
-    from l2vg_ray.pipeline import config_hashes
-    from l2vg_ray.storage import absolute_paths
+    from l2vg_ray.pipeline import config_file_hashes
 
-    now = config_hashes(typed(absolute_paths(load_config(config))))
+    now = config_file_hashes(config)
     shipped = recipe.get("config_hashes") or {}
     return {s: {"recipe": shipped.get(s), "now": now[s], "same": shipped.get(s) == now[s]}
             for s in ("generate", "train")}
@@ -73,8 +73,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_recipe(config: str, out: Path, steps: int) -> dict:
-    """``l2vg run`` in a subprocess; with ``steps``, stopped once checkpoint ``steps`` exists."""
+def run_recipe(config: str, out: Path, steps: int, *, run_eval: bool = False) -> dict:
+    """``l2vg run`` in a subprocess; with ``steps``, stopped once checkpoint ``steps`` exists;
+    otherwise stopped once training has finished, unless ``run_eval``."""
+    trained = out / "train" / "_SUCCESS.json"
     out.mkdir(parents=True, exist_ok=True)
     log = out / "reproduce.log"
     cmd = [sys.executable, "-m", "l2vg_ray.cli", "run", "--config", config, f"output_dir={out}"]
@@ -90,9 +92,12 @@ def run_recipe(config: str, out: Path, steps: int) -> dict:
                     time.sleep(5)  # let the checkpoint's files settle
                     stop(proc)
                     break
+                if not steps and not run_eval and trained.is_file():
+                    stop(proc)  # the eval stage's scores are not the ones compared
+                    break
         finally:
             stop(proc)
-    if not steps and proc.returncode != 0:
+    if not steps and not trained.is_file():
         raise SystemExit(f"`{' '.join(cmd)}` exited with {proc.returncode}: see {log}")
     return {"command": " ".join(cmd[2:]), "wall_s": round(time.perf_counter() - t0, 1),
             "returncode": proc.returncode, "log": str(log)}
@@ -195,6 +200,9 @@ def main() -> int:
                    help="largest per-task score difference called reproduced (full runs)")
     p.add_argument("--allow-drift", action="store_true",
                    help="run even when the config no longer gives the recipe's stage hashes")
+    p.add_argument("--run-eval", action="store_true",
+                   help="whole runs: let the run's own eval stage finish too (its settings are the "
+                        "config's, not the recipe scores'; ~11 min here)")
     p.add_argument("--out", default=None, help="default: bench/results/reproduce_<name>.json")
     args = p.parse_args()
 
@@ -215,7 +223,7 @@ def main() -> int:
         raise SystemExit(f"{config} no longer gives the recipe's {', '.join(drift)} config hash: "
                          "the recipe changed after it shipped. Reproduce from the commit that "
                          "shipped it, or pass --allow-drift to run the current config anyway.")
-    run = run_recipe(config, out, args.steps)
+    run = run_recipe(config, out, args.steps, run_eval=args.run_eval)
     check = (compare_prefix(recipe, out, args.steps, args.rtol) if args.steps
              else compare_full(args.name, recipe, config, out, args))
     seconds = stage_seconds(out)

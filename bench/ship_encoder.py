@@ -55,11 +55,9 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="replace an existing packaged encoder")
     args = p.parse_args()
 
-    from l2vg_ray.config import load_config, typed
     from l2vg_ray.dataset import package_versions
     from l2vg_ray.models.resolver import packaged_encoder_dir
-    from l2vg_ray.pipeline import config_hashes
-    from l2vg_ray.storage import absolute_paths
+    from l2vg_ray.pipeline import config_file_hashes
 
     run = Path(args.run)
     final = run / "train" / "final"
@@ -74,7 +72,7 @@ def main() -> int:
     train = stages["train"].get("summary") or _read(run / "train" / "train_summary.json")
     evaluation = stages["eval"].get("summary") or {}
     manifest = _read(run / "data" / "manifest.json")
-    computed = config_hashes(typed(absolute_paths(load_config(args.config))))
+    computed = config_file_hashes(args.config)
     quality = _read(Path(args.quality))
     weights = (final / "trainable.safetensors").read_bytes()
     recipe = {

@@ -243,7 +243,7 @@ class TrainConfig:
     gpus_per_worker: float = resource_field(0.0)
     # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
     precision: str = "auto"
-    # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = file order.
+    # Rows in each worker's seeded local shuffle buffer (reshuffled every epoch); 0 = id order.
     shuffle_buffer: int = 1024
     tracking: TrackingConfig = resource_field(default_factory=TrackingConfig)
 

@@ -38,6 +38,7 @@ from l2vg_ray.config import (
     ModelConfig,
     TeacherConfig,
     TrainConfig,
+    load_config,
     not_hashed,
     select,
     to_dict,
@@ -126,6 +127,12 @@ def config_hashes(cfg: L2VGConfig) -> dict[str, str]:
     for stage in STAGES:
         upstream = hashes[stage] = config_hash(stage_fingerprint(cfg, stage, upstream))
     return hashes
+
+
+def config_file_hashes(path: str) -> dict[str, str]:
+    """``config_hashes`` of the config file at ``path``, resolved as ``l2vg run --config path``
+    resolves it (what a packaged recipe's ``config_hashes`` are compared with)."""
+    return config_hashes(typed(storage.absolute_paths(load_config(path))))
 
 
 def read_marker(cfg: L2VGConfig, stage: str, name: str = SUCCESS) -> dict | None:

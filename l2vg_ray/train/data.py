@@ -2,10 +2,12 @@
 side, before any worker starts) into the held-out rows, the probe rows, the targets' moments and
 the training rows; then stream deterministic micro-batches from a worker's shard.
 
-Determinism: the Ray Data pipeline runs with ``preserve_order`` (so ``streaming_split`` hands each
-worker the same rows every time), each epoch is shuffled in a local buffer seeded by
-(seed, epoch, rank), and a resumed worker skips the micro-batches it already trained on. The same
-seed therefore gives the same batches whether or not the run was interrupted.
+Determinism: the driver orders the rows by id and cuts them into fixed blocks (so the files'
+order and number do not matter), the Ray Data pipeline runs with ``preserve_order`` (so
+``streaming_split`` hands each worker the same rows every time), each epoch is shuffled in a
+local buffer seeded by (seed, epoch, rank), and a resumed worker skips the micro-batches it
+already trained on. The same seed and rows therefore give the same batches whether or not the
+run was interrupted and however the generate stage wrote its files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 
 # Columns the training loop reads; the rest of the generated schema stays on disk.
 TRAIN_COLUMNS = (schema.QUERY, schema.RESPONSE, schema.TEACHER_EMBEDDING)
+# Rows per block of the training Dataset (``id_blocks``): the laptop recipes' shard size
+# (generate.rows_per_shard), so their data, written in id order, keeps the blocks it had when
+# training read one block per file.
+BLOCK_ROWS = 256
 
 
 def check_data_against_config(
@@ -104,9 +110,9 @@ def read_rows(path: str) -> ValidationRows:
 class TrainingData:
     """The generated dataset after ONE read on the driver, split into what training needs."""
 
-    tables: list[pa.Table]  # the training rows (TRAIN_COLUMNS), one table per shard, file order
+    tables: list[pa.Table]  # the training rows (TRAIN_COLUMNS) by id, one table per id_blocks block
     heldout: ValidationRows  # the held-out rows, sorted by id
-    probe: ValidationRows  # the first training rows in file order (ridge probe, calibration)
+    probe: ValidationRows  # the first training rows by id (ridge probe, calibration)
     stats: TargetStats  # moments of the training rows' teacher embeddings
 
     @property
@@ -122,6 +128,10 @@ def read_training_data(
     ``val_rows`` held-out rows (``validation_ids``), at most ``max_rows`` training rows
     (``unused_ids``), the first ``probe_rows`` training rows and the targets' moments.
 
+    Rows are ordered by id and cut into ``BLOCK_ROWS`` blocks before the split (``id_blocks``),
+    so the batches depend on the rows alone: two generate runs that wrote the same rows in
+    different files or orders (actors finish in any order) train identically.
+
     The driver holds the training columns in memory until ``train_dataset`` has put them in the
     object store (the previous path read the files five times instead).
     """
@@ -133,23 +143,37 @@ def read_training_data(
 
     fs, _ = storage.filesystem(info.path)
     columns = [schema.ID, *TRAIN_COLUMNS]
-    shards = [pq.read_table(f, columns=columns, filesystem=fs) for f in info.files]
-    ids = [i for t in shards for i in t.column(schema.ID).to_pylist()]
+    rows = pa.concat_tables(
+        [pq.read_table(f, columns=columns, filesystem=fs) for f in info.files]
+    ).sort_by(schema.ID)
+    ids = rows.column(schema.ID).to_pylist()
     val_ids = validation_ids(ids, val_rows=val_rows, seed=seed)
     excluded = val_ids | unused_ids(ids, val_ids=val_ids, max_rows=max_rows, seed=seed)
     held, dropped = (pa.array(sorted(s), type=pa.string()) for s in (val_ids, excluded))
-    heldout = pa.concat_tables([t.filter(pc.is_in(t[schema.ID], value_set=held)) for t in shards])
+    heldout = rows.filter(pc.is_in(rows[schema.ID], value_set=held))
     tables = [
-        t.filter(pc.invert(pc.is_in(t[schema.ID], value_set=dropped))).drop_columns([schema.ID])
-        for t in shards
+        block.filter(pc.invert(pc.is_in(block[schema.ID], value_set=dropped)))
+        .drop_columns([schema.ID])
+        for block in id_blocks(rows)
     ]
     n, total, total_sq = target_moments(tables)
     return TrainingData(
         tables=tables,
-        heldout=ValidationRows.from_table(heldout.sort_by(schema.ID)),
+        heldout=ValidationRows.from_table(heldout),
         probe=ValidationRows.from_table(pa.concat_tables(tables).slice(0, max(0, probe_rows))),
         stats=TargetStats.from_moments(n, torch.from_numpy(total), torch.from_numpy(total_sq)),
     )
+
+
+def id_blocks(rows: pa.Table, block_rows: int | None = None) -> list[pa.Table]:
+    """``rows`` (sorted by id) cut into consecutive blocks of ``block_rows`` (``BLOCK_ROWS``).
+
+    The blocks are fixed id ranges of the whole dataset, cut before held-out and ``max_rows``
+    rows are removed, so removing rows never moves a block boundary. Boundaries matter: the
+    workers' local shuffle buffer fills block by block.
+    """
+    size = block_rows or BLOCK_ROWS
+    return [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
 
 
 def train_dataset(tables: list[pa.Table]):
@@ -230,7 +254,7 @@ def micro_batch_stream(
     """Yield ``(epoch, index, batch)`` forever from a ``DataIterator``, starting at ``start``.
 
     Batches before ``start`` = (epoch, index) are read but not yielded, so a resumed worker sees
-    exactly the remaining batches of an uninterrupted run. ``shuffle_buffer`` = 0 keeps file order.
+    exactly the remaining batches of an uninterrupted run. ``shuffle_buffer`` = 0 keeps id order.
     """
     epoch, skip = start
     while True:

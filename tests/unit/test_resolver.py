@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from l2vg_ray.models import PACKAGED_MODELS, resolve_model
-from l2vg_ray.models.resolver import READY_MARKER, PackagedModel
+from l2vg_ray.models.resolver import PACKAGED_ENCODERS, READY_MARKER, PackagedModel
 
 
 def test_hub_ids_pass_through_unchanged():
@@ -93,3 +93,22 @@ def test_concurrent_converters_do_not_corrupt_each_other(tmp_path):
     assert (tmp_path / "models" / "conversions.log").read_text().count("x") == 1
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".fake-slow.")]
     assert leftovers == [".fake-slow.lock"] or leftovers == []
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGED_ENCODERS))
+def test_packaged_encoder_recipe_matches_its_config(name):
+    """Each shipped student's recipe.json names the config that trained it, and that config still
+    gives the recipe's generate and train hashes: editing a training value in the YAML without
+    retraining and re-shipping the student fails here."""
+    import json
+
+    from l2vg_ray.models.resolver import packaged_encoder_dir
+    from l2vg_ray.pipeline import config_file_hashes
+
+    recipe = json.loads((packaged_encoder_dir(name) / "recipe.json").read_text())
+    config = PACKAGED_ENCODERS[name]
+    assert recipe["config"] == config
+    now = config_file_hashes(str(Path(__file__).resolve().parents[2] / config))
+    assert {s: recipe["config_hashes"][s] for s in ("generate", "train")} == {
+        s: now[s] for s in ("generate", "train")
+    }, f"{config} no longer trains {name}: retrain it (bench/ship_encoder.py) or revert the edit"

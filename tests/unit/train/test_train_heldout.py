@@ -72,7 +72,8 @@ def test_one_read_gives_heldout_probe_moments_and_training_rows(tmp_path):
     by_id = sorted(i for i in table.column("id").to_pylist() if i in ids)
     queries = dict(zip(table.column("id").to_pylist(), table.column("query").to_pylist(), strict=True))
     assert rows.queries == [queries[i] for i in by_id]  # sorted by id
-    # The training rows: the rest, in file order, only the training columns.
+    # The training rows: the rest, ordered by id, only the training columns.
+    order = np.argsort(np.array(table.column("id").to_pylist()), kind="stable")
     emb = np.stack(table.column("teacher_embedding").to_pylist())
     keep = np.array([i not in ids for i in table.column("id").to_pylist()])
     assert data.num_rows == 36 and data.tables[0].column_names == list(train_data.TRAIN_COLUMNS)
@@ -82,9 +83,38 @@ def test_one_read_gives_heldout_probe_moments_and_training_rows(tmp_path):
     np.testing.assert_allclose(total, emb[keep].sum(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sq, (emb[keep] ** 2).sum(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(data.stats.mean, torch.from_numpy(emb[keep].mean(0)).float())
-    # The probe rows: the first training rows in file order.
-    kept_queries = [q for q, k in zip(table.column("query").to_pylist(), keep, strict=True) if k]
+    # The probe rows: the first training rows by id.
+    all_queries = table.column("query").to_pylist()
+    kept_queries = [all_queries[j] for j in order if keep[j]]
     assert data.probe.queries == kept_queries[:10] and not set(data.probe.queries) & set(rows.queries)
+
+
+def test_training_rows_depend_on_the_rows_not_on_files_or_their_order(tmp_path):
+    """The same rows written in another order across other files (as a teacher stage whose actors
+    finish in another order writes them) give the same blocks, probe and held-out rows; blocks
+    are fixed id ranges of BLOCK_ROWS rows, cut before the held-out rows leave."""
+    import pyarrow.parquet as pq
+
+    info, table = _fixture(tmp_path, n_rows=50)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    perm = np.random.default_rng(1).permutation(table.num_rows)
+    for k, part in enumerate(np.array_split(perm, 3)):
+        pq.write_table(table.take(part), shuffled / f"part-{k:05d}-0000000{k}.parquet")
+    other = inspect_dataset(str(shuffled))
+    assert len(other.files) == 3
+    read = [train_data.read_training_data(i, val_rows=5, max_rows=None, probe_rows=8, seed=2)
+            for i in (info, other)]
+    (a, b) = read
+    assert [t.num_rows for t in a.tables] == [t.num_rows for t in b.tables]
+    assert all(x.equals(y) for x, y in zip(a.tables, b.tables, strict=True))
+    assert a.probe.queries == b.probe.queries and a.heldout.queries == b.heldout.queries
+    # Blocks of BLOCK_ROWS ids each, minus the held-out rows inside them.
+    by_id = table.sort_by("id")
+    blocks = train_data.id_blocks(by_id, block_rows=16)
+    assert [t.num_rows for t in blocks] == [16, 16, 16, 2]
+    assert blocks[1].column("id").to_pylist() == by_id.column("id").to_pylist()[16:32]
+    assert sum(t.num_rows for t in a.tables) == 45 and len(a.heldout) == 5
 
 
 def test_validate_reports_raw_mse_and_skips_recon_at_zero_weight(tiny_llm_dir):
