@@ -144,10 +144,12 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
     import quality
     import torch
     from safetensors.torch import load_file
+    from ship_encoder import first_losses
 
     from l2vg_ray.config import load_config
     from l2vg_ray.eval.suites import suite_task_names
     from l2vg_ray.models.resolver import packaged_encoder_dir
+    from l2vg_ray.ray_utils import init_ray
 
     final = out / "train" / "final" / "trainable.safetensors"
     mine, shipped = load_file(final), load_file(packaged_encoder_dir(name) / "trainable.safetensors")
@@ -155,7 +157,12 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
                         / shipped[k].float().abs().max().clamp_min(1e-12)) for k in shipped}
     summary = json.loads((out / "train" / "_SUCCESS.json").read_text())["summary"]
     vals = val_diffs(summary.get("validation") or [], recipe)
-    names = suite_task_names(load_config(config, ["eval.suite=offline"]))
+    losses = first_losses(out / "train" / "metrics.csv") or []
+    shipped_losses = (recipe.get("train") or {}).get("first_losses") or []
+    loss_diffs = [rel_diff(a, b) for a, b in zip(losses, shipped_losses, strict=False)]
+    cfg = load_config(config, ["eval.suite=offline"])
+    names = suite_task_names(cfg)
+    init_ray(cfg.cluster, log_to_driver=False)  # the run's own Ray stopped with it
     scores = quality.score_suite(config, str(out / "train" / "final"), names, args.max_docs,
                                  out / "quality", QUALITY_OVERRIDES)
     bench = next(iter((recipe.get("quality_benchmark") or {}).values()), None) or {}
@@ -167,6 +174,8 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
     return {
         "trainable_max_rel_diff": tensors,
         "trainable_identical": all(torch.equal(mine[k], shipped[k]) for k in shipped),
+        "losses_compared": len(loss_diffs),
+        "loss_max_rel_diff": max(loss_diffs, default=None),
         "val_align_mse": vals,
         "suite_mean": {"now": mean_now, "recipe": bench.get("mean")},
         "score_diffs": diffs,
