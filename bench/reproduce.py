@@ -116,26 +116,30 @@ def val_diffs(validation: list[dict], recipe: dict, *, up_to: int | None = None)
             for s in sorted(now) if s in shipped and (up_to is None or s <= up_to)}
 
 
+def loss_diffs(losses: dict[int, float], recipe: dict, *, up_to: int) -> list[float]:
+    """Relative differences of the step losses 1..``up_to`` against the recipe's
+    ``first_losses``, at the steps both runs logged."""
+    shipped = (recipe.get("train") or {}).get("first_losses") or []
+    return [rel_diff(losses[s], shipped[s - 1]) for s in range(1, min(up_to, len(shipped)) + 1)
+            if s in losses]
+
+
 def compare_prefix(recipe: dict, out: Path, steps: int, rtol: float) -> dict:
     from l2vg_ray.train.state import read_train_state
 
     step, ckpt = next((s, d) for s, d in checkpoints(out) if s >= steps)
     history = read_train_state(ckpt)["state"].history
     losses = {int(r["step"]): r["loss"] for r in history if r.get("loss") is not None}
-    shipped = (recipe.get("train") or {}).get("first_losses") or []
-    pairs = [(losses[s], shipped[s - 1]) for s in range(1, min(steps, len(shipped)) + 1)
-             if s in losses]
-    loss_diffs = [rel_diff(a, b) for a, b in pairs]
+    diffs = loss_diffs(losses, recipe, up_to=steps)
     vals = val_diffs([r for r in history if "val_align_mse" in r], recipe, up_to=step)
-    worst = max([*loss_diffs, *(v["rel_diff"] for v in vals.values())], default=None)
+    worst = max([*diffs, *(v["rel_diff"] for v in vals.values())], default=None)
     return {
         "checkpoint_step": step,
-        "losses_compared": len(pairs),
-        "loss_max_rel_diff": max(loss_diffs, default=None),
-        "loss_rel_diff_at": {s: loss_diffs[s - 1] for s in (1, 10, 50, 100, 200)
-                             if s <= len(loss_diffs)},
+        "losses_compared": len(diffs),
+        "loss_max_rel_diff": max(diffs, default=None),
+        "loss_rel_diff_at": {s: diffs[s - 1] for s in (1, 10, 50, 100, 200) if s <= len(diffs)},
         "val_align_mse": vals,
-        "reproduced": bool(pairs) and worst is not None and worst <= rtol,
+        "reproduced": bool(diffs) and worst is not None and worst <= rtol,
         "rtol": rtol,
     }
 
@@ -144,7 +148,7 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
     import quality
     import torch
     from safetensors.torch import load_file
-    from ship_encoder import first_losses
+    from ship_encoder import FIRST_STEPS, step_losses
 
     from l2vg_ray.config import load_config
     from l2vg_ray.eval.suites import suite_task_names
@@ -157,9 +161,7 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
                         / shipped[k].float().abs().max().clamp_min(1e-12)) for k in shipped}
     summary = json.loads((out / "train" / "_SUCCESS.json").read_text())["summary"]
     vals = val_diffs(summary.get("validation") or [], recipe)
-    losses = first_losses(out / "train" / "metrics.csv") or []
-    shipped_losses = (recipe.get("train") or {}).get("first_losses") or []
-    loss_diffs = [rel_diff(a, b) for a, b in zip(losses, shipped_losses, strict=False)]
+    losses = loss_diffs(step_losses(out / "train" / "metrics.csv"), recipe, up_to=FIRST_STEPS)
     cfg = load_config(config, ["eval.suite=offline"])
     names = suite_task_names(cfg)
     init_ray(cfg.cluster, log_to_driver=False)  # the run's own Ray stopped with it
@@ -174,8 +176,8 @@ def compare_full(name: str, recipe: dict, config: str, out: Path, args) -> dict:
     return {
         "trainable_max_rel_diff": tensors,
         "trainable_identical": all(torch.equal(mine[k], shipped[k]) for k in shipped),
-        "losses_compared": len(loss_diffs),
-        "loss_max_rel_diff": max(loss_diffs, default=None),
+        "losses_compared": len(losses),
+        "loss_max_rel_diff": max(losses, default=None),
         "val_align_mse": vals,
         "suite_mean": {"now": mean_now, "recipe": bench.get("mean")},
         "score_diffs": diffs,

@@ -29,14 +29,21 @@ TARGETS = {"student": "targets", "student-unsup": "paper_targets"}
 FIRST_STEPS = 200  # per-step losses kept in the recipe: what bench/reproduce.py --steps compares
 
 
+def step_losses(metrics_csv: Path) -> dict[int, float]:
+    """{step: training loss} from a run's ``metrics.csv`` (empty without one)."""
+    if not metrics_csv.is_file():
+        return {}
+    from l2vg_ray.train.metrics import read_metrics_csv
+
+    return {int(r["step"]): r["loss"] for r in read_metrics_csv(metrics_csv)
+            if r["loss"] == r["loss"]}  # rows without a loss (validation-only) are NaN
+
+
 def first_losses(metrics_csv: Path, n: int = FIRST_STEPS) -> list[float] | None:
     """The training loss of steps 1..n from the run's ``metrics.csv`` (None without one)."""
     if not metrics_csv.is_file():
         return None
-    from l2vg_ray.train.metrics import read_metrics_csv
-
-    by_step = {int(r["step"]): r["loss"] for r in read_metrics_csv(metrics_csv)
-               if r["loss"] == r["loss"]}  # rows without a loss (validation-only) are NaN
+    by_step = step_losses(metrics_csv)
     return [by_step[s] for s in range(1, n + 1) if s in by_step]
 
 

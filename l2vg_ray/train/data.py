@@ -165,15 +165,14 @@ def read_training_data(
     )
 
 
-def id_blocks(rows: pa.Table, block_rows: int | None = None) -> list[pa.Table]:
-    """``rows`` (sorted by id) cut into consecutive blocks of ``block_rows`` (``BLOCK_ROWS``).
+def id_blocks(rows: pa.Table, block_rows: int = BLOCK_ROWS) -> list[pa.Table]:
+    """``rows`` (sorted by id) cut into consecutive blocks of ``block_rows`` rows.
 
     The blocks are fixed id ranges of the whole dataset, cut before held-out and ``max_rows``
     rows are removed, so removing rows never moves a block boundary. Boundaries matter: the
     workers' local shuffle buffer fills block by block.
     """
-    size = block_rows or BLOCK_ROWS
-    return [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
+    return [rows.slice(start, block_rows) for start in range(0, rows.num_rows, block_rows)]
 
 
 def train_dataset(tables: list[pa.Table]):

@@ -103,9 +103,8 @@ def test_training_rows_depend_on_the_rows_not_on_files_or_their_order(tmp_path):
         pq.write_table(table.take(part), shuffled / f"part-{k:05d}-0000000{k}.parquet")
     other = inspect_dataset(str(shuffled))
     assert len(other.files) == 3
-    read = [train_data.read_training_data(i, val_rows=5, max_rows=None, probe_rows=8, seed=2)
-            for i in (info, other)]
-    (a, b) = read
+    a, b = (train_data.read_training_data(i, val_rows=5, max_rows=None, probe_rows=8, seed=2)
+            for i in (info, other))
     assert [t.num_rows for t in a.tables] == [t.num_rows for t in b.tables]
     assert all(x.equals(y) for x, y in zip(a.tables, b.tables, strict=True))
     assert a.probe.queries == b.probe.queries and a.heldout.queries == b.heldout.queries
