@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 from _common import ROOT
 
@@ -35,7 +34,7 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from l2vg_ray import schema
-    from l2vg_ray.dataset import read_generated_table
+    from l2vg_ray.dataset import OutputDir, read_generated_table
     from l2vg_ray.generate.queries import BUNDLED_FILES
 
     out = ROOT / "l2vg_ray" / "resources" / BUNDLED_FILES[args.name]
@@ -50,13 +49,15 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pydict({c: table.column(c) for c in cols}), out,
                    compression="zstd", compression_level=19)
-    manifest_file = Path(args.data) / schema.MANIFEST_FILE
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    manifest = OutputDir.from_path(args.data).read_manifest()
+    # the last pass that generated rows (a resumed pass with nothing to do generated none)
+    made = [p for p in manifest.get("passes", [manifest]) if p.get("rows_generated")]
+    made = made[-1] if made else manifest
     meta = {
         "rows": table.num_rows, "columns": cols, "generator_model": generators,
         "sampling_params": [json.loads(x) for x in params],
         "source_config": args.config,
-        "backend": manifest.get("backend"), "generated_at": manifest.get("written_at"),
+        "backend": made.get("backend"), "generated_at": made.get("written_at"),
         "bytes": out.stat().st_size, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -91,6 +91,37 @@ class OutputDir:
                 pass
             raise
 
+    def read_manifest(self) -> dict[str, Any]:
+        """The folder's ``manifest.json``; {} when there is none or it cannot be read."""
+        try:
+            with self.fs.open_input_stream(self.join(schema.MANIFEST_FILE)) as f:
+                found = json.loads(f.read().decode("utf-8"))
+        except (FileNotFoundError, OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def write_manifest(self, manifest: dict[str, Any], pass_fields: tuple[str, ...]) -> dict:
+        """Write ``manifest.json`` (atomically) with the history of the passes over the folder.
+
+        The top level describes the data and the latest pass; ``passes`` lists every pass, oldest
+        first, as its ``pass_fields``, so a resumed pass with nothing to do keeps the timings of
+        the passes that computed the rows. A manifest from before ``passes`` counts as one pass.
+        Returns the manifest written.
+        """
+        previous = self.read_manifest()
+        passes = previous.get("passes")
+        if not isinstance(passes, list):
+            passes = [{k: previous.get(k) for k in pass_fields}] if previous else []
+        manifest = {**manifest, "passes": [*passes, {k: manifest.get(k) for k in pass_fields}]}
+        text = json.dumps(manifest, indent=2, default=str).encode("utf-8")
+
+        def write(tmp: str) -> None:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(text)
+
+        self.write_atomic(schema.MANIFEST_FILE, write)
+        return manifest
+
     def remove_stale_temps(self) -> int:
         stale = [n for n in self.files() if n.startswith(".") and n.endswith(".tmp")]
         for n in stale:

@@ -15,7 +15,8 @@
    (``embed.num_actors`` x ``num_cpus_per_actor`` / ``num_gpus_per_actor``) loaded once each;
 4. the driver writes a shard every ``rows_per_shard`` rows (temp file + rename, the generation
    stage's discipline), so a killed run leaves complete shards or nothing that counts;
-5. ``manifest.json``: rows, dimension, model and fingerprint, texts/s, wall time.
+5. ``manifest.json``: rows, dimension, model and fingerprint, texts/s, wall time, and
+   ``passes``: what every pass over the folder did.
 
 Shards hold ``id``, ``text_sha256``, ``embedding`` (float32[dim]) and, with ``embed.keep_text``,
 ``text``. The settings that change a vector or the schema (model, instruction, normalize,
@@ -68,6 +69,9 @@ EMBEDDING = "embedding"
 _SECONDS = "_l2vg_embed_s"
 _FINGERPRINT = "_l2vg_fingerprint"
 _TRUNCATED = "_l2vg_truncated"
+# What each pass over the folder did (the manifest's ``passes``; the top level is the last pass).
+PASS_FIELDS = ("written_at", "rows_embedded", "rows_skipped_existing", "rows_reembedded_changed",
+               "rows_dropped", "texts_per_s", "pipeline_s", "wall_s")
 SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".txt")
 
 
@@ -488,7 +492,7 @@ def run_embed(cfg: L2VGConfig) -> dict[str, Any]:
         )
     manifest = _embed_manifest(cfg, out, corpus, plan, dropped, run, shards, pipeline_s,
                                time.perf_counter() - start)
-    out.write_atomic(schema.MANIFEST_FILE, lambda tmp: _write(out, tmp, manifest))
+    manifest = out.write_manifest(manifest, PASS_FIELDS)
     speed = f"; {manifest['texts_per_s']} texts/s" if manifest["texts_per_s"] else ""
     cut = (f"; {run.truncated} texts were longer than the model reads and were cut"
            if run.truncated else "")
@@ -524,14 +528,10 @@ def _embed_manifest(cfg: DictConfig, out: OutputDir, corpus: Corpus, plan: Resum
         "texts_per_s_per_actor": round(run.rows / run.busy_s, 2) if run.busy_s > 0 else None,
         "pipeline_s": round(pipeline_s, 3),
         "wall_s": round(wall_s, 3),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": package_versions(),
         "config": to_dict(cfg)["embed"],
     }
-
-
-def _write(out: OutputDir, path: str, manifest: dict) -> None:
-    with out.fs.open_output_stream(path) as f:
-        f.write(json.dumps(manifest, indent=2, default=str).encode("utf-8"))
 
 
 def read_embeddings(path: str | Path) -> pa.Table:

@@ -10,7 +10,8 @@
    arrived (and the remainder at the end): a temp file renamed into place, so a killed run
    leaves either a complete shard (whose ids count as done) or nothing that counts;
 5. ``manifest.json``: cleaning counts, rows, resolved config, versions, models, sampling
-   params, the backend the actors used, tokens/s per stage, wall time.
+   params, the backend the actors used, tokens/s per stage, wall time; ``passes`` keeps what
+   every pass over the folder did (a resumed pass with nothing to do keeps the first's timings).
 
 Exactly once follows from (2) + (4): an id is either in one complete shard or regenerated.
 ``output_dir`` may be a local path or a URI (``s3://``, ``gs://``): files go through
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from pyarrow import fs as pafs
 
 from l2vg_ray import schema
 from l2vg_ray.config import ConfigError, L2VGConfig, to_dict, typed
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 _GEN_SECONDS = "_l2vg_generate_s"
 _TEACHER_SECONDS = "_l2vg_teacher_s"
 _BACKEND = "_l2vg_backend"
+# What each pass over the folder did (the manifest's ``passes``; the top level is the last pass).
+PASS_FIELDS = ("written_at", "rows_generated", "rows_skipped_existing", "generated_tokens",
+               "backend", "throughput", "wall_s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,17 +266,9 @@ def run_generate(cfg: L2VGConfig) -> dict[str, Any]:
         cfg, out, query_stats, len(ids), len(ids) - len(plan.pending), run, pipeline_s,
         shards_after, time.perf_counter() - start,
     )
-    out.write_atomic(
-        schema.MANIFEST_FILE,
-        lambda tmp: _write_text(out.fs, tmp, json.dumps(manifest, indent=2, default=str)),
-    )
+    manifest = out.write_manifest(manifest, PASS_FIELDS)
     print(_summary_line(manifest), flush=True)
     return manifest
-
-
-def _write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
-    with filesystem.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
 
 
 def _rate(num: float, seconds: float) -> float | None:

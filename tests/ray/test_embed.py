@@ -61,6 +61,7 @@ def test_embed_writes_every_text_once_equal_to_encode(ray_session, embed_cfg):
     assert rows["doc-3"]["text"] == TEXTS[3]
     again = run_embed(embed_cfg)
     assert again["rows_embedded"] == 0 and again["rows_skipped_existing"] == 14
+    assert [p["rows_embedded"] for p in again["passes"]] == [14, 0]
     # Another encoder into the same folder would mix two embedding spaces: refused.
     embed_cfg.embed.normalize = True
     with pytest.raises(ConfigError, match="resuming would mix two encoders"):

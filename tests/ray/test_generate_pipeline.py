@@ -77,6 +77,9 @@ def test_end_to_end_then_rerun_skips_everything(ray_session, tiny_config, tiny_t
 
     again = run_generate(cfg)
     assert again["rows_generated"] == 0 and again["rows_skipped_existing"] == 12
+    # The first pass's work stays in the manifest's history.
+    assert [p["rows_generated"] for p in again["passes"]] == [12, 0]
+    assert again["passes"][0]["throughput"] == manifest["throughput"]
     assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == shards
 
     # A smaller query set would leave rows training still reads: refused, nothing deleted.

@@ -87,6 +87,26 @@ def test_temp_files_never_count_and_are_cleaned(tmp_path):
     assert out.remove_stale_temps() == 1 and not list(tmp_path.glob(".*"))
 
 
+def test_the_manifest_keeps_every_pass_and_the_last_on_top(tmp_path):
+    out = OutputDir.from_path(tmp_path)
+    fields = ("rows_new", "wall_s")
+    assert out.read_manifest() == {}
+    # A manifest from before `passes` counts as the first pass.
+    (tmp_path / schema.MANIFEST_FILE).write_text(json.dumps({"rows": 5, "rows_new": 5, "wall_s": 9.0}))
+    second = out.write_manifest({"rows": 5, "rows_new": 0, "wall_s": 0.5}, fields)
+    third = out.write_manifest({"rows": 7, "rows_new": 2, "wall_s": 3.0}, fields)
+    on_disk = json.loads((tmp_path / schema.MANIFEST_FILE).read_text())
+    assert on_disk == third and second["passes"] == third["passes"][:2]
+    assert (third["rows"], third["rows_new"]) == (7, 2)
+    assert third["passes"] == [{"rows_new": 5, "wall_s": 9.0}, {"rows_new": 0, "wall_s": 0.5},
+                               {"rows_new": 2, "wall_s": 3.0}]
+    assert not list(tmp_path.glob(".*"))  # no temp file left behind
+    # An unreadable manifest is not history: the folder starts a new one.
+    (tmp_path / schema.MANIFEST_FILE).write_text("{not json")
+    assert out.write_manifest({"rows_new": 1, "wall_s": 1.0}, fields)["passes"] == [
+        {"rows_new": 1, "wall_s": 1.0}]
+
+
 def test_read_generated_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="No generated shards.*l2vg generate"):
         read_generated_table(tmp_path)
