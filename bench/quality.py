@@ -212,12 +212,13 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_xticklabels([t.replace("Offline", "") for t in tasks], rotation=35, ha="right", fontsize=8)
     ax1.set_ylabel("main score")
     ax1.set_title("per task")
-    ax1.legend(fontsize=8)
     ax2.set_xticks(np.arange(len(types) + 1) + 0.4 - w / 2)
     ax2.set_xticklabels(types + ["suite mean"], rotation=35, ha="right", fontsize=8)
     ax2.set_title("per task type")
     fig.suptitle("Offline suite: LLM2Vec-Gen student (SmolLM2-135M) vs baselines")
-    fig.tight_layout()
+    # one legend under both panels: inside a panel it covers the bars
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
