@@ -94,8 +94,7 @@ class OutputDir:
     def read_manifest(self) -> dict[str, Any]:
         """The folder's ``manifest.json``; {} when there is none or it cannot be read."""
         try:
-            with self.fs.open_input_stream(self.join(schema.MANIFEST_FILE)) as f:
-                found = json.loads(f.read().decode("utf-8"))
+            found = storage.read_json(storage.join(self.uri, schema.MANIFEST_FILE))
         except (FileNotFoundError, OSError, ValueError):
             return {}
         return found if isinstance(found, dict) else {}
@@ -103,16 +102,17 @@ class OutputDir:
     def write_manifest(self, manifest: dict[str, Any], pass_fields: tuple[str, ...]) -> dict:
         """Write ``manifest.json`` (atomically) with the history of the passes over the folder.
 
-        The top level describes the data and the latest pass; ``passes`` lists every pass, oldest
-        first, as its ``pass_fields``, so a resumed pass with nothing to do keeps the timings of
-        the passes that computed the rows. A manifest from before ``passes`` counts as one pass.
-        Returns the manifest written.
+        The top level describes the data and the latest pass, stamped ``written_at``; ``passes``
+        lists every pass, oldest first, as its ``pass_fields`` (``written_at`` among them when
+        named), so a resumed pass with nothing to do keeps the timings of the passes that computed
+        the rows. A manifest from before ``passes`` counts as one pass. Returns the manifest written.
         """
         previous = self.read_manifest()
         passes = previous.get("passes")
         if not isinstance(passes, list):
             passes = [{k: previous.get(k) for k in pass_fields}] if previous else []
-        manifest = {**manifest, "passes": [*passes, {k: manifest.get(k) for k in pass_fields}]}
+        manifest = {**manifest, "written_at": utc_timestamp()}
+        manifest["passes"] = [*passes, {k: manifest.get(k) for k in pass_fields}]
         text = json.dumps(manifest, indent=2, default=str).encode("utf-8")
 
         def write(tmp: str) -> None:
@@ -127,6 +127,11 @@ class OutputDir:
         for n in stale:
             self.fs.delete_file(self.join(n))
         return len(stale)
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC, as the ``written_at`` of shards and manifests (``2026-12-06T03:31:20Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _shard_index(name: str) -> int:
@@ -296,7 +301,7 @@ def write_shard(out: OutputDir, index: int, table: pa.Table, provenance: dict[st
     """Write ``table`` as shard ``index`` (temp file + rename); returns the shard's file name."""
     name = f"part-{index:05d}-{uuid.uuid4().hex[:8]}.parquet"
     prov = {**provenance, "shard": name, "rows": table.num_rows,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "written_at": utc_timestamp()}
     table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(prov, sort_keys=True)})
     out.write_atomic(name, lambda tmp: pq.write_table(table, tmp, filesystem=out.fs))
     log.debug("Wrote shard %s (%d rows)", name, table.num_rows)

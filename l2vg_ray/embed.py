@@ -528,7 +528,6 @@ def _embed_manifest(cfg: DictConfig, out: OutputDir, corpus: Corpus, plan: Resum
         "texts_per_s_per_actor": round(run.rows / run.busy_s, 2) if run.busy_s > 0 else None,
         "pipeline_s": round(pipeline_s, 3),
         "wall_s": round(wall_s, 3),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": package_versions(),
         "config": to_dict(cfg)["embed"],
     }

@@ -319,7 +319,6 @@ def _manifest(
         "wall_s": round(wall_s, 3),
         "versions": package_versions(),
         "config": to_dict(cfg),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 

@@ -98,6 +98,7 @@ def test_the_manifest_keeps_every_pass_and_the_last_on_top(tmp_path):
     on_disk = json.loads((tmp_path / schema.MANIFEST_FILE).read_text())
     assert on_disk == third and second["passes"] == third["passes"][:2]
     assert (third["rows"], third["rows_new"]) == (7, 2)
+    assert third["written_at"] >= second["written_at"]  # the writer stamps each manifest
     assert third["passes"] == [{"rows_new": 5, "wall_s": 9.0}, {"rows_new": 0, "wall_s": 0.5},
                                {"rows_new": 2, "wall_s": 3.0}]
     assert not list(tmp_path.glob(".*"))  # no temp file left behind
