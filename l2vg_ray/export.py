@@ -48,6 +48,10 @@ def task_prompts(instructions: Any) -> dict[str, str]:
 
 def model_card(encoder: L2VGEncoder, *, name: str, recipe: dict | None, prompts: dict) -> str:
     c = encoder.config
+    # The teacher its targets came from: the recipe's data provenance (the generated data's
+    # manifest) where there is one; model.teacher is only a label for teacher kinds that do not
+    # read it (a mean-pooled-LLM teacher is the frozen LLM itself).
+    teacher = ((recipe or {}).get("data") or {}).get("teacher_model") or c.teacher
     lines = [
         "---", "library_name: sentence-transformers", "tags: [sentence-transformers, llm2vec-gen]",
         "---", "", f"# {name}", "",
@@ -59,7 +63,7 @@ def model_card(encoder: L2VGEncoder, *, name: str, recipe: dict | None, prompts:
         f"model = SentenceTransformer('{name}', trust_remote_code=True)",
         "emb = model.encode(['Why is the sky blue?'], prompt_name='STS')", "```", "",
         "| setting | value |", "|---|---|",
-        f"| frozen LLM | `{c.llm}` |", f"| teacher | `{c.teacher}` ({encoder.dim} dims) |",
+        f"| frozen LLM | `{c.llm}` |", f"| teacher | `{teacher}` ({encoder.dim} dims) |",
         f"| special tokens | {c.n_thought} thought + {c.n_compression} compression |",
         f"| max length | {c.max_length} tokens |", f"| fingerprint | `{encoder.fingerprint()}` |",
         f"| prompts | {', '.join(sorted(prompts)) or 'none'} |",

@@ -78,3 +78,13 @@ def test_mteb_model_meta_is_complete_and_rebuilds_the_encoder(trained, tmp_path,
     assert rebuilt.encoder.fingerprint() == trained.fingerprint()
     assert rebuilt.instructions.name == "paper"
     np.testing.assert_allclose(rebuilt.encoder.encode(TEXTS), trained.encode(TEXTS), atol=1e-6)
+
+
+def test_model_card_names_the_teacher_the_targets_came_from(trained):
+    from l2vg_ray.export import model_card
+
+    card = model_card(trained, name="x", recipe=None, prompts={})
+    assert "| teacher | `tiny` (8 dims) |" in card  # no recipe: the config's label
+    recipe = {"config": "c.yaml", "data": {"teacher_model": "mean-pooled-llm:tiny-llm"}}
+    card = model_card(trained, name="x", recipe=recipe, prompts={})
+    assert "| teacher | `mean-pooled-llm:tiny-llm` (8 dims) |" in card and "`tiny`" not in card
