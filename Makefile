@@ -30,7 +30,8 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # The quickstart is a smoke-scale run (24 steps); the packaged laptop encoder, trained by
-# configs/laptop.yaml (docs/recipes.md), is then evaluated on the same tasks at the same size beside it.
+# configs/laptop.yaml (docs/recipes.md), is then evaluated on the same tasks at the same size
+# beside it.
 demo: setup
 	@$(MAKE) --no-print-directory vllm-env || echo "WARNING: could not build $(VLLM_VENV); the quickstart generates with transformers instead of vLLM."
 	$(BIN)/l2vg run --config configs/quickstart.yaml --serve
